@@ -1,0 +1,29 @@
+# The two set-up commands of the README:
+#   make serve   install everything and start the whole service on this machine
+#   make test    install everything (nginx too, where it is missing) and run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test nginx
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python requirements.txt requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/python run_keras_server.py
+
+# The topology tests put nginx in front of gunicorn; install it from the system's packages.
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null)
+
+test: install nginx
+	$(BIN)/python -m pytest

@@ -1,0 +1,31 @@
+"""gunicorn settings of the web tier: `gunicorn -c gunicorn.conf.py run_keras_server:app`.
+
+Every value comes from settings.py, so the same environment variables configure every process.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import settings  # noqa: E402
+
+bind = f"{settings.HOST}:{settings.PORT}"
+
+# A /predict request spends most of its life blocked in Redis (BLPOP on its result) while the
+# model works. With gthread that costs one idle thread, not a process, and the blocked thread
+# releases the GIL; so a few processes with many threads each hold many waiting requests. The
+# processes (one per core) are what decode uploads in parallel. gevent would need monkey-patching
+# of redis-py and Pillow's C code would still block its loop, so plain threads are the simpler fit.
+worker_class = "gthread"
+workers = settings.WEB_WORKERS
+threads = settings.WEB_THREADS
+
+# A request may wait REQUEST_TIMEOUT_S for its result; a worker is only killed as stuck well after
+# that. On SIGTERM, in-flight requests get the same time to finish before the process exits.
+timeout = int(settings.REQUEST_TIMEOUT_S) + 30
+graceful_timeout = int(settings.REQUEST_TIMEOUT_S) + 5
+
+# Behind nginx, connections are re-used; keep them open a little longer than nginx's keepalive.
+keepalive = 75
+
+errorlog = "-"
+loglevel = settings.LOG_LEVEL.lower()

@@ -1,0 +1,103 @@
+"""Pure helpers shared by the web tier, the model worker and the tests.
+
+Image bytes to pixels, pixels to and from base64, Redis key names, and the service's one error
+type. Nothing here imports Flask or Keras.
+"""
+import base64
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own bomb check would raise only past twice its limit; ours (MAX_IMAGE_PIXELS) is applied
+# explicitly before decoding, so the library's is switched off to keep one rule.
+Image.MAX_IMAGE_PIXELS = None
+
+WHITE = (255, 255, 255, 255)
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+class ServiceError(Exception):
+    """A request refused or unfinished: `message` goes to the client with HTTP `status`."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def prepare_image(data, size, channels=3, max_pixels=None, formats=None):
+    """Decode image bytes into a uint8 array of shape (height, width, channels) for the model.
+
+    `size` is (width, height). Raises ServiceError(400/413) for anything that is not a usable image.
+    """
+    if not data:
+        raise ServiceError("the uploaded file is empty", 400)
+    try:
+        image = Image.open(io.BytesIO(data), formats=formats)
+    except Image.UnidentifiedImageError as exc:
+        allowed = ", ".join(formats) if formats else "any format Pillow reads"
+        raise ServiceError(f"the upload is not an image in an accepted format ({allowed})", 400) from exc
+    except Exception as exc:  # Pillow raises many types on hostile headers
+        raise ServiceError(f"cannot read the image header: {exc}", 400) from exc
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ServiceError(
+            f"image is {image.width}x{image.height} pixels, more than the {max_pixels} allowed", 413
+        )
+    try:
+        return _decode(image, size, channels)
+    except Exception as exc:  # truncated or corrupt data surfaces only while decoding
+        raise ServiceError(f"cannot decode the image: {exc}", 400) from exc
+
+
+def _decode(image, size, channels):
+    # JPEG can decode at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper for photos.
+    image.draft("RGB" if channels == 3 else "L", (max(size), max(size)))
+    image = ImageOps.exif_transpose(image)  # also loads the pixels, so errors surface here
+    image = to_mode(image, "RGB" if channels == 3 else "L")
+    if image.size != tuple(size):
+        image = image.resize(tuple(size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
+
+
+def to_mode(image, mode):
+    """Convert any Pillow mode to `mode` ("RGB" or "L"): alpha over white, 16-bit scaled to 8."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((np.clip(wide, 0, 65535) // 257).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
+    return image if image.mode == mode else image.convert(mode)
+
+
+def encode_array(array):
+    """Serialize a uint8 array as base64 text (JSON-safe; a quarter of float32's bytes)."""
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.uint8).tobytes()).decode("ascii")
+
+
+def decode_array(text, shape):
+    """Inverse of encode_array: base64 text and a shape back to a uint8 array."""
+    array = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+    return array.reshape(shape)
+
+
+class Keys:
+    """Every Redis key the service uses, built from one prefix (the queue's name)."""
+
+    def __init__(self, queue):
+        self.queue = queue
+        self.workers = f"{queue}:workers"
+
+    def result(self, job_id):
+        return f"{self.queue}:result:{job_id}"
+
+    def processing(self, worker_id):
+        return f"{self.queue}:processing:{worker_id}"
+
+    def heartbeat(self, worker_id):
+        return f"{self.queue}:worker:{worker_id}"

@@ -1,0 +1,137 @@
+"""The Redis protocol between web handlers and model workers.
+
+A job is one JSON string on the IMAGE_QUEUE list. A worker claims jobs by moving them atomically
+into its own processing list (so a job is never in two places, and a worker that dies leaves its
+jobs where another worker can re-queue them), and answers each job by pushing its result onto a
+per-job list that the waiting handler pops with a blocking call: nobody sleeps on a timer.
+"""
+import json
+import logging
+import time
+import uuid
+
+from helpers import ServiceError
+
+log = logging.getLogger(__name__)
+
+# Moves up to ARGV[1] jobs from the queue into a processing list in one atomic step, so two
+# workers can never claim the same job and a claimed job is always somewhere in Redis.
+CLAIM_MORE = """
+local claimed = {}
+for i = 1, tonumber(ARGV[1]) do
+  local job = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not job then break end
+  claimed[#claimed + 1] = job
+end
+if #claimed > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+return claimed
+"""
+
+# Puts a dead worker's claimed jobs back at the head of the queue, in their order. It checks the
+# heartbeat inside the script so that a worker which is alive keeps its claim.
+REQUEUE_ORPHANS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local moved = 0
+while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT') do moved = moved + 1 end
+redis.call('SREM', KEYS[4], ARGV[1])
+return moved
+"""
+
+
+def new_job(pixels_b64, shape, deadline, top_k):
+    """A job record: what a worker needs to classify one image and answer its handler."""
+    return {"id": str(uuid.uuid4()), "image": pixels_b64, "shape": list(shape),
+            "enqueued_at": time.time(), "deadline": deadline, "top_k": top_k}
+
+
+def enqueue_job(redis, keys, job):
+    """RPUSH the job; returns the exact payload (needed to withdraw it on timeout)."""
+    payload = json.dumps(job)
+    redis.rpush(keys.queue, payload)
+    return payload
+
+
+def wait_for_result(redis, keys, job_id, payload, deadline):
+    """Block until the job's result arrives, or withdraw the job and raise 504 at the deadline."""
+    timeout = deadline - time.time()
+    reply = redis.blpop([keys.result(job_id)], timeout=max(timeout, 0.01)) if timeout > 0 else None
+    if reply is None:
+        # Nobody will wait for this job any more: take it off the queue if no worker has it yet.
+        redis.lrem(keys.queue, 1, payload)
+        raise ServiceError("no result within the request timeout; the model workers are busy "
+                           "or not running", 504)
+    return json.loads(reply[1])
+
+
+def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, claim_ttl_s):
+    """Claim up to batch_size jobs: block up to block_s for the first, then fill for batch_timeout_s.
+
+    Returns the claimed payloads (empty if none arrived within block_s). They stay in this worker's
+    processing list until store_results removes them.
+    """
+    processing = keys.processing(worker_id)
+    first = redis.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
+    if first is None:
+        return []
+    batch = [first]
+    fill_until = time.monotonic() + batch_timeout_s
+    while len(batch) < batch_size:
+        batch += redis.eval(CLAIM_MORE, 2, keys.queue, processing, batch_size - len(batch),
+                            int(claim_ttl_s))
+        remaining = fill_until - time.monotonic()
+        if len(batch) >= batch_size or remaining <= 0:
+            break
+        job = redis.blmove(keys.queue, processing, remaining, "LEFT", "RIGHT")
+        if job is None:
+            break
+        batch.append(job)
+    redis.expire(processing, int(claim_ttl_s))
+    return batch
+
+
+def store_results(redis, keys, worker_id, results, ttl_s):
+    """Answer every job of the batch and release the claim, in one transaction."""
+    pipe = redis.pipeline(transaction=True)
+    for job_id, result in results.items():
+        pipe.rpush(keys.result(job_id), json.dumps(result))
+        pipe.expire(keys.result(job_id), ttl_s)
+    pipe.delete(keys.processing(worker_id))
+    pipe.execute()
+
+
+def publish_heartbeat(redis, keys, worker_id, fields, ttl_s, registry_ttl_s):
+    """Say this worker is alive (and how it is doing) for ttl_s seconds."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.heartbeat(worker_id), mapping=fields)
+    pipe.pexpire(keys.heartbeat(worker_id), int(ttl_s * 1000))
+    pipe.sadd(keys.workers, worker_id)
+    pipe.expire(keys.workers, int(registry_ttl_s))
+    pipe.execute()
+
+
+def live_workers(redis, keys):
+    """Heartbeats of the workers alive now, as dicts of strings."""
+    ids = sorted(redis.smembers(keys.workers))
+    pipe = redis.pipeline(transaction=False)
+    for worker_id in ids:
+        pipe.hgetall(keys.heartbeat(worker_id))
+    return [beat for beat in pipe.execute() if beat]
+
+
+def requeue_orphans(redis, keys):
+    """Re-queue the claimed jobs of every registered worker whose heartbeat has expired."""
+    requeued = 0
+    for worker_id in redis.smembers(keys.workers):
+        moved = redis.eval(REQUEUE_ORPHANS, 4, keys.heartbeat(worker_id),
+                           keys.processing(worker_id), keys.queue, keys.workers, worker_id)
+        if moved > 0:
+            log.warning("re-queued %d jobs of dead worker %s", moved, worker_id)
+            requeued += moved
+    return requeued
+
+
+def remove_worker(redis, keys, worker_id):
+    """Deregister a worker that is exiting cleanly; anything it still claims goes back first."""
+    redis.delete(keys.heartbeat(worker_id))
+    redis.eval(REQUEUE_ORPHANS, 4, keys.heartbeat(worker_id), keys.processing(worker_id),
+               keys.queue, keys.workers, worker_id)

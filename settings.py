@@ -1,0 +1,127 @@
+"""Every knob of the service, read once from the environment at import.
+
+Each environment variable has the same name as its constant. A bad value stops the process at
+start-up with a message naming the variable, never at the thousandth request. The README's
+settings table is this list.
+"""
+import os
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+def _raw(name, default):
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def env_str(name, default, choices=None):
+    value = _raw(name, default)
+    if choices is not None and value not in choices:
+        raise SettingsError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+def env_number(name, default, kind=int, minimum=None, maximum=None):
+    value = _raw(name, default)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}={value!r}: not a valid {kind.__name__}") from None
+    if minimum is not None and number < minimum:
+        raise SettingsError(f"{name}={number}: must be at least {minimum}")
+    if maximum is not None and number > maximum:
+        raise SettingsError(f"{name}={number}: must be at most {maximum}")
+    return number
+
+
+def env_int(name, default, minimum=None, maximum=None):
+    return env_number(name, default, int, minimum, maximum)
+
+
+def env_float(name, default, minimum=None, maximum=None):
+    return env_number(name, default, float, minimum, maximum)
+
+
+def env_list(name, default):
+    return [part.strip().upper() for part in _raw(name, default).split(",") if part.strip()]
+
+
+# --- Web tier -------------------------------------------------------------------------------
+HOST = env_str("HOST", "0.0.0.0")
+"""Address the web server binds to."""
+
+PORT = env_int("PORT", 5000, minimum=1, maximum=65535)
+"""TCP port of the web server (5000, as in the classic tutorial)."""
+
+WEB_WORKERS = env_int("WEB_WORKERS", 2, minimum=1)
+"""gunicorn worker processes per web instance. Each decodes uploads on one core at a time."""
+
+WEB_THREADS = env_int("WEB_THREADS", 32, minimum=1)
+"""Threads per gunicorn worker: how many requests one process can hold waiting on Redis."""
+
+INSTANCE_NAME = env_str("INSTANCE_NAME", os.uname().nodename)
+"""Name of this web instance, sent in the X-Served-By header (tells instances apart behind nginx)."""
+
+MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1024)
+"""Largest accepted request body in bytes; larger uploads get 413."""
+
+MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1)
+"""Largest accepted width x height, checked from the header before decoding (decompression bombs)."""
+
+ALLOWED_FORMATS = env_list("ALLOWED_FORMATS", "JPEG,PNG,GIF,BMP,TIFF,WEBP")
+"""Pillow format names accepted in uploads, comma-separated; anything else gets 400."""
+
+REQUEST_TIMEOUT_S = env_float("REQUEST_TIMEOUT_S", 30.0, minimum=0.1)
+"""Seconds a request may wait for its result (queue wait + inference) before it gets 504."""
+
+TOP_K = env_int("TOP_K", 5, minimum=1)
+"""Predictions returned per image unless the request asks for another number with ?top_k=."""
+
+# --- Redis ----------------------------------------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "")
+"""Redis to use, e.g. redis://host:6379/0. Unset: `run_keras_server.py` starts a private one."""
+
+IMAGE_QUEUE = env_str("IMAGE_QUEUE", "image_queue")
+"""Name of the Redis list of pending jobs; also the prefix of every other key the service writes."""
+
+RESULT_TTL_S = env_int("RESULT_TTL_S", 60, minimum=1)
+"""Seconds a result (or a worker's claim list) lives in Redis if nobody collects it."""
+
+# --- Model worker ---------------------------------------------------------------------------
+MODEL = env_str("MODEL", "resnet50")
+"""`resnet50`, `mobilenet_v2`, or a path to a saved Keras model (.keras or .h5)."""
+
+MODEL_WEIGHTS = env_str("MODEL_WEIGHTS", "imagenet")
+"""`imagenet` (Keras' cache, downloaded once), a path to a weights file, or `none` (random, seeded)."""
+
+MODEL_SEED = env_int("MODEL_SEED", 1234)
+"""Seed of the random weights used with MODEL_WEIGHTS=none: same seed, same model everywhere."""
+
+LABELS = env_str("LABELS", "")
+"""Labels of a model given by path: a text file (one per line) or JSON. Empty: ImageNet's."""
+
+PREPROCESS = env_str("PREPROCESS", "", choices=("", "resnet50", "mobilenet_v2", "scale_0_1", "none"))
+"""Preprocessing of a model given by path. Empty: the named model's own (`none` for a path)."""
+
+BATCH_SIZE = env_int("BATCH_SIZE", 32, minimum=1)
+"""Most images per forward pass. Larger raises throughput and memory use, and the batch's latency."""
+
+BATCH_TIMEOUT_MS = env_float("BATCH_TIMEOUT_MS", 5.0, minimum=0.0)
+"""Milliseconds a worker waits to fill a batch once its first image has arrived."""
+
+MODEL_THREADS = env_int("MODEL_THREADS", 0, minimum=0)
+"""Threads for one forward pass (TensorFlow intra-op). 0: TensorFlow's choice (all cores)."""
+
+HEARTBEAT_INTERVAL_S = env_float("HEARTBEAT_INTERVAL_S", 1.0, minimum=0.05)
+"""Seconds between a worker's heartbeats; also how often it re-queues jobs of dead workers."""
+
+HEARTBEAT_TTL_S = env_float("HEARTBEAT_TTL_S", 5.0, minimum=0.1)
+"""Seconds without a heartbeat after which a worker counts as gone and its claimed jobs re-queue."""
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+"""Logging threshold of every process."""
+
+if HEARTBEAT_TTL_S <= HEARTBEAT_INTERVAL_S:
+    raise SettingsError("HEARTBEAT_TTL_S must be larger than HEARTBEAT_INTERVAL_S")
