@@ -10,9 +10,22 @@ import logging
 import time
 import uuid
 
+import redis as redis_py
+
+import settings
 from helpers import ServiceError
 
 log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis_py.ConnectionError, redis_py.TimeoutError)
+
+
+def connect_redis(url=None):
+    """A Redis client for REDIS_URL (localhost:6379 when unset)."""
+    return redis_py.Redis.from_url(url or settings.REDIS_URL or "redis://localhost:6379/0",
+                                   decode_responses=True, socket_connect_timeout=2,
+                                   health_check_interval=10, retry_on_timeout=False)
+
 
 # Moves up to ARGV[1] jobs from the queue into a processing list in one atomic step, so two
 # workers can never claim the same job and a claimed job is always somewhere in Redis.

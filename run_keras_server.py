@@ -9,7 +9,6 @@ IMAGE_QUEUE list and blocks on its result list; a model worker claims up to BATC
 one forward pass for all of them and pushes each result where its handler is waiting.
 """
 import argparse
-import json
 import logging
 import os
 import signal
@@ -17,30 +16,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 
-import numpy as np
 import redis
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import jobqueue
 import settings
-from helpers import Keys, ServiceError, decode_array, encode_array, prepare_image
+from helpers import Keys, ServiceError, encode_array, prepare_image
+from jobqueue import REDIS_ERRORS, connect_redis
 
 log = logging.getLogger("keras_server")
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker reports its model's
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
-
-
-def connect_redis(url=None):
-    """A Redis client for REDIS_URL (localhost:6379 when unset)."""
-    return redis.Redis.from_url(url or settings.REDIS_URL or "redis://localhost:6379/0",
-                                decode_responses=True, socket_connect_timeout=2,
-                                health_check_interval=10, retry_on_timeout=False)
 
 
 # --- Web tier -------------------------------------------------------------------------------
@@ -150,171 +139,10 @@ class ModelInputCache:
         return self.value
 
 
-# --- Model worker ---------------------------------------------------------------------------
-
-class ModelWorker:
-    """Claims batches from the queue, runs one forward pass per batch, answers every job."""
-
-    def __init__(self, store, classifier, batch_size=None, batch_timeout_ms=None):
-        self.store = store
-        self.keys = Keys(settings.IMAGE_QUEUE)
-        self.classifier = classifier
-        self.batch_size = batch_size or settings.BATCH_SIZE
-        self.batch_timeout_s = (settings.BATCH_TIMEOUT_MS if batch_timeout_ms is None
-                                else batch_timeout_ms) / 1000.0
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.input_shape = (classifier.size[1], classifier.size[0], classifier.channels)
-        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0}
-        self.warm = False
-        self.stopping = threading.Event()
-        self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
-
-    def heartbeat_fields(self):
-        return {"id": self.id, "pid": os.getpid(), "model": self.classifier.name,
-                "weights": self.classifier.weights, "batch_size": self.batch_size,
-                "device": self.device, "warm": int(self.warm),
-                "input_shape": ",".join(map(str, self.input_shape)), **self.stats}
-
-    def beat(self):
-        """Publish a heartbeat and re-queue the jobs of workers that stopped beating."""
-        jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
-                                   settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
-        jobqueue.requeue_orphans(self.store, self.keys)
-
-    def keep_beating(self):
-        while not self.stopping.wait(settings.HEARTBEAT_INTERVAL_S):
-            try:
-                self.beat()
-            except REDIS_ERRORS as exc:
-                log.warning("heartbeat failed, Redis unreachable: %s", exc)
-
-    def warm_up(self):
-        """One forward pass at each batch size the loop will meet first, before taking jobs."""
-        for size in sorted({1, self.batch_size}):
-            self.classifier.predict_batch(np.zeros((size, *self.input_shape), np.uint8))
-        self.warm = True
-        log.info("worker %s warm: model %s, batch size %d, device %s", self.id,
-                 self.classifier.name, self.batch_size, self.device)
-
-    def run(self, max_batches=None):
-        """Serve until SIGTERM/SIGINT (or max_batches batches): the batch in hand is finished."""
-        from classifier import device_name
-
-        self.device = device_name()
-        self.beat_safely()
-        beating = threading.Thread(target=self.keep_beating, name="heartbeat", daemon=True)
-        beating.start()
-        self.warm_up()
-        self.beat_safely()
-        backoff = Backoff()
-        while not self.stopping.is_set():
-            if max_batches is not None and self.stats["batches"] >= max_batches:
-                break
-            try:
-                payloads = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
-                                                self.batch_timeout_s, 1.0, self.claim_ttl_s)
-                if payloads:
-                    self.answer(payloads)
-                backoff.reset()
-            except REDIS_ERRORS as exc:
-                backoff.wait(f"Redis unreachable ({exc})", self.stopping)
-        self.stopping.set()
-        beating.join()
-        self.leave()
-
-    def beat_safely(self):
-        try:
-            self.beat()
-        except REDIS_ERRORS as exc:
-            log.warning("heartbeat failed, Redis unreachable: %s", exc)
-
-    def answer(self, payloads):
-        """Classify one claimed batch and store every job's result (retrying while Redis is away)."""
-        results = self.process(payloads)
-        backoff = Backoff()
-        while True:
-            try:
-                return jobqueue.store_results(self.store, self.keys, self.id, results,
-                                              settings.RESULT_TTL_S)
-            except REDIS_ERRORS as exc:
-                backoff.wait(f"cannot store results ({exc})", None)
-
-    def process(self, payloads):
-        """Results by job id for one batch: predictions, or an error record per failed job."""
-        claimed_at = time.time()
-        jobs, results, pixels = [], {}, []
-        for job in (json.loads(p) for p in payloads):
-            if job["deadline"] <= claimed_at:
-                self.stats["expired"] += 1
-                log.info("job %s dropped: its deadline passed while queued", job["id"])
-                continue
-            try:
-                pixels.append(decode_array(job["image"], job["shape"]))
-                if pixels[-1].shape != self.input_shape:
-                    pixels.pop()
-                    raise ValueError(f"shape {job['shape']} is not the model's {self.input_shape}")
-            except (ValueError, TypeError) as exc:
-                results[job["id"]] = {"error": f"cannot decode the queued image: {exc}",
-                                      "status": 400}
-                continue
-            jobs.append(job)
-        if jobs:
-            results.update(self.predict(jobs, np.stack(pixels), claimed_at))
-        return results
-
-    def predict(self, jobs, batch, claimed_at):
-        """One forward pass for the whole batch; a failure answers every job with an error."""
-        started = time.perf_counter()
-        try:
-            probabilities = self.classifier.predict_batch(batch)
-        except Exception as exc:
-            log.exception("forward pass failed for a batch of %d", len(jobs))
-            self.stats["failed"] += len(jobs)
-            return {job["id"]: {"error": f"inference failed: {exc}", "status": 500} for job in jobs}
-        inference_ms = (time.perf_counter() - started) * 1000
-        self.stats["batches"] += 1
-        self.stats["jobs"] += len(jobs)
-        log.debug("batch of %d in %.1f ms", len(jobs), inference_ms)
-        return {
-            job["id"]: {
-                "predictions": self.classifier.top_predictions(row, job["top_k"]),
-                "batch_size": len(jobs),
-                "inference_ms": inference_ms,
-                "queue_wait_ms": max(0.0, claimed_at - job["enqueued_at"]) * 1000,
-                "worker": self.id,
-            }
-            for job, row in zip(jobs, probabilities)
-        }
-
-    def leave(self):
-        try:
-            jobqueue.remove_worker(self.store, self.keys, self.id)
-        except REDIS_ERRORS as exc:
-            log.warning("could not deregister (Redis unreachable): %s", exc)
-        log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
-
-
-class Backoff:
-    """Capped, growing waits between retries of a failing Redis call, each one logged."""
-
-    def __init__(self, first_s=0.1, cap_s=2.0):
-        self.first_s, self.cap_s, self.delay_s = first_s, cap_s, first_s
-
-    def reset(self):
-        self.delay_s = self.first_s
-
-    def wait(self, reason, stop_event):
-        log.warning("%s; retrying in %.1f s", reason, self.delay_s)
-        if stop_event is not None:
-            stop_event.wait(self.delay_s)
-        else:
-            time.sleep(self.delay_s)
-        self.delay_s = min(self.delay_s * 2, self.cap_s)
-
-
 def run_model_worker():
     """The `model` command: load the model (or exit saying why), warm up, serve until signalled."""
     from classifier import ModelLoadError, load_classifier
+    from worker import ModelWorker
 
     try:
         classifier = load_classifier(settings.MODEL, settings.MODEL_WEIGHTS, settings.LABELS,
