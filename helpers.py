@@ -20,10 +20,11 @@ SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 class ServiceError(Exception):
     """A request refused or unfinished: `message` goes to the client with HTTP `status`."""
 
-    def __init__(self, message, status=400):
+    def __init__(self, message, status=400, headers=None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 def prepare_image(data, size, channels=3, max_pixels=None, formats=None):

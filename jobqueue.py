@@ -11,6 +11,8 @@ import time
 import uuid
 
 import redis as redis_py
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 import settings
 from helpers import ServiceError
@@ -21,11 +23,30 @@ REDIS_ERRORS = (redis_py.ConnectionError, redis_py.TimeoutError)
 
 
 def connect_redis(url=None):
-    """A Redis client for REDIS_URL (localhost:6379 when unset)."""
+    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast.
+
+    One quick retry replaces a pooled connection that a Redis restart broke; past that an outage
+    surfaces at once (redis-py's default would retry for seconds), so the web tier answers 503
+    quickly and the worker backs off in its own loop. The socket timeout must outlast the longest
+    blocking call, a handler's wait for its result (redis-py's default is 5 s).
+    """
     return redis_py.Redis.from_url(url or settings.REDIS_URL or "redis://localhost:6379/0",
                                    decode_responses=True, socket_connect_timeout=2,
-                                   health_check_interval=10, retry_on_timeout=False)
+                                   socket_timeout=settings.REQUEST_TIMEOUT_S + 5,
+                                   health_check_interval=10,
+                                   retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
 
+
+# Pushes a job unless the queue already holds ARGV[2] jobs or ARGV[3] bytes (every job of one
+# model has the same size, so length x this job's size is the queue's size). Checking and pushing
+# in one script keeps the bound exact with many web processes. Returns the depth, negative if full.
+ENQUEUE = """
+local depth = redis.call('LLEN', KEYS[1])
+if depth >= tonumber(ARGV[2]) or (depth + 1) * string.len(ARGV[1]) > tonumber(ARGV[3]) then
+  return -depth
+end
+return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
 
 # Moves up to ARGV[1] jobs from the queue into a processing list in one atomic step, so two
 # workers can never claim the same job and a claimed job is always somewhere in Redis.
@@ -57,10 +78,20 @@ def new_job(pixels_b64, shape, deadline, top_k):
             "enqueued_at": time.time(), "deadline": deadline, "top_k": top_k}
 
 
-def enqueue_job(redis, keys, job):
-    """RPUSH the job; returns the exact payload (needed to withdraw it on timeout)."""
+class QueueFull(Exception):
+    """The queue is at MAX_QUEUE_LENGTH or MAX_QUEUE_BYTES; `depth` jobs are waiting."""
+
+    def __init__(self, depth):
+        super().__init__(f"the queue is full ({depth} jobs waiting)")
+        self.depth = depth
+
+
+def enqueue_job(redis, keys, job, max_length, max_bytes):
+    """RPUSH the job unless the queue is full; returns the exact payload (to withdraw it later)."""
     payload = json.dumps(job)
-    redis.rpush(keys.queue, payload)
+    depth = redis.eval(ENQUEUE, 1, keys.queue, payload, max_length, max_bytes)
+    if depth <= 0:
+        raise QueueFull(-depth)
     return payload
 
 
@@ -92,7 +123,9 @@ def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, cl
         batch += redis.eval(CLAIM_MORE, 2, keys.queue, processing, batch_size - len(batch),
                             int(claim_ttl_s))
         remaining = fill_until - time.monotonic()
-        if len(batch) >= batch_size or remaining <= 0:
+        # Redis rounds a blocking timeout down to whole milliseconds, and 0 means "forever": a
+        # BLMOVE with under 1 ms left would hold the claimed jobs until another one arrives.
+        if len(batch) >= batch_size or remaining < 0.001:
             break
         job = redis.blmove(keys.queue, processing, remaining, "LEFT", "RIGHT")
         if job is None:

@@ -10,6 +10,7 @@ one forward pass for all of them and pushes each result where its handler is wai
 """
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ import time
 
 import redis
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import jobqueue
 import settings
@@ -40,24 +41,27 @@ def create_app(redis_client=None):
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     store = redis_client or connect_redis()
     keys = Keys(settings.IMAGE_QUEUE)
-    model_input = ModelInputCache(store, keys)
+    workers = WorkerView(store, keys)
 
     @app.post("/predict")
     def predict():
         upload = request.files.get("image")
         if upload is None:
             raise ServiceError("send the image as multipart/form-data field 'image'", 400)
-        top_k = request.args.get("top_k", settings.TOP_K)
-        if not str(top_k).isdigit() or int(top_k) < 1:
-            raise ServiceError("top_k must be a positive whole number", 400)
-        height, width, channels = model_input.get()
+        top_k = parse_top_k(request.args.get("top_k"))
+        deadline = time.time() + parse_timeout(request.headers.get("X-Request-Timeout-S"))
+        height, width, channels = workers.input_shape()
         pixels = prepare_image(upload.read(), (width, height), channels,
                                settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
-        deadline = time.time() + settings.REQUEST_TIMEOUT_S
-        job = jobqueue.new_job(encode_array(pixels), pixels.shape, deadline, int(top_k))
+        job = jobqueue.new_job(encode_array(pixels), pixels.shape, deadline, top_k)
         try:
-            payload = jobqueue.enqueue_job(store, keys, job)
+            payload = jobqueue.enqueue_job(store, keys, job, settings.MAX_QUEUE_LENGTH,
+                                           settings.MAX_QUEUE_BYTES)
             result = jobqueue.wait_for_result(store, keys, job["id"], payload, deadline)
+        except jobqueue.QueueFull as full:
+            retry_after = workers.seconds_to_drain(full.depth)
+            raise ServiceError(f"{full}; retry in {retry_after} s", settings.OVERLOAD_STATUS,
+                               {"Retry-After": str(retry_after)}) from full
         except REDIS_ERRORS as exc:
             raise ServiceError("the job queue (Redis) is unreachable", 503) from exc
         if "error" in result:
@@ -85,10 +89,13 @@ def create_app(redis_client=None):
 
     @app.errorhandler(ServiceError)
     def service_error(exc):
-        return jsonify(success=False, error=exc.message), exc.status
+        return jsonify(success=False, error=exc.message), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
+        if isinstance(exc, RequestEntityTooLarge):
+            return jsonify(success=False, error=f"the upload is larger than the "
+                           f"{settings.MAX_UPLOAD_BYTES} bytes allowed"), 413
         return jsonify(success=False, error=exc.description), exc.code
 
     @app.errorhandler(Exception)
@@ -115,28 +122,63 @@ def timing_headers(job_id, result):
     }
 
 
-class ModelInputCache:
-    """The (height, width, channels) the workers' model expects, refreshed every few seconds.
+def parse_top_k(value):
+    """The ?top_k= of a request (TOP_K when absent), checked."""
+    if value is None:
+        return settings.TOP_K
+    if not value.isdigit() or int(value) < 1:
+        raise ServiceError("top_k must be a positive whole number", 400)
+    return int(value)
 
-    The web tier resizes uploads, so it must know the model's input without loading the model:
-    workers publish it in their heartbeats.
+
+def parse_timeout(value):
+    """Seconds this request may take: REQUEST_TIMEOUT_S, or less if the client asks for less."""
+    if value is None:
+        return settings.REQUEST_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ServiceError("X-Request-Timeout-S must be a positive number of seconds", 400)
+    return min(seconds, settings.REQUEST_TIMEOUT_S)
+
+
+class WorkerView:
+    """What the web tier knows of the model workers, from their heartbeats (re-read every 2 s).
+
+    The web tier resizes uploads, so it must know the model's input without loading the model,
+    and it tells refused clients when to retry from the workers' measured drain rate.
     """
 
     def __init__(self, store, keys, max_age_s=2.0):
         self.store, self.keys, self.max_age_s = store, keys, max_age_s
-        self.value, self.read_at = DEFAULT_INPUT, float("-inf")
+        self.beats, self.read_at = [], float("-inf")
+        self.shape = DEFAULT_INPUT
 
-    def get(self):
+    def heartbeats(self):
         if time.monotonic() - self.read_at > self.max_age_s:
             try:
-                shapes = [w["input_shape"] for w in jobqueue.live_workers(self.store, self.keys)
-                          if "input_shape" in w]
+                self.beats = jobqueue.live_workers(self.store, self.keys)
             except REDIS_ERRORS as exc:
                 raise ServiceError("the job queue (Redis) is unreachable", 503) from exc
-            if shapes:
-                self.value = tuple(int(n) for n in shapes[-1].split(","))
             self.read_at = time.monotonic()
-        return self.value
+        return self.beats
+
+    def input_shape(self):
+        """(height, width, channels) of the workers' model: the last one reported (a moment
+        without heartbeats, e.g. just after a Redis restart, keeps it), ResNet50's before any."""
+        shapes = [beat["input_shape"] for beat in self.heartbeats() if "input_shape" in beat]
+        if shapes:
+            self.shape = tuple(int(n) for n in shapes[-1].split(","))
+        return self.shape
+
+    def seconds_to_drain(self, depth):
+        """Whole seconds until `depth` queued jobs are done at the workers' recent rate (1..)."""
+        rate = sum(float(beat.get("rate", 0)) for beat in self.heartbeats())
+        if rate <= 0:
+            return 1
+        return max(1, min(math.ceil(depth / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))
 
 
 def run_model_worker():

@@ -74,7 +74,17 @@ ALLOWED_FORMATS = env_list("ALLOWED_FORMATS", "JPEG,PNG,GIF,BMP,TIFF,WEBP")
 """Pillow format names accepted in uploads, comma-separated; anything else gets 400."""
 
 REQUEST_TIMEOUT_S = env_float("REQUEST_TIMEOUT_S", 30.0, minimum=0.1)
-"""Seconds a request may wait for its result (queue wait + inference) before it gets 504."""
+"""Seconds a request may wait for its result (queue wait + inference) before it gets 504.
+A client may ask for less with the header X-Request-Timeout-S."""
+
+MAX_QUEUE_LENGTH = env_int("MAX_QUEUE_LENGTH", 1000, minimum=1)
+"""Most jobs waiting in IMAGE_QUEUE; past it /predict answers OVERLOAD_STATUS with Retry-After."""
+
+MAX_QUEUE_BYTES = env_int("MAX_QUEUE_BYTES", 256 * 1024 * 1024, minimum=1024)
+"""Most bytes of jobs waiting in IMAGE_QUEUE (about 200 kB per 224x224 image); bounds Redis memory."""
+
+OVERLOAD_STATUS = env_int("OVERLOAD_STATUS", 503, minimum=429, maximum=503)
+"""HTTP status of a request refused because the queue is full: 503 (default) or 429."""
 
 TOP_K = env_int("TOP_K", 5, minimum=1)
 """Predictions returned per image unless the request asks for another number with ?top_k=."""
@@ -123,5 +133,7 @@ HEARTBEAT_TTL_S = env_float("HEARTBEAT_TTL_S", 5.0, minimum=0.1)
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 """Logging threshold of every process."""
 
+if OVERLOAD_STATUS not in (429, 503):
+    raise SettingsError(f"OVERLOAD_STATUS={OVERLOAD_STATUS}: must be 429 or 503")
 if HEARTBEAT_TTL_S <= HEARTBEAT_INTERVAL_S:
     raise SettingsError("HEARTBEAT_TTL_S must be larger than HEARTBEAT_INTERVAL_S")

@@ -3,6 +3,8 @@
 The loop reads as a sentence: claim a batch, decode, predict, store the results. Everything it
 touches (Redis, the classifier) is handed in, so tests run the real loop against a real Redis.
 """
+import binascii
+import collections
 import json
 import logging
 import os
@@ -33,7 +35,8 @@ class ModelWorker:
                                 else batch_timeout_ms) / 1000.0
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.input_shape = (classifier.size[1], classifier.size[0], classifier.channels)
-        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0}
+        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0, "requeued": 0}
+        self.recent = collections.deque(maxlen=20)  # (images, seconds) of the last batches
         self.warm = False
         self.stopping = threading.Event()
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
@@ -42,20 +45,26 @@ class ModelWorker:
         return {"id": self.id, "pid": os.getpid(), "model": self.classifier.name,
                 "weights": self.classifier.weights, "batch_size": self.batch_size,
                 "device": self.device, "warm": int(self.warm),
-                "input_shape": ",".join(map(str, self.input_shape)), **self.stats}
+                "input_shape": ",".join(map(str, self.input_shape)),
+                "rate": f"{self.drain_rate():.2f}", **self.stats}
+
+    def drain_rate(self):
+        """Images per second this worker answers while busy (recent batches); 0 before any."""
+        seconds = sum(s for _, s in self.recent)
+        return sum(n for n, _ in self.recent) / seconds if seconds else 0.0
 
     def beat(self):
         """Publish a heartbeat and re-queue the jobs of workers that stopped beating."""
-        jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
-                                   settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
-        jobqueue.requeue_orphans(self.store, self.keys)
+        try:
+            jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
+                                       settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
+            self.stats["requeued"] += jobqueue.requeue_orphans(self.store, self.keys)
+        except REDIS_ERRORS as exc:
+            log.warning("heartbeat failed, Redis unreachable: %s", exc)
 
     def keep_beating(self):
         while not self.stopping.wait(settings.HEARTBEAT_INTERVAL_S):
-            try:
-                self.beat()
-            except REDIS_ERRORS as exc:
-                log.warning("heartbeat failed, Redis unreachable: %s", exc)
+            self.beat()
 
     def warm_up(self):
         """One forward pass at each batch size the loop will meet first, before taking jobs."""
@@ -70,11 +79,11 @@ class ModelWorker:
         from classifier import device_name
 
         self.device = device_name()
-        self.beat_safely()
+        self.beat()
         beating = threading.Thread(target=self.keep_beating, name="heartbeat", daemon=True)
         beating.start()
         self.warm_up()
-        self.beat_safely()
+        self.beat()
         backoff = Backoff()
         while not self.stopping.is_set():
             if max_batches is not None and self.stats["batches"] >= max_batches:
@@ -91,45 +100,55 @@ class ModelWorker:
         beating.join()
         self.leave()
 
-    def beat_safely(self):
-        try:
-            self.beat()
-        except REDIS_ERRORS as exc:
-            log.warning("heartbeat failed, Redis unreachable: %s", exc)
-
     def answer(self, payloads):
-        """Classify one claimed batch and store every job's result (retrying while Redis is away)."""
-        results = self.process(payloads)
+        """Classify one claimed batch and store every job's result.
+
+        While Redis is away the results are retried until the last job's deadline: after it
+        nobody waits for them.
+        """
+        jobs = parse_jobs(payloads)
+        results = self.process(jobs)
+        give_up_at = max((job["deadline"] for job in jobs), default=0)
         backoff = Backoff()
         while True:
             try:
                 return jobqueue.store_results(self.store, self.keys, self.id, results,
                                               settings.RESULT_TTL_S)
             except REDIS_ERRORS as exc:
+                if time.time() > give_up_at:
+                    log.error("dropping %d results: Redis unreachable past their deadline (%s)",
+                              len(results), exc)
+                    return None
                 backoff.wait(f"cannot store results ({exc})", None)
 
-    def process(self, payloads):
-        """Results by job id for one batch: predictions, or an error record per failed job."""
+    def process(self, jobs):
+        """Results by job id for one batch: predictions, or an error record per failed job.
+
+        Jobs whose deadline has passed are dropped unanswered: their clients already got 504.
+        """
         claimed_at = time.time()
-        jobs, results, pixels = [], {}, []
-        for job in (json.loads(p) for p in payloads):
+        valid, pixels, results = [], [], {}
+        for job in jobs:
             if job["deadline"] <= claimed_at:
                 self.stats["expired"] += 1
                 log.info("job %s dropped: its deadline passed while queued", job["id"])
                 continue
             try:
-                pixels.append(decode_array(job["image"], job["shape"]))
-                if pixels[-1].shape != self.input_shape:
-                    pixels.pop()
-                    raise ValueError(f"shape {job['shape']} is not the model's {self.input_shape}")
-            except (ValueError, TypeError) as exc:
+                pixels.append(self.decode(job))
+            except (ValueError, TypeError, binascii.Error) as exc:
                 results[job["id"]] = {"error": f"cannot decode the queued image: {exc}",
                                       "status": 400}
                 continue
-            jobs.append(job)
-        if jobs:
-            results.update(self.predict(jobs, np.stack(pixels), claimed_at))
+            valid.append(job)
+        if valid:
+            results.update(self.predict(valid, np.stack(pixels), claimed_at))
         return results
+
+    def decode(self, job):
+        pixels = decode_array(job["image"], job["shape"])
+        if pixels.shape != self.input_shape:
+            raise ValueError(f"shape {tuple(pixels.shape)} is not the model's {self.input_shape}")
+        return pixels
 
     def predict(self, jobs, batch, claimed_at):
         """One forward pass for the whole batch; a failure answers every job with an error."""
@@ -140,7 +159,9 @@ class ModelWorker:
             log.exception("forward pass failed for a batch of %d", len(jobs))
             self.stats["failed"] += len(jobs)
             return {job["id"]: {"error": f"inference failed: {exc}", "status": 500} for job in jobs}
-        inference_ms = (time.perf_counter() - started) * 1000
+        inference_s = time.perf_counter() - started
+        inference_ms = inference_s * 1000
+        self.recent.append((len(jobs), inference_s))
         self.stats["batches"] += 1
         self.stats["jobs"] += len(jobs)
         log.debug("batch of %d in %.1f ms", len(jobs), inference_ms)
@@ -161,6 +182,21 @@ class ModelWorker:
         except REDIS_ERRORS as exc:
             log.warning("could not deregister (Redis unreachable): %s", exc)
         log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
+
+
+def parse_jobs(payloads):
+    """The claimed payloads as job dicts; one that is not a job is logged and left out."""
+    jobs = []
+    for payload in payloads:
+        try:
+            job = json.loads(payload)
+            if not {"id", "image", "shape", "deadline", "top_k"} <= job.keys():
+                raise ValueError(f"missing fields: {sorted(job)}")
+        except (ValueError, AttributeError) as exc:
+            log.error("dropping a queued item that is not a job (%s): %.80r", exc, payload)
+            continue
+        jobs.append(job)
+    return jobs
 
 
 class Backoff:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import jobqueue  # noqa: E402
-from helpers import Keys  # noqa: E402
+from helpers import Keys, prepare_image  # noqa: E402
 
 QUEUE = "test_queue"
 STARTUP_TIMEOUT_S = 120  # a worker imports TensorFlow and warms up on 2 busy cores
@@ -216,6 +217,45 @@ def tiny_settings(tiny_model):
     return {name: tiny_model[name] for name in ("MODEL", "LABELS", "PREPROCESS")}
 
 
-def post_image(url, data, filename="image.jpg", field="image", timeout=60, **params):
+def post_image(url, data, filename="image.jpg", field="image", timeout=60, headers=None,
+               **params):
     return requests.post(f"{url}/predict", files={field: (filename, data)}, params=params,
-                         timeout=timeout)
+                         headers=headers, timeout=timeout)
+
+
+def distinct_images(count):
+    """Images whose tiny-model outputs differ clearly, so a swapped answer would show."""
+    images = []
+    for i in range(count):
+        rng = np.random.default_rng(i)
+        base = np.array([(37 * i) % 256, (91 * i) % 256, (153 * i) % 256], np.uint8)
+        noise = rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(base + noise).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    return images
+
+
+def tiny_direct(tiny_model, data):
+    pixels = prepare_image(data, (32, 32), 3)
+    return np.asarray(tiny_model["model"].predict_on_batch(pixels[None] / 255.0))[0]
+
+
+def assert_own_answers(responses, images, tiny_model):
+    for response, data in zip(responses, images):
+        assert response.status_code == 200, response.text
+        expected = tiny_direct(tiny_model, data)
+        got = {p["label"]: p["probability"] for p in response.json()["predictions"]}
+        for label, probability in got.items():
+            assert probability == pytest.approx(expected[int(label.split("_")[1])], abs=1e-5)
+
+
+def post_concurrently(url, images, workers):
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda data: post_image(url, data, filename="i.png", top_k=10),
+                             images))
+
+
+def worker_stats(redis_client, keys):
+    """Each live worker's heartbeat, by pid (as a string)."""
+    return {beat["pid"]: beat for beat in jobqueue.live_workers(redis_client, keys)}

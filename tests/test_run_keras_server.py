@@ -1,15 +1,13 @@
 """The core path: /predict -> Redis list -> batching model worker -> result, with real processes."""
-import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
-from conftest import QUEUE, image_bytes, post_image, tiny_settings, wait_until
+from conftest import (QUEUE, assert_own_answers, distinct_images, image_bytes, post_concurrently,
+                      post_image, tiny_direct, tiny_settings, wait_until, worker_stats)
 from helpers import prepare_image
 
 RESNET_SEED = 1234
@@ -124,45 +122,6 @@ def test_unknown_route_and_wrong_method_are_json(tiny_service):
                              (requests.get(f"{web.url}/predict"), 405)):
         assert response.status_code == status
         assert response.json()["success"] is False and response.json()["error"]
-
-
-def distinct_images(count):
-    """Images whose tiny-model outputs differ clearly, so a swapped answer would show."""
-    images = []
-    for i in range(count):
-        rng = np.random.default_rng(i)
-        base = np.array([(37 * i) % 256, (91 * i) % 256, (153 * i) % 256], np.uint8)
-        noise = rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(base + noise).save(buffer, "PNG")
-        images.append(buffer.getvalue())
-    return images
-
-
-def tiny_direct(tiny_model, data):
-    pixels = prepare_image(data, (32, 32), 3)
-    return np.asarray(tiny_model["model"].predict_on_batch(pixels[None] / 255.0))[0]
-
-
-def assert_own_answers(responses, images, tiny_model):
-    for response, data in zip(responses, images):
-        assert response.status_code == 200, response.text
-        expected = tiny_direct(tiny_model, data)
-        got = {p["label"]: p["probability"] for p in response.json()["predictions"]}
-        for label, probability in got.items():
-            assert probability == pytest.approx(expected[int(label.split("_")[1])], abs=1e-5)
-
-
-def post_concurrently(url, images, workers):
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda data: post_image(url, data, filename="i.png", top_k=10),
-                             images))
-
-
-def worker_stats(redis_client, keys):
-    from jobqueue import live_workers
-
-    return {beat["pid"]: beat for beat in live_workers(redis_client, keys)}
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(

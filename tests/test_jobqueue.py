@@ -1,0 +1,81 @@
+"""The Redis protocol between handlers and workers, against the real test redis-server."""
+import json
+import threading
+import time
+
+import pytest
+
+import jobqueue
+from conftest import QUEUE, image_bytes, post_image, tiny_settings
+
+
+def push(redis_client, keys, count, deadline_s=30):
+    jobs = [jobqueue.new_job("AAAA", (1, 1, 3), time.time() + deadline_s, 5) for _ in range(count)]
+    for job in jobs:
+        jobqueue.enqueue_job(redis_client, keys, job, 1000, 10**9)
+    return jobs
+
+
+def test_claims_are_atomic_and_never_shared(redis_client, keys):
+    push(redis_client, keys, 40)
+    claimed = {}
+
+    def claim(name):
+        claimed[name] = []
+        while batch := jobqueue.claim_batch(redis_client, keys, name, 3, 0.002, 0.2, 60):
+            claimed[name] += [json.loads(p)["id"] for p in batch]
+            redis_client.delete(keys.processing(name))
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    ids = [job_id for batch in claimed.values() for job_id in batch]
+    assert len(ids) == 40 and len(set(ids)) == 40
+
+
+def test_a_fill_window_under_a_millisecond_does_not_block(redis_client, keys):
+    # Redis reads a blocking timeout under 1 ms as 0, "block forever".
+    push(redis_client, keys, 1)
+    started = time.monotonic()
+    batch = jobqueue.claim_batch(redis_client, keys, "w", 8, 0.0009, 1.0, 60)
+    assert len(batch) == 1 and time.monotonic() - started < 0.5
+
+
+def test_enqueue_refuses_past_the_length_and_byte_bounds(redis_client, keys):
+    job = jobqueue.new_job("A" * 1000, (1, 1, 3), time.time() + 30, 5)
+    for _ in range(3):
+        jobqueue.enqueue_job(redis_client, keys, dict(job), 3, 10**9)
+    with pytest.raises(jobqueue.QueueFull) as full:
+        jobqueue.enqueue_job(redis_client, keys, dict(job), 3, 10**9)
+    assert full.value.depth == 3
+    with pytest.raises(jobqueue.QueueFull):
+        jobqueue.enqueue_job(redis_client, keys, dict(job), 100, 3500)  # 4 jobs > 3500 bytes
+    assert redis_client.llen(QUEUE) == 3
+
+
+def test_orphans_of_a_silent_worker_go_back_to_the_head_of_the_queue(redis_client, keys):
+    jobs = push(redis_client, keys, 3)
+    jobqueue.publish_heartbeat(redis_client, keys, "dead", {"id": "dead"}, 0.2, 60)
+    claimed = jobqueue.claim_batch(redis_client, keys, "dead", 2, 0, 0.2, 60)
+    alive_claims = jobqueue.requeue_orphans(redis_client, keys)
+    time.sleep(0.3)  # the heartbeat expires
+    requeued = jobqueue.requeue_orphans(redis_client, keys)
+
+    assert alive_claims == 0 and requeued == 2
+    assert [json.loads(p)["id"] for p in redis_client.lrange(QUEUE, 0, -1)] == [
+        json.loads(p)["id"] for p in claimed] + [jobs[2]["id"]]
+    assert not redis_client.exists(keys.processing("dead"))
+
+
+def test_a_result_that_takes_longer_than_redis_default_socket_timeout_arrives(
+        service, tiny_model):
+    # The worker holds the only job for 7 s waiting to fill its batch; the handler's blocking
+    # wait must outlast redis-py's default 5 s socket timeout.
+    service.worker(BATCH_SIZE=8, BATCH_TIMEOUT_MS=7000, **tiny_settings(tiny_model))
+    web = service.web()
+    started = time.monotonic()
+    response = post_image(web.url, image_bytes())
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started > 6.5
