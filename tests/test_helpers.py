@@ -97,3 +97,11 @@ def test_bad_setting_stops_start_up_naming_the_variable(name, value):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert f"SettingsError: {name}=" in result.stderr
+
+
+def test_animated_gif_uses_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    pixels = prepare_image(buffer.getvalue(), (8, 8)).astype(int)
+    assert (pixels[..., 0] > 200).all() and (pixels[..., 2] < 50).all()
