@@ -1,14 +1,11 @@
-"""Image decoding and serialization helpers, and start-up checks of settings."""
+"""Image decoding and serialization helpers."""
 import io
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, image_bytes
+from conftest import image_bytes
 from helpers import ServiceError, decode_array, encode_array, prepare_image
 
 
@@ -86,17 +83,6 @@ def test_format_outside_the_allowed_list_is_refused():
 def test_array_round_trip_is_exact():
     array = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     assert (decode_array(encode_array(array), array.shape) == array).all()
-
-
-@pytest.mark.parametrize("name, value", [("BATCH_SIZE", "0"), ("BATCH_SIZE", "many"),
-                                         ("PORT", "70000"), ("REQUEST_TIMEOUT_S", "-1"),
-                                         ("PREPROCESS", "magic")])
-def test_bad_setting_stops_start_up_naming_the_variable(name, value):
-    env = {**os.environ, name: value}
-    result = subprocess.run([sys.executable, "-c", "import settings"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
-    assert result.returncode != 0
-    assert f"SettingsError: {name}=" in result.stderr
 
 
 def test_animated_gif_uses_its_first_frame():
