@@ -1,0 +1,448 @@
+"""Service-efficiency benchmark: how near the whole service comes to the bare model, on one machine.
+
+    python bench/benchmark.py                                   # 3 rounds, the service's defaults
+    python bench/benchmark.py --batch-size 16 --batch-timeout-ms 5 --rounds 5
+    python bench/benchmark.py --sweep --concurrency 64 --p99-target-ms 8000
+
+Each round measures, one at a time so that they never share the CPU:
+  (a) the bare model: ResNet50 (random weights, fixed seed) in a process of its own,
+      predict_on_batch on preprocessed float32 batches of 1 to 32 images: images/s for each size,
+      and batch-1 latency;
+  (b) the whole service (`python run_keras_server.py`) over HTTP, closed loop at concurrency
+      2 x BATCH_SIZE: images/s;
+  (c) the service at concurrency 1: median latency.
+Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)+(c) and the
+figures are medians over rounds; the ratio (b) / best (a) is taken within each round first.
+
+--sweep instead starts a fresh service for each BATCH_SIZE x BATCH_TIMEOUT_MS cell, loads it at one
+concurrency, and recommends the fastest cell whose p99 latency is under --p99-target-ms.
+"""
+import argparse
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from stress_test import percentile  # noqa: E402
+
+MODEL, MODEL_SEED = "resnet50", 1234
+BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+KNOBS = ("BATCH_SIZE", "BATCH_TIMEOUT_MS", "REQUEST_TIMEOUT_S", "MAX_QUEUE_LENGTH", "WEB_WORKERS",
+         "WEB_THREADS", "MODEL_THREADS")
+READY_TIMEOUT_S = 300  # TensorFlow import, model build and warm-up on two busy cores
+
+
+# --- (a) The bare model, in a process of its own ------------------------------------------
+
+def serve_bare_model(conn):
+    """Child process: build the worker's model, then time every batch size each time asked."""
+    import numpy as np
+
+    import settings
+    from classifier import load_classifier
+
+    # The same loader and thread setting as the model worker, so threads and memory match.
+    classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS)
+    shape = (classifier.size[1], classifier.size[0], classifier.channels)
+    rng = np.random.default_rng(MODEL_SEED)
+    batches = {n: classifier.preprocess(rng.integers(0, 256, (n, *shape), np.uint8)
+                                        .astype(np.float32)) for n in BATCH_SIZES}
+    for batch in batches.values():  # the first call at a new size traces the graph: not timed
+        classifier.model.predict_on_batch(batch)
+    conn.send("ready")
+    while (seconds := conn.recv()) is not None:  # the parent sends None after its last round
+        conn.send({n: time_batches(classifier.model, batch, seconds)
+                   for n, batch in batches.items()})
+
+
+def time_batches(model, batch, seconds, min_calls=2, max_calls=10_000):
+    """Call predict_on_batch for `seconds` (at least twice): images/s and median ms per batch."""
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < deadline):
+        started = time.perf_counter()
+        model.predict_on_batch(batch)
+        times.append(time.perf_counter() - started)
+    return {"img_per_s": len(batch) * len(times) / sum(times),
+            "batch_ms": statistics.median(times) * 1000, "calls": len(times)}
+
+
+class BareModel:
+    """The bare model's process, started once and driven one phase at a time through a pipe."""
+
+    def __init__(self):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter, like the worker's
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=serve_bare_model, args=(child_end,), daemon=True)
+        self.process.start()
+        self.receive(READY_TIMEOUT_S)
+
+    def measure(self, seconds_per_size):
+        self.conn.send(seconds_per_size)
+        return self.receive(len(BATCH_SIZES) * (seconds_per_size + 60))
+
+    def receive(self, timeout_s):
+        if not self.conn.poll(timeout_s):
+            raise RuntimeError(f"the bare-model process gave no answer within {timeout_s:.0f} s")
+        return self.conn.recv()
+
+    def stop(self):
+        self.conn.send(None)
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+
+
+# --- (b), (c) The service and its load ----------------------------------------------------
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_service(overrides, workdir):
+    """`python run_keras_server.py` (private Redis) on a free port; yields (url, heartbeat)."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
+    env.update(PORT=str(port), HOST="127.0.0.1", MODEL=MODEL, MODEL_WEIGHTS="none",
+               MODEL_SEED=str(MODEL_SEED), PYTHONUNBUFFERED="1", **overrides)
+    log_path = Path(workdir) / f"service-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "run_keras_server.py"], cwd=ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield url, wait_ready(url, process, log_path)
+    finally:
+        process.terminate()  # run_keras_server.py stops its worker, web tier and Redis
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_ready(url, process, log_path):
+    """Poll /readyz until a warm worker answers; returns its heartbeat."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the service exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            response = requests.get(f"{url}/readyz", timeout=2)
+            if response.status_code == 200:
+                return response.json()["workers"][0]
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the service was not ready within {READY_TIMEOUT_S} s; see {log_path}")
+
+
+def run_load(url, concurrency, seconds, workdir, plot=""):
+    """A closed loop from stress_test.py in its own light process; returns its JSON report."""
+    report = Path(workdir) / f"load-{time.time_ns()}.json"
+    command = [sys.executable, "stress_test.py", "--url", f"{url}/predict", "--concurrency",
+               str(concurrency), "--duration", str(seconds), "--timeout", "120",
+               "--report", str(report), "--plot", plot, "--allow-failures"]
+    subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, check=True,
+                   timeout=seconds + 300)
+    return json.loads(report.read_text())
+
+
+# --- Figures (pure functions) -------------------------------------------------------------
+
+def completion_bursts(records):
+    """(time, images) of each answered batch, found from the answers' completion times.
+
+    All answers of one batch reach their clients within a few ms, while the next batch ends at
+    least one forward pass (X-Inference-Ms) later; a gap over half of one starts a new batch.
+    """
+    done = sorted((r["t_s"] + r["latency_ms"] / 1000, r["inference_ms"] or 0.0)
+                  for r in records if r["ok"])
+    bursts = []  # [first completion, answers, last completion]
+    for end, inference_ms in done:
+        if bursts and end - bursts[-1][2] <= inference_ms / 2000:
+            bursts[-1][1:] = [bursts[-1][1] + 1, end]
+        else:
+            bursts.append([end, 1, end])
+    return [(first, count) for first, count, _ in bursts]
+
+
+def steady_throughput(records, from_s, to_s):
+    """Images/s from the first to the last batch answered between from_s and to_s (None: < 2).
+
+    Counting answers in a fixed window would be off by up to a whole batch, and 32 images take
+    seconds on a CPU; measuring from one batch's end to another's is exact.
+    """
+    bursts = [(t, n) for t, n in completion_bursts(records) if from_s <= t <= to_s]
+    if len(bursts) < 2:
+        return None
+    return sum(n for _, n in bursts[1:]) / (bursts[-1][0] - bursts[0][0])
+
+
+def latencies_after(report, warmup_s):
+    return [r["latency_ms"] for r in report["requests"] if r["ok"] and r["t_s"] >= warmup_s]
+
+
+def round_figures(bare, saturated, single, warmup_s, duration_s):
+    """One round's figures from the bare timings and the two load reports."""
+    best = max(bare, key=lambda n: bare[n]["img_per_s"])
+    service = steady_throughput(saturated["requests"], warmup_s, duration_s)
+    c1 = latencies_after(single, warmup_s)
+    c1_median = statistics.median(c1) if c1 else None
+    bare1 = bare[1]["batch_ms"]
+    return {
+        "bare": bare, "bare_best_batch_size": best, "bare_best_img_per_s": bare[best]["img_per_s"],
+        "bare_batch1_ms": bare1, "service_img_per_s": service,
+        "service_mean_batch_size": saturated["summary"]["mean_batch_size"],
+        "service_c1_median_ms": c1_median,
+        "failed": saturated["summary"]["failed"] + single["summary"]["failed"],
+        "ratio": service / bare[best]["img_per_s"] if service else None,
+        "latency_overhead_ms": c1_median - bare1 if c1_median is not None else None,
+    }
+
+
+def median_of(rounds, name):
+    values = [r[name] for r in rounds if r[name] is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize_rounds(rounds):
+    """Medians over rounds of every figure; bare images/s per batch size too."""
+    names = ("bare_best_img_per_s", "bare_batch1_ms", "service_img_per_s",
+             "service_mean_batch_size", "service_c1_median_ms", "ratio", "latency_overhead_ms")
+    summary = {name: median_of(rounds, name) for name in names}
+    sizes = rounds[0]["bare"].keys()
+    summary["bare_img_per_s"] = {n: statistics.median(r["bare"][n]["img_per_s"] for r in rounds)
+                                 for n in sizes}
+    summary["failed"] = sum(r["failed"] for r in rounds)
+    return summary
+
+
+def recommend(cells, p99_target_ms):
+    """The cell with the highest throughput whose p99 is under the target (None if none is)."""
+    fits = [c for c in cells if c["img_per_s"] and c["p99_ms"] is not None
+            and (p99_target_ms is None or c["p99_ms"] < p99_target_ms)]
+    return max(fits, key=lambda c: c["img_per_s"], default=None)
+
+
+def cell_figures(batch_size, timeout_ms, report, warmup_s, duration_s):
+    """One sweep cell's figures from its load report."""
+    latencies = latencies_after(report, warmup_s)
+    return {"batch_size": batch_size, "batch_timeout_ms": timeout_ms,
+            "img_per_s": steady_throughput(report["requests"], warmup_s, duration_s),
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "mean_batch_size": report["summary"]["mean_batch_size"],
+            "failed": report["summary"]["failed"]}
+
+
+# --- Runs -----------------------------------------------------------------------------------
+
+def run_rounds(args, workdir):
+    """Alternate bare-model and service phases; returns (rounds, service settings used)."""
+    print("starting the bare model and the service (a minute or two)...", flush=True)
+    bare_model = BareModel()
+    try:
+        with running_service({}, workdir) as (url, heartbeat):
+            service_settings = settings_used(heartbeat)
+            batch_size = int(heartbeat["batch_size"])
+            service_settings["concurrency"] = max(args.concurrency or 0, 2 * batch_size)
+            duration = args.warmup_seconds + args.phase_seconds
+            rounds = []
+            for number in range(1, args.rounds + 1):
+                bare = bare_model.measure(args.phase_seconds / len(BATCH_SIZES))
+                # The last saturation phase is drawn (after its load ends: it costs no figure).
+                plot = args.plot if number == args.rounds else ""
+                saturated = run_load(url, service_settings["concurrency"], duration, workdir, plot)
+                single = run_load(url, 1, duration, workdir)
+                rounds.append(round_figures(bare, saturated, single, args.warmup_seconds,
+                                            duration))
+                print_round(number, rounds[-1])
+    finally:
+        bare_model.stop()
+    return rounds, service_settings
+
+
+def run_sweep(args, workdir):
+    """A fresh service per BATCH_SIZE x BATCH_TIMEOUT_MS cell, each loaded at one concurrency."""
+    concurrency = args.concurrency or 2 * max(args.sweep_batch_sizes)
+    duration = args.warmup_seconds + args.phase_seconds
+    print(f"sweep at concurrency {concurrency}, {args.phase_seconds:g} s per cell\n"
+          f"{'BATCH_SIZE':>10}  {'TIMEOUT_MS':>10}  {'img/s':>6}  {'p50 ms':>7}  {'p99 ms':>7}")
+    cells = []
+    for batch_size in args.sweep_batch_sizes:
+        for timeout_ms in args.sweep_timeouts_ms:
+            overrides = {"BATCH_SIZE": str(batch_size), "BATCH_TIMEOUT_MS": str(timeout_ms)}
+            with running_service(overrides, workdir) as (url, _):
+                report = run_load(url, concurrency, duration, workdir)
+            cells.append(cell_figures(batch_size, timeout_ms, report, args.warmup_seconds,
+                                      duration))
+            print(cell_line(cells[-1]), flush=True)
+    return cells, concurrency
+
+
+def settings_used(heartbeat):
+    """The service's knobs as it read them, and what its worker reports about itself."""
+    import settings
+
+    knobs = {name: getattr(settings, name) for name in KNOBS if hasattr(settings, name)}
+    knobs.update({name: heartbeat.get(name) for name in ("model", "weights", "device")})
+    knobs["BATCH_SIZE"] = int(heartbeat["batch_size"])
+    return knobs
+
+
+def machine_info():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": package_version("tensorflow", "tensorflow-cpu"),
+            "keras": package_version("keras"), "command": " ".join(sys.argv)}
+
+
+def package_version(*names):
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+# --- Output ---------------------------------------------------------------------------------
+
+def fmt(value, spec=".1f"):
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_round(number, r):
+    print(f"round {number}: bare best {fmt(r['bare_best_img_per_s'])} img/s "
+          f"(batch {r['bare_best_batch_size']}), batch 1 {fmt(r['bare_batch1_ms'])} ms | service "
+          f"{fmt(r['service_img_per_s'])} img/s (mean batch {fmt(r['service_mean_batch_size'])}), "
+          f"c=1 {fmt(r['service_c1_median_ms'])} ms | ratio {fmt(r['ratio'], '.3f')}, "
+          f"+{fmt(r['latency_overhead_ms'])} ms, {r['failed']} failed", flush=True)
+
+
+def print_summary(summary, rounds, service_settings, args):
+    knobs = " ".join(f"{name}={service_settings[name]}" for name in KNOBS
+                     if name in service_settings)
+    print(f"\nResNet50 (random weights, seed {MODEL_SEED}) on {service_settings['device']}; "
+          f"{len(rounds)} rounds of {args.phase_seconds:g} s phases (+{args.warmup_seconds:g} s "
+          f"warm-up); medians over rounds\nservice: {knobs}\n")
+    print("bare model   batch  img/s")
+    for size, img_per_s in summary["bare_img_per_s"].items():
+        print(f"             {size:>5}  {img_per_s:6.1f}")
+    per_round = " ".join(fmt(r["ratio"], ".3f") for r in rounds)
+    print(f"(a) bare model, best                 {fmt(summary['bare_best_img_per_s'])} img/s\n"
+          f"(a) bare model, batch-1 latency      {fmt(summary['bare_batch1_ms'])} ms\n"
+          f"(b) service at concurrency {service_settings['concurrency']:<9} "
+          f"{fmt(summary['service_img_per_s'])} img/s (mean batch "
+          f"{fmt(summary['service_mean_batch_size'])})\n"
+          f"(c) service at concurrency 1, median {fmt(summary['service_c1_median_ms'])} ms\n"
+          f"(b) / best (a)                       {fmt(summary['ratio'], '.3f')} "
+          f"(rounds: {per_round})\n"
+          f"(c) - bare batch-1 latency           {fmt(summary['latency_overhead_ms'])} ms\n"
+          f"failed requests                      {summary['failed']}")
+    if len(rounds) < 3:
+        print("note: fewer than 3 rounds; medians do not smooth out the machine's drift")
+
+
+def cell_line(cell):
+    return (f"{cell['batch_size']:>10}  {cell['batch_timeout_ms']:>10g}  "
+            f"{fmt(cell['img_per_s']):>6}  {fmt(cell['p50_ms'], '.0f'):>7}  "
+            f"{fmt(cell['p99_ms'], '.0f'):>7}  ({cell['failed']} failed)")
+
+
+def write_json(path, data):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    print(f"wrote {path}")
+
+
+# --- Command line ---------------------------------------------------------------------------
+
+def number_list(text):
+    return [float(part) if "." in part else int(part) for part in text.split(",") if part]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each phase (3)")
+    parser.add_argument("--phase-seconds", type=float, default=20.0,
+                        help="measured seconds of each service load, and of all bare batch "
+                             "sizes together (20)")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0,
+                        help="unmeasured start of each service load (5)")
+    parser.add_argument("--batch-size", type=int, help="BATCH_SIZE of the service")
+    parser.add_argument("--batch-timeout-ms", type=float, help="BATCH_TIMEOUT_MS of the service")
+    parser.add_argument("--concurrency", type=int, help="clients at saturation (at least "
+                        "2 x BATCH_SIZE; sweep: 2 x the largest batch size)")
+    parser.add_argument("--out", help="JSON path (bench/results/<date>-<host>[-sweep].json)")
+    parser.add_argument("--sweep", action="store_true", help="grid of BATCH_SIZE x "
+                        "BATCH_TIMEOUT_MS instead of the efficiency benchmark")
+    parser.add_argument("--sweep-batch-sizes", type=number_list, default=[4, 8, 16, 32])
+    parser.add_argument("--sweep-timeouts-ms", type=number_list, default=[2, 5, 20])
+    parser.add_argument("--p99-target-ms", type=float,
+                        help="sweep: recommend the fastest cell whose p99 is under this")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.phase_seconds <= 0 or args.warmup_seconds < 0:
+        parser.error("--rounds must be at least 1 and --phase-seconds above 0")
+    stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}" + ("-sweep" if args.sweep else "")
+    args.out = args.out or str(ROOT / "bench" / "results" / f"{stem}.json")
+    args.plot = str(Path(args.out).with_suffix(".png"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Set here, they reach the service and the record of settings alike.
+    for name, value in (("BATCH_SIZE", args.batch_size),
+                        ("BATCH_TIMEOUT_MS", args.batch_timeout_ms)):
+        if value is not None:
+            os.environ[name] = str(value)
+    workdir = tempfile.mkdtemp(prefix="benchmark-")
+    result = machine_info()
+    if args.sweep:
+        cells, concurrency = run_sweep(args, workdir)
+        best = recommend(cells, args.p99_target_ms)
+        target = f"p99 under {args.p99_target_ms:g} ms" if args.p99_target_ms else "no p99 target"
+        print(f"recommended ({target}): " + (f"BATCH_SIZE={best['batch_size']} BATCH_TIMEOUT_MS="
+                                             f"{best['batch_timeout_ms']:g}" if best else "none"))
+        result.update(concurrency=concurrency, p99_target_ms=args.p99_target_ms, cells=cells,
+                      recommended=best)
+    else:
+        rounds, service_settings = run_rounds(args, workdir)
+        summary = summarize_rounds(rounds)
+        print_summary(summary, rounds, service_settings, args)
+        print(f"plot of the last saturation phase: {args.plot}")
+        result.update(settings=service_settings, plot=Path(args.plot).name, rounds_run=len(rounds),
+                      phase_seconds=args.phase_seconds, warmup_seconds=args.warmup_seconds,
+                      summary=summary, rounds=rounds)
+    write_json(args.out, result)
+    print(f"service logs and raw load reports: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""stress_test.py against a real running service, and the benchmark's pure figure functions."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import ROOT, Processes, free_port, image_bytes, tiny_settings, wait_until
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_service(redis_server, tmp_path_factory, tiny_model):
+    """The tiny model behind one worker and one web instance, for the whole module."""
+    processes = Processes(redis_server["url"], tmp_path_factory.mktemp("stress"), "stress")
+    processes.worker(BATCH_SIZE=8, BATCH_TIMEOUT_MS=20, **tiny_settings(tiny_model))
+    yield processes.web()
+    processes.stop_all()
+
+
+@pytest.fixture(scope="module")
+def web_without_worker(redis_server, tmp_path_factory):
+    """A web instance whose queue no worker serves: every request times out with 504."""
+    processes = Processes(redis_server["url"], tmp_path_factory.mktemp("idle"), "stress_idle")
+    yield processes.web(REQUEST_TIMEOUT_S=0.5)
+    processes.stop_all()
+
+
+def run_stress_test(tmp_path, *args):
+    report, plot = tmp_path / "report.json", tmp_path / "plot.png"
+    result = subprocess.run([sys.executable, "stress_test.py", *args, "--report", str(report),
+                             "--plot", str(plot)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=180)
+    return result, report, plot
+
+
+def answered_by_server(url):
+    """The server's own count of answered requests: `jobs` summed over the worker heartbeats."""
+    return sum(int(worker["jobs"]) for worker in requests.get(f"{url}/readyz").json()["workers"])
+
+
+def assert_server_answered(url, expected):
+    wait_until(lambda: answered_by_server(url) >= expected, timeout=10,
+               what=f"the heartbeats to count {expected} answered requests")
+    time.sleep(1.0)  # two more heartbeats (0.5 s apart): the count must not go past the report's
+    assert answered_by_server(url) == expected
+
+
+@pytest.mark.parametrize("loop_args, sent", [
+    (["--requests", "40", "--rate", "40"], 40),
+    (["--requests", "30", "--concurrency", "6", "--duration", "60"], 30),
+])
+def test_report_counts_match_the_servers_count(tiny_service, tmp_path, loop_args, sent):
+    before = answered_by_server(tiny_service.url)
+
+    result, report, plot = run_stress_test(tmp_path, "--url", f"{tiny_service.url}/predict",
+                                           *loop_args)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(report.read_text())["summary"]
+    assert (summary["sent"], summary["succeeded"], summary["failed"]) == (sent, sent, 0)
+    assert_server_answered(tiny_service.url, before + summary["succeeded"])
+    latency = summary["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
+    assert 1 <= summary["mean_batch_size"] <= 8
+    assert summary["throughput_rps"] > 0
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    assert "succeeded" in result.stdout and "p99" in result.stdout
+
+
+def test_a_folder_of_images_is_sent_in_turn(tiny_service, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, fmt in enumerate(("JPEG", "PNG", "BMP")):
+        (folder / f"image{i}.{fmt.lower()}").write_bytes(image_bytes(fmt=fmt, seed=i))
+    (folder / "notes.txt").write_text("not an image, not sent")
+
+    result, report, _ = run_stress_test(tmp_path, "--url", f"{tiny_service.url}/predict",
+                                        "--image", str(folder), "--requests", "6",
+                                        "--concurrency", "2")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())
+    assert data["settings"]["images"] == ["image0.jpeg", "image1.png", "image2.bmp"]
+    assert data["summary"]["succeeded"] == 6
+
+
+FAILING_SERVERS = {
+    "no model worker (504)": lambda web, idle: (f"{idle.url}/predict", {"504": 4}),
+    "wrong path (404)": lambda web, idle: (f"{web.url}/nope", {"404": 4}),
+    "nothing listening": lambda web, idle: (f"http://127.0.0.1:{free_port()}/predict", {"0": 4}),
+}
+
+
+@pytest.mark.parametrize("case", FAILING_SERVERS)
+def test_failures_exit_non_zero_unless_allowed(tiny_service, web_without_worker, tmp_path, case):
+    url, by_status = FAILING_SERVERS[case](tiny_service, web_without_worker)
+    args = ["--url", url, "--requests", "4", "--rate", "20", "--timeout", "10"]
+
+    failing, report, plot = run_stress_test(tmp_path, *args)
+    summary = json.loads(report.read_text())["summary"]
+    allowed, _, _ = run_stress_test(tmp_path, *args, "--allow-failures")
+
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    assert summary["succeeded"] == 0 and summary["failed_by_status"] == by_status
+    assert sum(summary["failed_by_error"].values()) == 4
+    assert plot.read_bytes().startswith(PNG_SIGNATURE)
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+
+
+# --- The benchmark's figures, from made-up request records --------------------------------
+
+def record(end_s, ok=True, inference_ms=100.0, latency_ms=500.0):
+    return {"t_s": end_s - latency_ms / 1000, "latency_ms": latency_ms, "ok": ok,
+            "inference_ms": inference_ms, "batch_size": None}
+
+
+def batches(ends_and_sizes, spread_s=0.004):
+    """Records of batches answered at the given times, each answer a few ms after the last."""
+    return [record(end + i * spread_s) for end, size in ends_and_sizes for i in range(size)]
+
+
+def test_completion_bursts_group_the_answers_of_one_batch():
+    from bench.benchmark import completion_bursts
+
+    records = batches([(1.0, 4), (2.0, 4), (3.0, 2)]) + [record(2.5, ok=False)]
+
+    bursts = completion_bursts(records)
+
+    assert [n for _, n in bursts] == [4, 4, 2]
+    assert [t for t, _ in bursts] == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_steady_throughput_measures_from_batch_end_to_batch_end():
+    from bench.benchmark import steady_throughput
+
+    # A ramp-up batch of 1, then 8 images every 2 s: 4 img/s however the window cuts.
+    records = batches([(0.5, 1)] + [(1.0 + 2 * k, 8) for k in range(6)])
+
+    assert steady_throughput(records, 0.9, 11.5) == pytest.approx(4.0, rel=0.01)
+    assert steady_throughput(records, 0.9, 10.0) == pytest.approx(4.0, rel=0.01)
+    assert steady_throughput(records, 4.0, 5.5) is None  # one batch is no rate
+
+
+def test_round_figures_and_their_medians():
+    from bench.benchmark import round_figures, summarize_rounds
+
+    def bare(scale):
+        return {1: {"img_per_s": 10.0 * scale, "batch_ms": 100.0 / scale},
+                16: {"img_per_s": 12.0 * scale, "batch_ms": 1333.0 / scale}}
+
+    def report(records):
+        return {"requests": records, "summary": {"failed": 0, "mean_batch_size": 8.0}}
+
+    saturated = report(batches([(1.0 + k, 11) for k in range(8)]))  # 11 img/s
+    single = report([record(t, latency_ms=120.0) for t in (0.5, 6.0, 6.2, 6.4)])
+    rounds = [round_figures(bare(scale), saturated, single, 0.9, 20.0) for scale in (1.0, 1.1, 0.9)]
+
+    assert rounds[0]["bare_best_batch_size"] == 16
+    assert rounds[0]["ratio"] == pytest.approx(11 / 12, rel=0.01)
+    assert rounds[0]["latency_overhead_ms"] == pytest.approx(20.0)
+    summary = summarize_rounds(rounds)
+    assert summary["bare_best_img_per_s"] == pytest.approx(12.0)
+    assert summary["ratio"] == pytest.approx(11 / 12, rel=0.01)
+    assert summary["bare_img_per_s"] == {1: pytest.approx(10.0), 16: pytest.approx(12.0)}
+
+
+def test_recommend_picks_the_fastest_cell_under_the_p99_target():
+    from bench.benchmark import recommend
+
+    cells = [{"batch_size": 4, "img_per_s": 9.0, "p99_ms": 900.0},
+             {"batch_size": 16, "img_per_s": 12.0, "p99_ms": 2500.0},
+             {"batch_size": 8, "img_per_s": 11.0, "p99_ms": 1500.0},
+             {"batch_size": 32, "img_per_s": None, "p99_ms": None}]
+
+    assert recommend(cells, 2000.0)["batch_size"] == 8
+    assert recommend(cells, None)["batch_size"] == 16
+    assert recommend(cells, 500.0) is None
