@@ -37,6 +37,9 @@ def connect_redis(url=None):
                                    retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
 
 
+# The part of a batch window that claim_batch polls rather than blocks (see there).
+FILL_POLL_S = 0.1
+
 # Pushes a job unless the queue already holds ARGV[2] jobs or ARGV[3] bytes (every job of one
 # model has the same size, so length x this job's size is the queue's size). Checking and pushing
 # in one script keeps the bound exact with many web processes. Returns the depth, negative if full.
@@ -119,18 +122,21 @@ def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, cl
         return []
     batch = [first]
     fill_until = time.monotonic() + batch_timeout_s
-    while len(batch) < batch_size:
+    while True:
         batch += redis.eval(CLAIM_MORE, 2, keys.queue, processing, batch_size - len(batch),
                             int(claim_ttl_s))
         remaining = fill_until - time.monotonic()
-        # Redis rounds a blocking timeout down to whole milliseconds, and 0 means "forever": a
-        # BLMOVE with under 1 ms left would hold the claimed jobs until another one arrives.
-        if len(batch) >= batch_size or remaining < 0.001:
+        if len(batch) >= batch_size or remaining <= 0:
             break
-        job = redis.blmove(keys.queue, processing, remaining, "LEFT", "RIGHT")
-        if job is None:
-            break
-        batch.append(job)
+        # A push wakes a blocked client at once, but Redis ends a blocking wait that times out
+        # only on its clock tick (10 Hz by default): a 5 ms BLMOVE would take 100 ms. So the last
+        # 100 ms of the window are polled every millisecond (a few calls for a typical window).
+        # (A timeout under 1 ms must never be sent: Redis reads it as 0, "block forever".)
+        if remaining > FILL_POLL_S + 0.01:
+            job = redis.blmove(keys.queue, processing, remaining - FILL_POLL_S, "LEFT", "RIGHT")
+            batch += [job] if job is not None else []
+        else:
+            time.sleep(min(remaining, 0.001))
     redis.expire(processing, int(claim_ttl_s))
     return batch
 

@@ -115,8 +115,11 @@ LABELS = env_str("LABELS", "")
 PREPROCESS = env_str("PREPROCESS", "", choices=("", "resnet50", "mobilenet_v2", "scale_0_1", "none"))
 """Preprocessing of a model given by path. Empty: the named model's own (`none` for a path)."""
 
-BATCH_SIZE = env_int("BATCH_SIZE", 32, minimum=1)
-"""Most images per forward pass. Larger raises throughput and memory use, and the batch's latency."""
+BATCH_SIZE = env_str("BATCH_SIZE", "auto")
+"""Most images per forward pass, or `auto`: each worker times batch sizes 1, 2, 4, ... while warming
+up and keeps the one with the highest throughput whose batch takes under REQUEST_TIMEOUT_S / 10."""
+if BATCH_SIZE != "auto":
+    BATCH_SIZE = env_int("BATCH_SIZE", 32, minimum=1)
 
 BATCH_TIMEOUT_MS = env_float("BATCH_TIMEOUT_MS", 5.0, minimum=0.0)
 """Milliseconds a worker waits to fill a batch once its first image has arrived."""

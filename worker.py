@@ -67,11 +67,15 @@ class ModelWorker:
             self.beat()
 
     def warm_up(self):
-        """One forward pass at each batch size the loop will meet first, before taking jobs."""
+        """Forward passes at the batch sizes the loop will meet first (choosing the size when it
+        is `auto`), before taking any job."""
+        if self.batch_size == "auto":
+            self.batch_size = choose_batch_size(self.classifier, self.input_shape,
+                                                settings.REQUEST_TIMEOUT_S / 10)
         for size in sorted({1, self.batch_size}):
             self.classifier.predict_batch(np.zeros((size, *self.input_shape), np.uint8))
         self.warm = True
-        log.info("worker %s warm: model %s, batch size %d, device %s", self.id,
+        log.info("worker %s warm: model %s, batch size %s, device %s", self.id,
                  self.classifier.name, self.batch_size, self.device)
 
     def run(self, max_batches=None):
@@ -182,6 +186,37 @@ class ModelWorker:
         except REDIS_ERRORS as exc:
             log.warning("could not deregister (Redis unreachable): %s", exc)
         log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
+
+
+def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
+    """Time batches of 1, 2, 4, ... images; return the size with the most images per second.
+
+    Doubling stops once throughput falls, a batch takes longer than time_limit_s, or at largest:
+    a CPU peaks at a small batch, a GPU at a large one. Sizes within 5% of the best throughput are
+    a tie (timings are that noisy), and the smallest of them wins: same speed, shorter batches.
+    """
+    table, size = [], 1
+    while size <= largest:
+        batch = np.zeros((size, *input_shape), np.uint8)
+        classifier.predict_batch(batch)  # the first pass at a new shape builds kernels
+        seconds = min(time_call(classifier.predict_batch, batch) for _ in range(2))
+        table.append((size, seconds, size / seconds))
+        if seconds > time_limit_s or (len(table) > 1 and table[-1][2] < table[-2][2]):
+            break
+        size *= 2
+    log.info("batch size timings:\n%s", "\n".join(
+        f"  {n:4d} images  {s * 1000:8.1f} ms  {rate:8.1f} img/s" for n, s, rate in table))
+    fits = [row for row in table if row[1] <= time_limit_s] or table[:1]
+    fastest = max(rate for _, _, rate in fits)
+    best = min(n for n, _, rate in fits if rate >= 0.95 * fastest)
+    log.info("BATCH_SIZE=auto chose %d", best)
+    return best
+
+
+def time_call(function, *args):
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
 
 
 def parse_jobs(payloads):

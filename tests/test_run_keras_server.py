@@ -177,3 +177,11 @@ def test_no_worker_gives_504_and_leaves_nothing_in_redis(service, redis_client):
     assert 1.5 <= elapsed < 6
     time.sleep(1.2)
     assert redis_client.keys(f"{QUEUE}*") == []
+
+
+def test_auto_batch_size_is_measured_logged_and_reported(service, tiny_model, redis_client, keys):
+    worker = service.worker(BATCH_SIZE="auto", **tiny_settings(tiny_model))
+    chosen = worker_stats(redis_client, keys)[str(worker.pid)]["batch_size"]
+    log = worker.log_path.read_text()
+    assert chosen.isdigit() and f"BATCH_SIZE=auto chose {chosen}" in log
+    assert "img/s" in log.split("batch size timings:")[1]
