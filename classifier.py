@@ -40,7 +40,7 @@ def preprocessing(name):
 class Classifier:
     """A loaded model with its labels and preprocessing; predicts whole batches."""
 
-    def __init__(self, model, labels, preprocess, name, weights):
+    def __init__(self, model, labels, preprocess, name, weights, version="1"):
         _, height, width, channels = model.input_shape
         if model.output_shape[-1] != len(labels):
             raise ModelLoadError(f"the model has {model.output_shape[-1]} outputs but "
@@ -51,6 +51,7 @@ class Classifier:
         self.preprocess_name = preprocess
         self.name = name
         self.weights = weights
+        self.version = version
         self.size = (width, height)
         self.channels = channels
 
@@ -69,7 +70,7 @@ class Classifier:
         return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
 
 
-def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0):
+def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0, version="1"):
     """Load a named keras.applications model or a saved model file, ready to predict."""
     import tensorflow as tf
 
@@ -84,7 +85,7 @@ def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0)
     else:
         raise ModelLoadError(f"MODEL={model!r} is neither one of {', '.join(APPLICATIONS)} nor "
                              "an existing .keras/.h5 file")
-    return Classifier(keras_model, load_labels(labels), preprocess, model, weights)
+    return Classifier(keras_model, load_labels(labels), preprocess, model, weights, version)
 
 
 def build_application(name, weights, seed):

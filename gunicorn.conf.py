@@ -4,6 +4,7 @@ Every value comes from settings.py, so the same environment variables configure 
 """
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import settings  # noqa: E402
@@ -29,3 +30,27 @@ keepalive = 75
 
 errorlog = "-"
 loglevel = settings.LOG_LEVEL.lower()
+
+# gunicorn's control socket (for `gunicornc`) defaults to one path per user, $HOME/.gunicorn/
+# gunicorn.ctl: the several web instances of deploy/topology.py (and of the tests) on one machine
+# would each take it over from the last. Nothing here uses gunicornc, so it is off.
+control_socket_disable = True
+
+# Prometheus: the gunicorn processes share one folder of metric files, which /metrics adds up. It
+# must be set before any process imports prometheus_client, and emptied at start so that counts
+# of an earlier run are not added in; each instance gets its own unless one is given.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keras-web-metrics-")
+
+
+def on_starting(server):
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.remove(os.path.join(folder, name))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

@@ -93,6 +93,7 @@ class Keys:
     def __init__(self, queue):
         self.queue = queue
         self.workers = f"{queue}:workers"
+        self.model = f"{queue}:model"  # the model every worker should serve, set by `reload`
 
     def result(self, job_id):
         return f"{self.queue}:result:{job_id}"

@@ -187,3 +187,17 @@ def remove_worker(redis, keys, worker_id):
     redis.delete(keys.heartbeat(worker_id))
     redis.eval(REQUEUE_ORPHANS, 4, keys.heartbeat(worker_id), keys.processing(worker_id),
                keys.queue, keys.workers, worker_id)
+
+
+def set_wanted_model(redis, keys, spec):
+    """Ask every worker on this queue to serve the model described by `spec` (see `reload`).
+
+    The record is configuration, not request data: it has no TTL, and workers started later
+    serve it too.
+    """
+    redis.hset(keys.model, mapping=spec)
+
+
+def wanted_model(redis, keys):
+    """The model spec set by the last `reload`, or None."""
+    return redis.hgetall(keys.model) or None

@@ -3,6 +3,7 @@
     python run_keras_server.py          # private Redis + one model worker + the web server
     python run_keras_server.py web      # the web tier alone (gunicorn run_keras_server:app)
     python run_keras_server.py model    # one model worker; start several on one queue to scale
+    python run_keras_server.py reload --model PATH --version V   # switch workers, no downtime
 
 A request travels: /predict decodes the upload into uint8 pixels, pushes one JSON job onto the
 IMAGE_QUEUE list and blocks on its result list; a model worker claims up to BATCH_SIZE jobs, runs
@@ -20,10 +21,12 @@ import tempfile
 import time
 
 import redis
-from flask import Flask, jsonify, request
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import jobqueue
+import metrics
 import settings
 from helpers import Keys, ServiceError, encode_array, prepare_image
 from jobqueue import REDIS_ERRORS, connect_redis
@@ -36,7 +39,7 @@ DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker report
 # --- Web tier -------------------------------------------------------------------------------
 
 def create_app(redis_client=None):
-    """The Flask app: POST /predict, GET /healthz and /readyz, JSON errors."""
+    """The Flask app: POST /predict, GET /healthz, /readyz, /model and /metrics, JSON errors."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     store = redis_client or connect_redis()
@@ -66,26 +69,39 @@ def create_app(redis_client=None):
             raise ServiceError("the job queue (Redis) is unreachable", 503) from exc
         if "error" in result:
             raise ServiceError(result["error"], result.get("status", 500))
+        metrics.QUEUE_WAIT_SECONDS.observe(result["queue_wait_ms"] / 1000)
         response = jsonify(success=True, predictions=result["predictions"])
         response.headers.update(timing_headers(job["id"], result))
         return response
 
     @app.get("/healthz")
     def healthz():
-        return jsonify(success=True, instance=settings.INSTANCE_NAME)
+        return jsonify(success=True, instance=settings.INSTANCE_NAME, pid=os.getpid())
 
     @app.get("/readyz")
     def readyz():
-        try:
-            workers = jobqueue.live_workers(store, keys)
-        except REDIS_ERRORS as exc:
-            raise ServiceError(f"Redis is unreachable: {exc}", 503) from exc
-        warm = [w for w in workers if w.get("warm") == "1"]
-        if not warm:
-            reason = ("model workers are still warming up" if workers
+        beats = fresh_heartbeats(store, keys)
+        if not any(beat.get("warm") == "1" for beat in beats):
+            reason = ("model workers are still warming up" if beats
                       else "no model worker has sent a heartbeat recently")
-            return jsonify(success=False, error=reason, workers=workers), 503
-        return jsonify(success=True, workers=workers)
+            return jsonify(success=False, error=reason, workers=beats), 503
+        return jsonify(success=True, workers=beats)
+
+    @app.get("/model")
+    def model():
+        warm = [beat for beat in fresh_heartbeats(store, keys) if beat.get("warm") == "1"]
+        if not warm:
+            raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
+        return jsonify(success=True, model=describe_model(warm[-1]),
+                       versions=sorted({beat["version"] for beat in warm}))
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(metrics.web_metrics(store, keys), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.before_request
+    def start_clock():
+        g.started = time.perf_counter()
 
     @app.errorhandler(ServiceError)
     def service_error(exc):
@@ -104,8 +120,11 @@ def create_app(redis_client=None):
         return jsonify(success=False, error="internal server error"), 500
 
     @app.after_request
-    def name_instance(response):
+    def name_instance_and_count(response):
         response.headers["X-Served-By"] = settings.INSTANCE_NAME
+        if request.path == "/predict":
+            metrics.REQUESTS.labels(str(response.status_code)).inc()
+            metrics.REQUEST_SECONDS.observe(time.perf_counter() - g.started)
         return response
 
     return app
@@ -119,7 +138,24 @@ def timing_headers(job_id, result):
         "X-Inference-Ms": f"{result['inference_ms']:.1f}",
         "X-Batch-Size": str(result["batch_size"]),
         "X-Model-Worker": result["worker"],
+        "X-Model-Version": result["model_version"],
     }
+
+
+def fresh_heartbeats(store, keys):
+    """The live workers' heartbeats; 503 when Redis cannot be asked."""
+    try:
+        return jobqueue.live_workers(store, keys)
+    except REDIS_ERRORS as exc:
+        raise ServiceError(f"Redis is unreachable: {exc}", 503) from exc
+
+
+def describe_model(beat):
+    """GET /model's description of the model one worker serves, from its heartbeat."""
+    return {"name": beat["model"], "version": beat["version"], "weights": beat["weights"],
+            "input_shape": [int(n) for n in beat["input_shape"].split(",")],
+            "labels": int(beat["labels"]), "preprocess": beat["preprocess"],
+            "batch_size": beat["batch_size"], "device": beat["device"]}
 
 
 def parse_top_k(value):
@@ -181,28 +217,48 @@ class WorkerView:
         return max(1, min(math.ceil(depth / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))
 
 
-def run_model_worker():
+def run_model_worker(args=None):
     """The `model` command: load the model (or exit saying why), warm up, serve until signalled."""
-    from classifier import ModelLoadError, load_classifier
-    from worker import ModelWorker
+    from prometheus_client import start_http_server
 
+    from classifier import ModelLoadError
+    from worker import ModelWorker, load_model, model_spec_from_settings
+
+    store = connect_redis()
     try:
-        classifier = load_classifier(settings.MODEL, settings.MODEL_WEIGHTS, settings.LABELS,
-                                     settings.PREPROCESS, settings.MODEL_SEED,
-                                     settings.MODEL_THREADS)
+        spec = jobqueue.wanted_model(store, Keys(settings.IMAGE_QUEUE))
+    except REDIS_ERRORS:
+        spec = None  # the worker waits for Redis in its loop; the settings name the model
+    try:
+        classifier = load_model(spec or model_spec_from_settings())
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
-    worker = ModelWorker(connect_redis(), classifier)
+    if settings.WORKER_METRICS_PORT:
+        start_http_server(settings.WORKER_METRICS_PORT)
+    worker = ModelWorker(store, classifier)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stopping.set())
     worker.run()
     return 0
 
 
+def run_reload(args):
+    """The `reload` command: every worker on IMAGE_QUEUE loads, warms up and switches to a model.
+
+    Workers keep serving the old version until the new one is warm, then switch between two
+    batches; answers name the version that computed them (X-Model-Version).
+    """
+    spec = {"model": args.model, "weights": args.weights, "labels": args.labels,
+            "preprocess": args.preprocess, "version": args.version}
+    jobqueue.set_wanted_model(connect_redis(), Keys(settings.IMAGE_QUEUE), spec)
+    log.info("asked the workers on %s to serve %s", settings.IMAGE_QUEUE, spec)
+    return 0
+
+
 # --- Running the processes ------------------------------------------------------------------
 
-def run_web():
+def run_web(args=None):
     """The `web` command: this app under gunicorn with the project's gunicorn.conf.py."""
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--chdir", HERE,
                               "-c", os.path.join(HERE, "gunicorn.conf.py"), "run_keras_server:app"])
@@ -272,14 +328,22 @@ def stop_processes(processes, timeout_s=30):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="all", choices=("all", "web", "model"),
-                        help="all (default): private Redis if REDIS_URL is unset, one model "
-                             "worker and the web server; web: the web tier; model: one worker")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("all", help="(default) private Redis if REDIS_URL is unset, one model "
+                                    "worker and the web server")
+    commands.add_parser("web", help="the web tier under gunicorn")
+    commands.add_parser("model", help="one model worker")
+    reload = commands.add_parser("reload", help="switch every worker to another model version")
+    reload.add_argument("--model", required=True, help="resnet50, mobilenet_v2 or a .keras/.h5 path")
+    reload.add_argument("--version", required=True, help="version name shown in the answers")
+    reload.add_argument("--weights", default=settings.MODEL_WEIGHTS, help="as MODEL_WEIGHTS")
+    reload.add_argument("--labels", default=settings.LABELS, help="as LABELS")
+    reload.add_argument("--preprocess", default=settings.PREPROCESS, help="as PREPROCESS")
     args = parser.parse_args(argv)
     logging.basicConfig(level=settings.LOG_LEVEL,
                         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    commands = {"all": run_all, "web": run_web, "model": run_model_worker}
-    return commands[args.command]()
+    run = {"web": run_web, "model": run_model_worker, "reload": run_reload}
+    return run.get(args.command, lambda _: run_all())(args)
 
 
 app = create_app()

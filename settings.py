@@ -106,6 +106,9 @@ MODEL = env_str("MODEL", "resnet50")
 MODEL_WEIGHTS = env_str("MODEL_WEIGHTS", "imagenet")
 """`imagenet` (Keras' cache, downloaded once), a path to a weights file, or `none` (random, seeded)."""
 
+MODEL_VERSION = env_str("MODEL_VERSION", "1")
+"""Version name of the model, sent with every answer (X-Model-Version) and shown by GET /model."""
+
 MODEL_SEED = env_int("MODEL_SEED", 1234)
 """Seed of the random weights used with MODEL_WEIGHTS=none: same seed, same model everywhere."""
 
@@ -126,6 +129,9 @@ BATCH_TIMEOUT_MS = env_float("BATCH_TIMEOUT_MS", 5.0, minimum=0.0)
 
 MODEL_THREADS = env_int("MODEL_THREADS", 0, minimum=0)
 """Threads for one forward pass (TensorFlow intra-op). 0: TensorFlow's choice (all cores)."""
+
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
+"""Port where a model worker serves its Prometheus metrics. 0: none (give each worker its own)."""
 
 HEARTBEAT_INTERVAL_S = env_float("HEARTBEAT_INTERVAL_S", 1.0, minimum=0.05)
 """Seconds between a worker's heartbeats; also how often it re-queues jobs of dead workers."""

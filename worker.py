@@ -16,6 +16,7 @@ import uuid
 import numpy as np
 
 import jobqueue
+import metrics
 import settings
 from helpers import Keys, decode_array
 from jobqueue import REDIS_ERRORS
@@ -34,16 +35,19 @@ class ModelWorker:
         self.batch_timeout_s = (settings.BATCH_TIMEOUT_MS if batch_timeout_ms is None
                                 else batch_timeout_ms) / 1000.0
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.input_shape = (classifier.size[1], classifier.size[0], classifier.channels)
+        self.input_shape = input_shape(classifier)
         self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0, "requeued": 0}
         self.recent = collections.deque(maxlen=20)  # (images, seconds) of the last batches
         self.warm = False
+        self.next_classifier, self.loading_version = None, None
         self.stopping = threading.Event()
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
 
     def heartbeat_fields(self):
         return {"id": self.id, "pid": os.getpid(), "model": self.classifier.name,
-                "weights": self.classifier.weights, "batch_size": self.batch_size,
+                "version": self.classifier.version, "weights": self.classifier.weights,
+                "labels": len(self.classifier.labels),
+                "preprocess": self.classifier.preprocess_name, "batch_size": self.batch_size,
                 "device": self.device, "warm": int(self.warm),
                 "input_shape": ",".join(map(str, self.input_shape)),
                 "rate": f"{self.drain_rate():.2f}", **self.stats}
@@ -58,9 +62,47 @@ class ModelWorker:
         try:
             jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
                                        settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
-            self.stats["requeued"] += jobqueue.requeue_orphans(self.store, self.keys)
+            requeued = jobqueue.requeue_orphans(self.store, self.keys)
+            self.stats["requeued"] += requeued
+            metrics.REQUEUED.inc(requeued)
+            self.follow_reloads()
         except REDIS_ERRORS as exc:
             log.warning("heartbeat failed, Redis unreachable: %s", exc)
+
+    def follow_reloads(self):
+        """Start loading the model that `reload` asked for, if it is not the one served."""
+        spec = jobqueue.wanted_model(self.store, self.keys)
+        if not self.warm or not spec or spec["version"] in (self.classifier.version,
+                                                           self.loading_version):
+            return
+        self.loading_version = spec["version"]
+        threading.Thread(target=self.load_next, args=(spec,), name="reload", daemon=True).start()
+
+    def load_next(self, spec):
+        """Load and warm up the next model beside the one serving; the loop swaps between batches.
+
+        A model with another input shape is refused: jobs already queued were resized for this
+        one. Serve such a model on a queue of its own.
+        """
+        try:
+            candidate = load_model(spec)
+            shape = input_shape(candidate)
+            if shape != self.input_shape:
+                raise ValueError(f"its input {shape} differs from the served {self.input_shape}")
+            for size in sorted({1, self.batch_size}):
+                candidate.predict_batch(np.zeros((size, *shape), np.uint8))
+        except Exception as exc:  # a bad model must never stop the one serving
+            log.error("reload to version %s refused: %s", spec["version"], exc)
+            return
+        self.next_classifier = candidate
+        log.info("version %s loaded and warm; switching after the batch in hand", spec["version"])
+
+    def switch_model(self):
+        """Serve the model load_next prepared, from the next batch on."""
+        old, self.classifier, self.next_classifier = self.classifier, self.next_classifier, None
+        log.info("worker %s now serves version %s (was %s)", self.id, self.classifier.version,
+                 old.version)
+        self.beat()
 
     def keep_beating(self):
         while not self.stopping.wait(settings.HEARTBEAT_INTERVAL_S):
@@ -92,6 +134,8 @@ class ModelWorker:
         while not self.stopping.is_set():
             if max_batches is not None and self.stats["batches"] >= max_batches:
                 break
+            if self.next_classifier is not None:
+                self.switch_model()
             try:
                 payloads = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
                                                 self.batch_timeout_s, 1.0, self.claim_ttl_s)
@@ -135,6 +179,7 @@ class ModelWorker:
         for job in jobs:
             if job["deadline"] <= claimed_at:
                 self.stats["expired"] += 1
+                metrics.EXPIRED.inc()
                 log.info("job %s dropped: its deadline passed while queued", job["id"])
                 continue
             try:
@@ -166,6 +211,8 @@ class ModelWorker:
         inference_s = time.perf_counter() - started
         inference_ms = inference_s * 1000
         self.recent.append((len(jobs), inference_s))
+        metrics.BATCH_SIZE.observe(len(jobs))
+        metrics.FORWARD_SECONDS.observe(inference_s)
         self.stats["batches"] += 1
         self.stats["jobs"] += len(jobs)
         log.debug("batch of %d in %.1f ms", len(jobs), inference_ms)
@@ -176,6 +223,7 @@ class ModelWorker:
                 "inference_ms": inference_ms,
                 "queue_wait_ms": max(0.0, claimed_at - job["enqueued_at"]) * 1000,
                 "worker": self.id,
+                "model_version": self.classifier.version,
             }
             for job, row in zip(jobs, probabilities)
         }
@@ -186,6 +234,25 @@ class ModelWorker:
         except REDIS_ERRORS as exc:
             log.warning("could not deregister (Redis unreachable): %s", exc)
         log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
+
+
+def model_spec_from_settings():
+    """The model the settings name; a `reload` recorded in Redis takes precedence over it."""
+    return {"model": settings.MODEL, "weights": settings.MODEL_WEIGHTS, "labels": settings.LABELS,
+            "preprocess": settings.PREPROCESS, "version": settings.MODEL_VERSION}
+
+
+def load_model(spec):
+    """Load the classifier a model spec describes (raises classifier.ModelLoadError)."""
+    from classifier import load_classifier
+
+    return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
+                           settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"])
+
+
+def input_shape(classifier):
+    """(height, width, channels) of a classifier's input."""
+    return classifier.size[1], classifier.size[0], classifier.channels
 
 
 def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):

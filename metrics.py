@@ -1,0 +1,61 @@
+"""Prometheus metrics of the web tier and of the model workers.
+
+The web tier runs as several gunicorn processes: gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR,
+each process writes its samples there, and /metrics adds them up. Queue depth and live workers are
+read from Redis when /metrics is scraped, so every web instance reports the same, current values.
+A model worker serves its own metrics (batch sizes, forward passes) on WORKER_METRICS_PORT.
+"""
+import os
+
+from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest,
+                               multiprocess)
+from prometheus_client.core import GaugeMetricFamily
+
+import jobqueue
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Web tier
+REQUESTS = Counter("keras_requests_total", "Answers of /predict, by HTTP status.", ["status"])
+REQUEST_SECONDS = Histogram("keras_request_seconds", "Time to answer /predict.",
+                            buckets=LATENCY_BUCKETS)
+QUEUE_WAIT_SECONDS = Histogram("keras_queue_wait_seconds",
+                               "Time an answered job waited in the queue before its batch ran.",
+                               buckets=LATENCY_BUCKETS)
+
+# Model worker
+BATCH_SIZE = Histogram("keras_batch_size", "Images per forward pass.",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+FORWARD_SECONDS = Histogram("keras_forward_pass_seconds", "Time of one forward pass.",
+                            buckets=LATENCY_BUCKETS)
+EXPIRED = Counter("keras_jobs_expired_total", "Jobs dropped unanswered: past their deadline.")
+REQUEUED = Counter("keras_jobs_requeued_total", "Claimed jobs of dead workers put back on the queue.")
+
+
+class QueueCollector:
+    """Queue depth and live model workers, read from Redis at each scrape."""
+
+    def __init__(self, store, keys):
+        self.store, self.keys = store, keys
+
+    def collect(self):
+        try:
+            depth = self.store.llen(self.keys.queue)
+            workers = jobqueue.live_workers(self.store, self.keys)
+        except jobqueue.REDIS_ERRORS:
+            return  # /readyz says why; the scrape still gets this process's own metrics
+        yield GaugeMetricFamily("keras_queue_depth", "Jobs waiting in the queue.", value=depth)
+        yield GaugeMetricFamily("keras_live_workers", "Model workers with a fresh heartbeat.",
+                                value=len(workers))
+
+
+def web_metrics(store, keys):
+    """The text of /metrics: every gunicorn process's samples, and the queue's gauges."""
+    queue = CollectorRegistry()
+    queue.register(QueueCollector(store, keys))
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        processes = CollectorRegistry()
+        multiprocess.MultiProcessCollector(processes)
+    else:
+        processes = REGISTRY
+    return generate_latest(processes) + generate_latest(queue)

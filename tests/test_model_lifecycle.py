@@ -1,0 +1,187 @@
+"""Observability and model lifecycle: Prometheus metrics, /model, a real trained model (digits)
+served end to end, and a hot reload under load."""
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import ROOT, free_port, post_image, wait_until, worker_stats
+from helpers import prepare_image
+
+
+def train_digits(folder, seed, epochs):
+    subprocess.run([sys.executable, "examples/digits/train.py", "--out", str(folder), "--seed",
+                    str(seed), "--epochs", str(epochs)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Two versions of the digits CNN, trained by the example script, and the held-out PNGs."""
+    root = tmp_path_factory.mktemp("digits")
+    v1, v2 = train_digits(root / "v1", 0, 30), train_digits(root / "v2", 1, 5)
+    heldout = sorted((v1 / "heldout").glob("*.png"))
+    return {"v1": v1, "v2": v2, "images": [p.read_bytes() for p in heldout],
+            "labels": json.loads((v1 / "heldout" / "labels.json").read_text())}
+
+
+def digits_settings(folder, version):
+    return {"MODEL": folder / "digits.keras", "LABELS": folder / "labels.txt",
+            "PREPROCESS": "scale_0_1", "MODEL_VERSION": version}
+
+
+def direct_probabilities(folder, images):
+    """The saved model called directly on the same decoded pixels."""
+    import keras
+
+    model = keras.models.load_model(folder / "digits.keras", compile=False)
+    pixels = np.stack([prepare_image(data, (8, 8), 1) for data in images])
+    return np.asarray(model.predict_on_batch(pixels / 255.0))
+
+
+def metric(text, name, labels=""):
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def test_digits_served_end_to_end_are_accurate_and_equal_a_direct_call(service, digits):
+    service.worker(**digits_settings(digits["v1"], "1"))
+    web = service.web()
+    images = digits["images"]
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda data: post_image(web.url, data, "d.png", top_k=10),
+                                  images))
+
+    assert all(r.status_code == 200 for r in responses)
+    expected = direct_probabilities(digits["v1"], images)
+    predicted = [int(r.json()["predictions"][0]["label"]) for r in responses]
+    assert predicted == list(expected.argmax(axis=1))
+    for response, row in zip(responses, expected):
+        for prediction in response.json()["predictions"]:
+            assert prediction["probability"] == pytest.approx(row[int(prediction["label"])],
+                                                              abs=1e-5)
+    accuracy = np.mean(np.array(predicted) == np.array(digits["labels"]))
+    assert accuracy >= 0.9, accuracy
+
+
+def test_model_endpoint_describes_the_loaded_model(service, digits):
+    service.worker(BATCH_SIZE=16, **digits_settings(digits["v1"], "7"))
+    web = service.web()
+
+    body = requests.get(f"{web.url}/model").json()
+
+    assert body["success"] is True and body["versions"] == ["7"]
+    assert body["model"] == {"name": str(digits["v1"] / "digits.keras"), "version": "7",
+                             "weights": "none", "input_shape": [8, 8, 1], "labels": 10,
+                             "preprocess": "scale_0_1", "batch_size": "16", "device": "CPU"}
+
+
+def test_model_endpoint_is_503_without_workers(service):
+    web = service.web()
+    response = requests.get(f"{web.url}/model")
+    assert response.status_code == 503 and response.json()["success"] is False
+
+
+def test_metrics_add_up_across_gunicorn_processes_and_workers(
+        service, digits, redis_client, keys):
+    worker_port = free_port()
+    worker = service.worker(WORKER_METRICS_PORT=worker_port, BATCH_TIMEOUT_MS=20,
+                            **digits_settings(digits["v1"], "1"))
+    web = service.web(WEB_WORKERS=2, WEB_THREADS=8)
+    pids = {requests.get(f"{web.url}/healthz").json()["pid"] for _ in range(40)}
+
+    with ThreadPoolExecutor(16) as pool:
+        good = list(pool.map(lambda data: post_image(web.url, data, "d.png"),
+                             digits["images"][:30]))
+        bad = list(pool.map(lambda data: post_image(web.url, data), [b"not an image"] * 4))
+    scrapes = [requests.get(f"{web.url}/metrics").text for _ in range(6)]
+
+    assert [r.status_code for r in good] == [200] * 30 and [r.status_code for r in bad] == [400] * 4
+    assert len(pids) == 2  # two gunicorn processes answer; each scrape must add both up
+    for text in scrapes:
+        assert metric(text, "keras_requests_total", '{status="200"}') == 30
+        assert metric(text, "keras_requests_total", '{status="400"}') == 4
+        assert metric(text, "keras_request_seconds_count") == 34
+        assert metric(text, "keras_queue_wait_seconds_count") == 30
+        assert metric(text, "keras_queue_depth") == 0
+        assert metric(text, "keras_live_workers") == 1
+    batches = int(wait_until(lambda: (b := worker_stats(redis_client, keys)[str(worker.pid)]
+                                      ["batches"]) != "0" and b, what="the batch count"))
+    worker_text = requests.get(f"http://127.0.0.1:{worker_port}/metrics").text
+    assert metric(worker_text, "keras_batch_size_sum") == 30
+    assert metric(worker_text, "keras_batch_size_count") == batches
+    assert metric(worker_text, "keras_forward_pass_seconds_count") == batches
+    assert metric(worker_text, "keras_jobs_expired_total") == 0
+    served_batches = {r.headers["X-Batch-Size"] for r in good}
+    assert batches < 30 or served_batches == {"1"}
+
+
+def p99(latencies):
+    return float(np.percentile(latencies, 99)) if latencies else float("nan")
+
+
+def test_hot_reload_under_load_fails_no_request_and_switches_versions(
+        service, digits, redis_client, keys, capsys):
+    workers = [service.worker(BATCH_SIZE=8, **digits_settings(digits["v1"], "1"))
+               for _ in range(2)]
+    web = service.web(WEB_THREADS=8)
+    images = digits["images"]
+    answers, stop = [], threading.Event()
+    began = time.monotonic()
+
+    def client(offset):  # closed loop, bounded in time
+        i = offset
+        while not stop.is_set() and time.monotonic() - began < 60:
+            sent = time.monotonic() - began
+            response = post_image(web.url, images[i % len(images)], "d.png", top_k=10)
+            answers.append((sent, time.monotonic() - began - sent, response.status_code,
+                            response.headers.get("X-Model-Version"), i % len(images),
+                            response.json()))
+            i += 7
+
+    def all_switched():
+        beats = worker_stats(redis_client, keys)
+        return all(beats[str(w.pid)]["version"] == "2" for w in workers)
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client, n) for n in range(4)]
+        time.sleep(4)
+        reload_at = time.monotonic() - began
+        settings = digits_settings(digits["v2"], "2")
+        subprocess.run([sys.executable, "run_keras_server.py", "reload", "--model",
+                        str(settings["MODEL"]), "--labels", str(settings["LABELS"]),
+                        "--preprocess", "scale_0_1", "--version", "2"], cwd=ROOT, check=True,
+                       env=service.env({}), capture_output=True)
+        wait_until(all_switched, timeout=60, what="every worker to serve version 2")
+        switched_at = time.monotonic() - began
+        time.sleep(3)
+        stop.set()
+        for future in clients:
+            future.result()
+
+    assert all(status == 200 for _, _, status, *_ in answers)
+    answers.sort()
+    assert answers[0][3] == "1" and answers[-1][3] == "2"
+    assert {version for sent, _, _, version, *_ in answers if sent > switched_at + 0.5} == {"2"}
+    direct = {"1": direct_probabilities(digits["v1"], images),
+              "2": direct_probabilities(digits["v2"], images)}
+    for _, _, _, version, index, body in answers:  # each answer names the model that computed it
+        for prediction in body["predictions"]:
+            assert prediction["probability"] == pytest.approx(
+                direct[version][index][int(prediction["label"])], abs=1e-5)
+    steady = [latency for sent, latency, *_ in answers if sent < reload_at]
+    during = [latency for sent, latency, *_ in answers if reload_at <= sent <= switched_at]
+    with capsys.disabled():
+        print(f"\nhot reload: steady p99 {p99(steady) * 1000:.1f} ms ({len(steady)} requests), "
+              f"during reload p99 {p99(during) * 1000:.1f} ms ({len(during)} requests), "
+              f"ratio {p99(during) / p99(steady):.2f}, switch took {switched_at - reload_at:.1f} s")
+    assert steady and during
