@@ -23,7 +23,7 @@ serve: install
 # The topology tests put nginx in front of gunicorn; install it from the system's packages.
 nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null)
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null)
 
 test: install nginx
 	$(BIN)/python -m pytest

@@ -3,6 +3,7 @@
 Every value comes from settings.py, so the same environment variables configure every process.
 """
 import os
+import shutil
 import sys
 import tempfile
 
@@ -39,8 +40,10 @@ control_socket_disable = True
 # Prometheus: the gunicorn processes share one folder of metric files, which /metrics adds up. It
 # must be set before any process imports prometheus_client, and emptied at start so that counts
 # of an earlier run are not added in; each instance gets its own unless one is given.
+_OWN_METRICS_DIR = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keras-web-metrics-")
+    _OWN_METRICS_DIR = tempfile.mkdtemp(prefix="keras-web-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _OWN_METRICS_DIR
 
 
 def on_starting(server):
@@ -54,3 +57,8 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _OWN_METRICS_DIR:
+        shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)

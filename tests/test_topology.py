@@ -1,0 +1,292 @@
+"""The production topology on one machine: `deploy/topology.py` starts nginx in front of gunicorn
+web instances and model workers, the same command a user runs; every request goes through nginx.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import (ROOT, STARTUP_TIMEOUT_S, Processes, assert_own_answers, distinct_images,
+                      free_port, image_bytes, post_concurrently, post_image, stop, tiny_settings,
+                      wait_until, worker_stats)
+
+
+def children_of(pid):
+    """Pids of the processes `pid` started and has not yet reaped (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def is_running(pid):
+    return os.path.exists(f"/proc/{pid}")
+
+
+@pytest.fixture
+def topology(redis_server, redis_client, tmp_path):
+    """Factory: `python deploy/topology.py --models N --webs M` on the test Redis, in the tests'
+    environment plus overrides; returns its process with `.url` (nginx) once nginx answers.
+    Every topology still running at teardown gets SIGTERM, as a user's Ctrl-C would."""
+    started = []
+
+    def start(models, webs, **overrides):
+        port = free_port()
+        env = Processes(redis_server["url"], tmp_path).env({"HOST": "127.0.0.1", **overrides})
+        log_path = tmp_path / f"topology-{len(started)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "deploy/topology.py", "--models", str(models), "--webs", str(webs),
+             "--port", str(port)],
+            cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        started.append(process)
+        process.url, process.log_path = f"http://127.0.0.1:{port}", log_path
+
+        def front_answers():
+            assert process.poll() is None, f"topology exited:\n{log_path.read_text()}"
+            return requests.get(f"{process.url}/healthz", timeout=2).status_code == 200
+
+        wait_until(front_answers, timeout=60, what="nginx to answer /healthz")
+        process.children = children_of(process.pid)
+        return process
+
+    yield start
+    for process in started:
+        shut_down(process)
+
+
+def shut_down(process):
+    """SIGTERM the topology; if it does not stop in time, kill it and everything it started."""
+    if process.poll() is not None:
+        return
+    children = children_of(process.pid)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        # Each child leads its own process group (gunicorn's and nginx's workers included).
+        for child in children:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def warm_workers(redis_client, keys, count):
+    """Wait until `count` model workers are warm; returns their heartbeats by pid."""
+    def warm():
+        beats = worker_stats(redis_client, keys)
+        return len([b for b in beats.values() if b["warm"] == "1"]) == count and beats
+
+    return wait_until(warm, timeout=STARTUP_TIMEOUT_S, what=f"{count} warm model workers")
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A seeded CNN whose forward pass of 16 images takes about a second on one core, so a test
+    can act while a worker has a batch in hand. Same input and labels as the tiny model."""
+    import keras
+
+    keras.utils.set_random_seed(11)
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.UpSampling2D(5)]
+        + [keras.layers.Conv2D(64, 3, padding="same", activation="relu") for _ in range(8)]
+        + [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")])
+    folder = tmp_path_factory.mktemp("slow_model")
+    model.save(folder / "slow.keras")
+    (folder / "labels.txt").write_text("".join(f"class_{i}\n" for i in range(10)))
+    return {"MODEL": str(folder / "slow.keras"), "LABELS": str(folder / "labels.txt"),
+            "PREPROCESS": "scale_0_1", "MODEL_THREADS": "1", "BATCH_SIZE": "16",
+            "BATCH_TIMEOUT_MS": "50"}
+
+
+def post_in_background(url, images):
+    """Send every image at once from its own thread; returns (pool, futures)."""
+    pool = ThreadPoolExecutor(len(images))
+    futures = [pool.submit(post_image, url, data, filename="i.png") for data in images]
+    return pool, futures
+
+
+def processing_jobs(redis_client, keys, worker_id):
+    """Ids of the jobs a worker has claimed and not yet answered."""
+    return [json.loads(job)["id"] for job in redis_client.lrange(keys.processing(worker_id), 0, -1)]
+
+
+# --- Load through nginx ---------------------------------------------------------------------
+
+def test_requests_through_nginx_are_answered_once_and_spread_over_both_tiers(
+        topology, tiny_model, redis_client, keys):
+    front = topology(models=2, webs=2, BATCH_SIZE=4, BATCH_TIMEOUT_MS=20,
+                     **tiny_settings(tiny_model))
+    warm_workers(redis_client, keys, 2)
+    images = distinct_images(64)
+
+    responses = post_concurrently(front.url, images, 16)
+
+    assert_own_answers(responses, images, tiny_model)
+    assert len({r.headers["X-Request-ID"] for r in responses}) == 64
+    served_by = Counter(r.headers["X-Served-By"] for r in responses)
+    assert set(served_by) == {"web-1", "web-2"}, served_by
+    assert len({r.headers["X-Model-Worker"] for r in responses}) == 2
+
+    def counted():
+        beats = worker_stats(redis_client, keys).values()
+        return sum(int(b["jobs"]) for b in beats) == 64 and beats
+
+    beats = wait_until(counted, what="the heartbeats to count all 64 jobs")
+    # Exactly once: 64 jobs classified in all, by both workers, and nothing left behind.
+    assert all(int(b["batches"]) > 0 for b in beats)
+    assert redis_client.llen(keys.queue) == 0
+    assert not redis_client.keys(keys.processing("*"))
+
+
+def test_nginx_limits_match_the_apps(topology):
+    front = topology(models=0, webs=1, REQUEST_TIMEOUT_S=2, MAX_UPLOAD_BYTES=200_000)
+
+    too_large = post_image(front.url, b"\xff" * 300_000)
+
+    assert too_large.status_code == 413
+    assert too_large.json() == {"success": False,
+                                "error": "the upload is larger than the 200000 bytes allowed"}
+    assert "X-Served-By" not in too_large.headers  # refused by nginx, before any web instance
+
+    started = time.monotonic()
+    no_worker = post_image(front.url, image_bytes())
+    elapsed = time.monotonic() - started
+
+    # nginx waits longer than REQUEST_TIMEOUT_S, so the app's own 504 is what the client gets.
+    assert no_worker.status_code == 504
+    assert no_worker.headers["X-Served-By"] == "web-1"
+    assert "timeout" in no_worker.json()["error"]
+    assert 2 <= elapsed < 6
+
+
+# --- Health ---------------------------------------------------------------------------------
+
+def readyz(front):
+    response = requests.get(f"{front.url}/readyz", timeout=5)
+    return response.status_code, response.json()
+
+
+def test_readyz_is_200_only_while_a_warm_worker_beats(topology, service, tiny_model,
+                                                       redis_client, keys):
+    front = topology(models=0, webs=1)
+    status, body = readyz(front)
+    assert status == 503 and body["success"] is False
+    assert "no model worker" in body["error"]
+
+    workers = [service.worker(wait=False, **tiny_settings(tiny_model)) for _ in range(2)]
+    samples = []
+    while not samples or samples[-1][0] != 200:
+        assert len(samples) < 2000, "readyz never turned 200"
+        status, _ = readyz(front)
+        # Read after the answer: a worker that is warm now was maybe not warm then, but one that
+        # is not warm now was not warm then either, so readyz must have said 503.
+        warm_now = any(b["warm"] == "1" for b in worker_stats(redis_client, keys).values())
+        samples.append((status, warm_now))
+        time.sleep(0.05)
+    assert all(status == 503 for status, warm_now in samples if not warm_now)
+
+    stop(workers[0])  # SIGTERM: it deregisters; the other worker still serves
+    assert readyz(front)[0] == 200
+
+    stop(workers[1], signal.SIGKILL)  # no goodbye: its heartbeat must expire (HEARTBEAT_TTL_S=2)
+    stopped = time.monotonic()
+    wait_until(lambda: readyz(front)[0] == 503, timeout=10, what="readyz to turn 503")
+    assert time.monotonic() - stopped < 5
+    assert "no model worker" in readyz(front)[1]["error"]
+
+
+# --- Graceful shutdown ----------------------------------------------------------------------
+
+def test_sigterm_to_a_worker_mid_batch_answers_the_batch_and_loses_nothing(
+        topology, slow_model, redis_client, keys):
+    front = topology(models=2, webs=2, **slow_model)
+    beats = warm_workers(redis_client, keys, 2)
+    pool, futures = post_in_background(front.url, distinct_images(48))
+
+    def a_batch_in_hand():
+        for beat in beats.values():
+            held = processing_jobs(redis_client, keys, beat["id"])
+            if held:
+                return beat, held
+
+    victim, held = wait_until(a_batch_in_hand, timeout=60, interval=0.005,
+                              what="a worker to claim a batch")
+    os.kill(int(victim["pid"]), signal.SIGTERM)
+    responses = [future.result() for future in futures]
+    pool.shutdown()
+
+    assert [r.status_code for r in responses] == [200] * 48
+    answered_by = {r.headers["X-Request-ID"]: r.headers["X-Model-Worker"] for r in responses}
+    # The jobs it held were answered by it, before it exited: not re-queued to the other worker.
+    assert {answered_by[job_id] for job_id in held} == {victim["id"]}
+    wait_until(lambda: int(victim["pid"]) not in children_of(front.pid),
+               what="the stopped worker to exit")
+    assert f"(pid {victim['pid']}) exited with code 0" in front.log_path.read_text()
+    assert front.poll() is None and readyz(front)[0] == 200  # the other worker carries on
+    assert redis_client.llen(keys.queue) == 0
+    assert not redis_client.keys(keys.processing("*"))
+
+
+def wait_all_accepted_and_some_waiting(redis_client, keys, futures):
+    """Wait until every request has reached Redis while a batch is in hand and more are queued."""
+    def check():
+        # Read in the order a job moves (answered <- claimed <- queued) so none is counted twice:
+        # a total of all requests means every one has been accepted by nginx and a web instance.
+        answered = sum(future.done() for future in futures)
+        claimed = sum(redis_client.llen(key) for key in redis_client.keys(keys.processing("*")))
+        queued = redis_client.llen(keys.queue)
+        return claimed and queued and answered + claimed + queued == len(futures)
+
+    wait_until(check, timeout=60, interval=0.005,
+               what="all requests in, a batch in hand and more queued")
+
+
+def test_sigterm_to_a_web_instance_finishes_its_requests_and_nginx_routes_around_it(
+        topology, slow_model, redis_client, keys):
+    front = topology(models=1, webs=2, **slow_model)
+    warm_workers(redis_client, keys, 1)
+    web_1 = int(re.search(r"web-1: pid (\d+)", front.log_path.read_text()).group(1))
+    pool, futures = post_in_background(front.url, distinct_images(24))
+    wait_all_accepted_and_some_waiting(redis_client, keys, futures)
+
+    os.kill(web_1, signal.SIGTERM)  # gunicorn's graceful stop
+    responses = [future.result() for future in futures]
+    pool.shutdown()
+
+    assert [r.status_code for r in responses] == [200] * 24
+    assert any(r.headers["X-Served-By"] == "web-1" for r in responses)
+    wait_until(lambda: web_1 not in children_of(front.pid), what="web-1 to exit")
+    assert f"(pid {web_1}) exited with code 0" in front.log_path.read_text()
+    after = post_concurrently(front.url, distinct_images(4), 4)
+    assert [(r.status_code, r.headers["X-Served-By"]) for r in after] == [(200, "web-2")] * 4
+
+
+def test_sigterm_to_the_topology_answers_requests_in_flight_then_stops_everything(
+        topology, slow_model, redis_client, keys):
+    front = topology(models=1, webs=2, **slow_model)
+    warm_workers(redis_client, keys, 1)
+    pool, futures = post_in_background(front.url, distinct_images(24))
+    wait_all_accepted_and_some_waiting(redis_client, keys, futures)
+
+    front.send_signal(signal.SIGTERM)
+    responses = [future.result() for future in futures]
+    pool.shutdown()
+
+    assert [r.status_code for r in responses] == [200] * 24
+    assert front.wait(60) == 0
+    assert [pid for pid in front.children if is_running(pid)] == []
+    assert worker_stats(redis_client, keys) == {}  # the worker deregistered on its way out
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{front.url}/healthz", timeout=2)
