@@ -141,13 +141,17 @@ def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, cl
     return batch
 
 
-def store_results(redis, keys, worker_id, results, ttl_s):
-    """Answer every job of the batch and release the claim, in one transaction."""
+def store_results(redis, keys, worker_id, results, payloads, ttl_s):
+    """Answer the jobs of one batch and release their claims, in one transaction.
+
+    Only this batch's payloads leave the processing list: a worker may hold another batch.
+    """
     pipe = redis.pipeline(transaction=True)
     for job_id, result in results.items():
         pipe.rpush(keys.result(job_id), json.dumps(result))
         pipe.expire(keys.result(job_id), ttl_s)
-    pipe.delete(keys.processing(worker_id))
+    for payload in payloads:
+        pipe.lrem(keys.processing(worker_id), 1, payload)
     pipe.execute()
 
 

@@ -120,12 +120,17 @@ PREPROCESS = env_str("PREPROCESS", "", choices=("", "resnet50", "mobilenet_v2", 
 
 BATCH_SIZE = env_str("BATCH_SIZE", "auto")
 """Most images per forward pass, or `auto`: each worker times batch sizes 1, 2, 4, ... while warming
-up and keeps the one with the highest throughput whose batch takes under REQUEST_TIMEOUT_S / 10."""
+up and keeps the smallest within 5% of the best throughput whose batch takes under
+REQUEST_TIMEOUT_S / 10."""
 if BATCH_SIZE != "auto":
     BATCH_SIZE = env_int("BATCH_SIZE", 32, minimum=1)
 
 BATCH_TIMEOUT_MS = env_float("BATCH_TIMEOUT_MS", 5.0, minimum=0.0)
 """Milliseconds a worker waits to fill a batch once its first image has arrived."""
+
+BATCHES_IN_FLIGHT = env_int("BATCHES_IN_FLIGHT", 2, minimum=1)
+"""Batches one worker runs at once. 2 overlaps one batch's Redis and decoding work with another's
+forward pass and keeps the cores busy when neighbours take CPU; 1: strictly one at a time."""
 
 MODEL_THREADS = env_int("MODEL_THREADS", 0, minimum=0)
 """Threads for one forward pass (TensorFlow intra-op). 0: TensorFlow's choice (all cores)."""

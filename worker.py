@@ -40,6 +40,7 @@ class ModelWorker:
         self.recent = collections.deque(maxlen=20)  # (images, seconds) of the last batches
         self.warm = False
         self.next_classifier, self.loading_version = None, None
+        self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
 
@@ -63,7 +64,7 @@ class ModelWorker:
             jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
                                        settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
             requeued = jobqueue.requeue_orphans(self.store, self.keys)
-            self.stats["requeued"] += requeued
+            self.count(requeued=requeued)
             metrics.REQUEUED.inc(requeued)
             self.follow_reloads()
         except REDIS_ERRORS as exc:
@@ -99,7 +100,11 @@ class ModelWorker:
 
     def switch_model(self):
         """Serve the model load_next prepared, from the next batch on."""
-        old, self.classifier, self.next_classifier = self.classifier, self.next_classifier, None
+        with self.lock:  # the first lane to see it switches
+            if self.next_classifier is None:
+                return
+            old, self.classifier, self.next_classifier = (self.classifier, self.next_classifier,
+                                                          None)
         log.info("worker %s now serves version %s (was %s)", self.id, self.classifier.version,
                  old.version)
         self.beat()
@@ -130,6 +135,23 @@ class ModelWorker:
         beating.start()
         self.warm_up()
         self.beat()
+        lanes = [threading.Thread(target=self.serve, args=(max_batches,), name=f"lane-{n}")
+                 for n in range(settings.BATCHES_IN_FLIGHT)]
+        for lane in lanes:
+            lane.start()
+        for lane in lanes:
+            lane.join()
+        self.stopping.set()
+        beating.join()
+        self.leave()
+
+    def serve(self, max_batches=None):
+        """One lane of the worker: claim a batch, answer it, again, until told to stop.
+
+        Lanes share the model. With two, one batch's forward pass overlaps the other's Redis
+        round trips and decoding, and when a neighbour (the web tier, say) takes a core from one
+        forward pass the other keeps computing; one batch at a time would stall instead.
+        """
         backoff = Backoff()
         while not self.stopping.is_set():
             if max_batches is not None and self.stats["batches"] >= max_batches:
@@ -144,9 +166,6 @@ class ModelWorker:
                 backoff.reset()
             except REDIS_ERRORS as exc:
                 backoff.wait(f"Redis unreachable ({exc})", self.stopping)
-        self.stopping.set()
-        beating.join()
-        self.leave()
 
     def answer(self, payloads):
         """Classify one claimed batch and store every job's result.
@@ -161,7 +180,7 @@ class ModelWorker:
         while True:
             try:
                 return jobqueue.store_results(self.store, self.keys, self.id, results,
-                                              settings.RESULT_TTL_S)
+                                              payloads, settings.RESULT_TTL_S)
             except REDIS_ERRORS as exc:
                 if time.time() > give_up_at:
                     log.error("dropping %d results: Redis unreachable past their deadline (%s)",
@@ -175,10 +194,11 @@ class ModelWorker:
         Jobs whose deadline has passed are dropped unanswered: their clients already got 504.
         """
         claimed_at = time.time()
+        classifier = self.classifier  # one model for the whole batch, even if a reload lands
         valid, pixels, results = [], [], {}
         for job in jobs:
             if job["deadline"] <= claimed_at:
-                self.stats["expired"] += 1
+                self.count(expired=1)
                 metrics.EXPIRED.inc()
                 log.info("job %s dropped: its deadline passed while queued", job["id"])
                 continue
@@ -190,7 +210,7 @@ class ModelWorker:
                 continue
             valid.append(job)
         if valid:
-            results.update(self.predict(valid, np.stack(pixels), claimed_at))
+            results.update(self.predict(classifier, valid, np.stack(pixels), claimed_at))
         return results
 
     def decode(self, job):
@@ -199,34 +219,39 @@ class ModelWorker:
             raise ValueError(f"shape {tuple(pixels.shape)} is not the model's {self.input_shape}")
         return pixels
 
-    def predict(self, jobs, batch, claimed_at):
+    def predict(self, classifier, jobs, batch, claimed_at):
         """One forward pass for the whole batch; a failure answers every job with an error."""
         started = time.perf_counter()
         try:
-            probabilities = self.classifier.predict_batch(batch)
+            probabilities = classifier.predict_batch(batch)
         except Exception as exc:
             log.exception("forward pass failed for a batch of %d", len(jobs))
-            self.stats["failed"] += len(jobs)
+            self.count(failed=len(jobs))
             return {job["id"]: {"error": f"inference failed: {exc}", "status": 500} for job in jobs}
         inference_s = time.perf_counter() - started
         inference_ms = inference_s * 1000
         self.recent.append((len(jobs), inference_s))
         metrics.BATCH_SIZE.observe(len(jobs))
         metrics.FORWARD_SECONDS.observe(inference_s)
-        self.stats["batches"] += 1
-        self.stats["jobs"] += len(jobs)
+        self.count(batches=1, jobs=len(jobs))
         log.debug("batch of %d in %.1f ms", len(jobs), inference_ms)
         return {
             job["id"]: {
-                "predictions": self.classifier.top_predictions(row, job["top_k"]),
+                "predictions": classifier.top_predictions(row, job["top_k"]),
                 "batch_size": len(jobs),
                 "inference_ms": inference_ms,
                 "queue_wait_ms": max(0.0, claimed_at - job["enqueued_at"]) * 1000,
                 "worker": self.id,
-                "model_version": self.classifier.version,
+                "model_version": classifier.version,
             }
             for job, row in zip(jobs, probabilities)
         }
+
+    def count(self, **increments):
+        """Add to the counters the heartbeat reports; lanes and the heartbeat share them."""
+        with self.lock:
+            for name, n in increments.items():
+                self.stats[name] += n
 
     def leave(self):
         try:

@@ -258,14 +258,14 @@ def test_sigterm_to_a_web_instance_finishes_its_requests_and_nginx_routes_around
     front = topology(models=1, webs=2, **slow_model)
     warm_workers(redis_client, keys, 1)
     web_1 = int(re.search(r"web-1: pid (\d+)", front.log_path.read_text()).group(1))
-    pool, futures = post_in_background(front.url, distinct_images(24))
+    pool, futures = post_in_background(front.url, distinct_images(40))
     wait_all_accepted_and_some_waiting(redis_client, keys, futures)
 
     os.kill(web_1, signal.SIGTERM)  # gunicorn's graceful stop
     responses = [future.result() for future in futures]
     pool.shutdown()
 
-    assert [r.status_code for r in responses] == [200] * 24
+    assert [r.status_code for r in responses] == [200] * 40
     assert any(r.headers["X-Served-By"] == "web-1" for r in responses)
     wait_until(lambda: web_1 not in children_of(front.pid), what="web-1 to exit")
     assert f"(pid {web_1}) exited with code 0" in front.log_path.read_text()
@@ -277,14 +277,14 @@ def test_sigterm_to_the_topology_answers_requests_in_flight_then_stops_everythin
         topology, slow_model, redis_client, keys):
     front = topology(models=1, webs=2, **slow_model)
     warm_workers(redis_client, keys, 1)
-    pool, futures = post_in_background(front.url, distinct_images(24))
+    pool, futures = post_in_background(front.url, distinct_images(40))
     wait_all_accepted_and_some_waiting(redis_client, keys, futures)
 
     front.send_signal(signal.SIGTERM)
     responses = [future.result() for future in futures]
     pool.shutdown()
 
-    assert [r.status_code for r in responses] == [200] * 24
+    assert [r.status_code for r in responses] == [200] * 40
     assert front.wait(60) == 0
     assert [pid for pid in front.children if is_running(pid)] == []
     assert worker_stats(redis_client, keys) == {}  # the worker deregistered on its way out
