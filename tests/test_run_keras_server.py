@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import (QUEUE, assert_own_answers, distinct_images, image_bytes, post_concurrently,
+from conftest import (QUEUE, ROOT, assert_own_answers, distinct_images, image_bytes, post_concurrently,
                       post_image, tiny_direct, tiny_settings, wait_until, worker_stats)
 from helpers import prepare_image
 
@@ -33,6 +33,14 @@ def resnet50_direct():
     return keras.applications.ResNet50(weights=None)
 
 
+def assert_imagenet_top_k(predictions, expected):
+    """The answer is the top-k of the expected probabilities: labels, order and values."""
+    labels = json.loads((ROOT / "data" / "imagenet_class_index.json").read_text())
+    for prediction, index in zip(predictions, np.argsort(expected)[::-1]):
+        assert prediction["label"] == labels[str(index)][1]
+        assert prediction["probability"] == pytest.approx(expected[index], abs=1e-5)
+
+
 def direct_probabilities(model, data, preprocess):
     height, width, channels = model.input_shape[1:]
     pixels = prepare_image(data, (width, height), channels)
@@ -51,11 +59,8 @@ def test_predictions_equal_a_direct_model_call(resnet50_service, resnet50_direct
     body = response.json()
     assert body["success"] is True
     assert len(body["predictions"]) == 5
-    expected = direct_probabilities(resnet50_direct, data, preprocess_input)
-    labels = json.load(open("data/imagenet_class_index.json"))
-    for prediction, index in zip(body["predictions"], np.argsort(expected)[::-1]):
-        assert prediction["label"] == labels[str(index)][1]
-        assert prediction["probability"] == pytest.approx(expected[index], abs=1e-5)
+    assert_imagenet_top_k(body["predictions"],
+                          direct_probabilities(resnet50_direct, data, preprocess_input))
 
 
 def test_top_k_parameter(resnet50_service):
@@ -185,3 +190,38 @@ def test_auto_batch_size_is_measured_logged_and_reported(service, tiny_model, re
     log = worker.log_path.read_text()
     assert chosen.isdigit() and f"BATCH_SIZE=auto chose {chosen}" in log
     assert "img/s" in log.split("batch size timings:")[1]
+
+
+@pytest.mark.parametrize("case", ["missing weights file", "corrupt weights file", "no such model"])
+def test_unloadable_model_stops_the_worker_at_start_saying_how_to_fix_it(service, tmp_path, case):
+    corrupt = tmp_path / "weights.h5"
+    corrupt.write_bytes(b"not hdf5")
+    overrides = {"missing weights file": {"MODEL_WEIGHTS": tmp_path / "absent.h5"},
+                 "corrupt weights file": {"MODEL_WEIGHTS": corrupt},
+                 "no such model": {"MODEL": tmp_path / "absent.keras"}}[case]
+
+    worker = service.worker(wait=False, **overrides)
+
+    assert worker.wait(120) == 2
+    log = worker.log_path.read_text()
+    assert "ERROR" in log and ("MODEL_WEIGHTS" in log or "MODEL=" in log or "weights from" in log)
+
+
+def test_weights_file_is_loaded_into_the_named_model(service, tmp_path):
+    import keras
+    from keras.applications.mobilenet_v2 import preprocess_input
+
+    keras.utils.set_random_seed(99)
+    model = keras.applications.MobileNetV2(weights=None)
+    weights = tmp_path / "mobilenet_v2.weights.h5"
+    model.save_weights(weights)
+    service.worker(MODEL="mobilenet_v2", MODEL_WEIGHTS=weights, BATCH_SIZE=4)
+    web = service.web()
+    data = image_bytes(seed=5)
+
+    response = post_image(web.url, data)
+
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 5
+    assert_imagenet_top_k(response.json()["predictions"],
+                          direct_probabilities(model, data, preprocess_input))
