@@ -120,7 +120,7 @@ PREPROCESS = env_str("PREPROCESS", "", choices=("", "resnet50", "mobilenet_v2", 
 
 BATCH_SIZE = env_str("BATCH_SIZE", "auto")
 """Most images per forward pass, or `auto`: each worker times batch sizes 1, 2, 4, ... while warming
-up and keeps the smallest within 5% of the best throughput whose batch takes under
+up and keeps the smallest within 3% of the best throughput whose batch takes under
 REQUEST_TIMEOUT_S / 10."""
 if BATCH_SIZE != "auto":
     BATCH_SIZE = env_int("BATCH_SIZE", 32, minimum=1)

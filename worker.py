@@ -284,7 +284,7 @@ def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
     """Time batches of 1, 2, 4, ... images; return the size with the most images per second.
 
     Doubling stops once throughput falls, a batch takes longer than time_limit_s, or at largest:
-    a CPU peaks at a small batch, a GPU at a large one. Sizes within 5% of the best throughput are
+    a CPU peaks at a small batch, a GPU at a large one. Sizes within 3% of the best throughput are
     a tie (timings are that noisy), and the smallest of them wins: same speed, shorter batches.
     """
     table, size = [], 1
@@ -300,7 +300,7 @@ def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
         f"  {n:4d} images  {s * 1000:8.1f} ms  {rate:8.1f} img/s" for n, s, rate in table))
     fits = [row for row in table if row[1] <= time_limit_s] or table[:1]
     fastest = max(rate for _, _, rate in fits)
-    best = min(n for n, _, rate in fits if rate >= 0.95 * fastest)
+    best = min(n for n, _, rate in fits if rate >= 0.97 * fastest)
     log.info("BATCH_SIZE=auto chose %d", best)
     return best
 
