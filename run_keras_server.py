@@ -301,6 +301,9 @@ def run_all():
             for command in ("model", "web"):
                 children.append(subprocess.Popen([sys.executable, __file__, command], env=env))
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            # A shell that starts this in the background hands it SIGINT ignored, and Python then
+            # keeps it so; Ctrl-C (or kill -INT) must stop everything wherever it was started.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             while all(child.poll() is None for child in children):
                 time.sleep(0.5)
             return max(child.returncode or 0 for child in children if child.poll() is not None)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -85,6 +86,12 @@ class ModelWorker:
         A model with another input shape is refused: jobs already queued were resized for this
         one. Serve such a model on a queue of its own.
         """
+        # Loading and tracing hold the CPU and the GIL for long stretches: this thread yields the
+        # CPU to the serving lanes (Linux sets nice per thread) and the GIL changes hands every
+        # 0.5 ms instead of 5, so a reload does not stall the requests being served.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
         try:
             candidate = load_model(spec)
             shape = input_shape(candidate)
@@ -95,6 +102,8 @@ class ModelWorker:
         except Exception as exc:  # a bad model must never stop the one serving
             log.error("reload to version %s refused: %s", spec["version"], exc)
             return
+        finally:
+            sys.setswitchinterval(switch_interval)
         self.next_classifier = candidate
         log.info("version %s loaded and warm; switching after the batch in hand", spec["version"])
 
