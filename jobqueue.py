@@ -174,12 +174,17 @@ def live_workers(redis, keys):
     return [beat for beat in pipe.execute() if beat]
 
 
+def requeue_claims(redis, keys, worker_id):
+    """Put a silent worker's claimed jobs back on the queue and deregister it; -1 if it beats."""
+    return redis.eval(REQUEUE_ORPHANS, 4, keys.heartbeat(worker_id), keys.processing(worker_id),
+                      keys.queue, keys.workers, worker_id)
+
+
 def requeue_orphans(redis, keys):
     """Re-queue the claimed jobs of every registered worker whose heartbeat has expired."""
     requeued = 0
     for worker_id in redis.smembers(keys.workers):
-        moved = redis.eval(REQUEUE_ORPHANS, 4, keys.heartbeat(worker_id),
-                           keys.processing(worker_id), keys.queue, keys.workers, worker_id)
+        moved = requeue_claims(redis, keys, worker_id)
         if moved > 0:
             log.warning("re-queued %d jobs of dead worker %s", moved, worker_id)
             requeued += moved
@@ -189,8 +194,7 @@ def requeue_orphans(redis, keys):
 def remove_worker(redis, keys, worker_id):
     """Deregister a worker that is exiting cleanly; anything it still claims goes back first."""
     redis.delete(keys.heartbeat(worker_id))
-    redis.eval(REQUEUE_ORPHANS, 4, keys.heartbeat(worker_id), keys.processing(worker_id),
-               keys.queue, keys.workers, worker_id)
+    requeue_claims(redis, keys, worker_id)
 
 
 def set_wanted_model(redis, keys, spec):

@@ -194,10 +194,7 @@ class WorkerView:
 
     def heartbeats(self):
         if time.monotonic() - self.read_at > self.max_age_s:
-            try:
-                self.beats = jobqueue.live_workers(self.store, self.keys)
-            except REDIS_ERRORS as exc:
-                raise ServiceError("the job queue (Redis) is unreachable", 503) from exc
+            self.beats = fresh_heartbeats(self.store, self.keys)
             self.read_at = time.monotonic()
         return self.beats
 

@@ -28,13 +28,12 @@ log = logging.getLogger("keras_server.worker")
 class ModelWorker:
     """Claims batches from the queue, runs one forward pass per batch, answers every job."""
 
-    def __init__(self, store, classifier, batch_size=None, batch_timeout_ms=None):
+    def __init__(self, store, classifier):
         self.store = store
         self.keys = Keys(settings.IMAGE_QUEUE)
         self.classifier = classifier
-        self.batch_size = batch_size or settings.BATCH_SIZE
-        self.batch_timeout_s = (settings.BATCH_TIMEOUT_MS if batch_timeout_ms is None
-                                else batch_timeout_ms) / 1000.0
+        self.batch_size = settings.BATCH_SIZE  # "auto" until warm_up measures it
+        self.batch_timeout_s = settings.BATCH_TIMEOUT_MS / 1000.0
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.input_shape = input_shape(classifier)
         self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0, "requeued": 0}
@@ -134,8 +133,8 @@ class ModelWorker:
         log.info("worker %s warm: model %s, batch size %s, device %s", self.id,
                  self.classifier.name, self.batch_size, self.device)
 
-    def run(self, max_batches=None):
-        """Serve until SIGTERM/SIGINT (or max_batches batches): the batch in hand is finished."""
+    def run(self):
+        """Serve until SIGTERM/SIGINT: each lane finishes the batch in hand."""
         from classifier import device_name
 
         self.device = device_name()
@@ -144,7 +143,7 @@ class ModelWorker:
         beating.start()
         self.warm_up()
         self.beat()
-        lanes = [threading.Thread(target=self.serve, args=(max_batches,), name=f"lane-{n}")
+        lanes = [threading.Thread(target=self.serve, name=f"lane-{n}")
                  for n in range(settings.BATCHES_IN_FLIGHT)]
         for lane in lanes:
             lane.start()
@@ -154,7 +153,7 @@ class ModelWorker:
         beating.join()
         self.leave()
 
-    def serve(self, max_batches=None):
+    def serve(self):
         """One lane of the worker: claim a batch, answer it, again, until told to stop.
 
         Lanes share the model. With two, one batch's forward pass overlaps the other's Redis
@@ -163,8 +162,6 @@ class ModelWorker:
         """
         backoff = Backoff()
         while not self.stopping.is_set():
-            if max_batches is not None and self.stats["batches"] >= max_batches:
-                break
             if self.next_classifier is not None:
                 self.switch_model()
             try:
