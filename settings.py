@@ -6,6 +6,8 @@ settings table is this list.
 """
 import os
 
+from PIL import Image
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
@@ -44,8 +46,13 @@ def env_float(name, default, minimum=None, maximum=None):
     return env_number(name, default, float, minimum, maximum)
 
 
-def env_list(name, default):
-    return [part.strip().upper() for part in _raw(name, default).split(",") if part.strip()]
+def env_list(name, default, choices=None):
+    values = [part.strip().upper() for part in _raw(name, default).split(",") if part.strip()]
+    unknown = [value for value in values if choices is not None and value not in choices]
+    if unknown or not values:
+        raise SettingsError(f"{name}={_raw(name, default)!r}: {', '.join(unknown) or 'empty'} "
+                            f"is not one of {', '.join(sorted(choices or ()))}")
+    return values
 
 
 # --- Web tier -------------------------------------------------------------------------------
@@ -58,9 +65,6 @@ PORT = env_int("PORT", 5000, minimum=1, maximum=65535)
 WEB_WORKERS = env_int("WEB_WORKERS", 2, minimum=1)
 """gunicorn worker processes per web instance. Each decodes uploads on one core at a time."""
 
-WEB_THREADS = env_int("WEB_THREADS", 32, minimum=1)
-"""Threads per gunicorn worker: how many requests one process can hold waiting on Redis."""
-
 INSTANCE_NAME = env_str("INSTANCE_NAME", os.uname().nodename)
 """Name of this web instance, sent in the X-Served-By header (tells instances apart behind nginx)."""
 
@@ -70,15 +74,28 @@ MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1024)
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1)
 """Largest accepted width x height, checked from the header before decoding (decompression bombs)."""
 
-ALLOWED_FORMATS = env_list("ALLOWED_FORMATS", "JPEG,PNG,GIF,BMP,TIFF,WEBP")
+Image.init()  # registers every format Pillow can open, so the list below can be checked
+ALLOWED_FORMATS = env_list("ALLOWED_FORMATS", "JPEG,PNG,GIF,BMP,TIFF,WEBP", choices=Image.OPEN)
 """Pillow format names accepted in uploads, comma-separated; anything else gets 400."""
+
+DECODE_BUDGET_BYTES = env_int("DECODE_BUDGET_BYTES", 640 * 1024 * 1024, minimum=16 * 1024 * 1024)
+"""Bytes one web process may spend on decoding images at once, estimated from each header before
+decoding (16 bytes a pixel at most). 640 MiB: one image of MAX_IMAGE_PIXELS, and two web processes
+fit a 2 GB container. A request over it waits within its deadline (then 503 with Retry-After); an
+image that alone needs more gets 413."""
 
 REQUEST_TIMEOUT_S = env_float("REQUEST_TIMEOUT_S", 30.0, minimum=0.1)
 """Seconds a request may wait for its result (queue wait + inference) before it gets 504.
 A client may ask for less with the header X-Request-Timeout-S."""
 
 MAX_QUEUE_LENGTH = env_int("MAX_QUEUE_LENGTH", 1000, minimum=1)
-"""Most jobs waiting in IMAGE_QUEUE; past it /predict answers OVERLOAD_STATUS with Retry-After."""
+"""Most jobs waiting in IMAGE_QUEUE; past it /predict answers OVERLOAD_STATUS with Retry-After.
+The queue is also held to what the workers can answer within a request's deadline (see README)."""
+
+WEB_CONNECTIONS = env_int("WEB_CONNECTIONS", MAX_QUEUE_LENGTH + 256, minimum=1)
+"""Requests one gunicorn process holds at once (gevent: each waits on Redis at the cost of a
+greenlet and a Redis connection). Default MAX_QUEUE_LENGTH + 256: one process alone can hold a full
+queue and still answer refusals at once; past it new connections wait in the kernel's backlog."""
 
 MAX_QUEUE_BYTES = env_int("MAX_QUEUE_BYTES", 256 * 1024 * 1024, minimum=1024)
 """Most bytes of jobs waiting in IMAGE_QUEUE (about 200 kB per 224x224 image); bounds Redis memory."""
@@ -92,6 +109,8 @@ TOP_K = env_int("TOP_K", 5, minimum=1)
 # --- Redis ----------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "")
 """Redis to use, e.g. redis://host:6379/0. Unset: `run_keras_server.py` starts a private one."""
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise SettingsError(f"REDIS_URL={REDIS_URL!r}: must start with redis://, rediss:// or unix://")
 
 IMAGE_QUEUE = env_str("IMAGE_QUEUE", "image_queue")
 """Name of the Redis list of pending jobs; also the prefix of every other key the service writes."""
@@ -151,3 +170,8 @@ if OVERLOAD_STATUS not in (429, 503):
     raise SettingsError(f"OVERLOAD_STATUS={OVERLOAD_STATUS}: must be 429 or 503")
 if HEARTBEAT_TTL_S <= HEARTBEAT_INTERVAL_S:
     raise SettingsError("HEARTBEAT_TTL_S must be larger than HEARTBEAT_INTERVAL_S")
+if WEB_CONNECTIONS * WEB_WORKERS <= MAX_QUEUE_LENGTH:
+    # Otherwise requests would wait unseen in the kernel's backlog before the queue bound refused
+    # anyone: two knobs that contradict each other.
+    raise SettingsError(f"WEB_CONNECTIONS={WEB_CONNECTIONS} x WEB_WORKERS={WEB_WORKERS} must exceed "
+                        f"MAX_QUEUE_LENGTH={MAX_QUEUE_LENGTH}")

@@ -65,6 +65,7 @@ def send_one(url, image, timeout_s, origin, scheduled=None):
         record["ok"], record["error"] = read_answer(response)
         record["batch_size"] = int(response.headers.get("X-Batch-Size", 0)) or None
         record["inference_ms"] = float(response.headers.get("X-Inference-Ms", 0)) or None
+        record["retry_after"] = response.headers.get("Retry-After")
     except requests.RequestException as exc:
         record["error"] = f"{type(exc).__name__} (no HTTP answer)"
     record["latency_ms"] = (time.perf_counter() - started) * 1000
@@ -74,7 +75,7 @@ def send_one(url, image, timeout_s, origin, scheduled=None):
 def new_record(t_s, error=None, latency_ms=None):
     """One request's record: send time (s since the run's start), outcome, server's batch."""
     return {"t_s": t_s, "latency_ms": latency_ms, "status": 0, "ok": False, "error": error,
-            "batch_size": None, "inference_ms": None}
+            "batch_size": None, "inference_ms": None, "retry_after": None}
 
 
 def read_answer(response):

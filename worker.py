@@ -37,11 +37,16 @@ class ModelWorker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.input_shape = input_shape(classifier)
         self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0, "requeued": 0}
-        self.recent = collections.deque(maxlen=20)  # (images, seconds) of the last batches
+        self.meter = DrainMeter()
         self.warm = False
         self.next_classifier, self.loading_version = None, None
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        # One lane claims at a time, so a backlog is taken as full batches and a lane can tell
+        # which claimed jobs no lane holds (left by a claim whose reply was lost).
+        self.claim_lock = threading.Lock()
+        self.held = set()  # payloads of the batches the lanes hold
+        self.claims_unsure = False  # a claim failed: the processing list may hold jobs no lane has
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
 
     def heartbeat_fields(self):
@@ -51,24 +56,20 @@ class ModelWorker:
                 "preprocess": self.classifier.preprocess_name, "batch_size": self.batch_size,
                 "device": self.device, "warm": int(self.warm),
                 "input_shape": ",".join(map(str, self.input_shape)),
-                "rate": f"{self.drain_rate():.2f}", **self.stats}
-
-    def drain_rate(self):
-        """Images per second this worker answers while busy (recent batches); 0 before any."""
-        seconds = sum(s for _, s in self.recent)
-        return sum(n for n, _ in self.recent) / seconds if seconds else 0.0
+                "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
+                **self.stats}
 
     def beat(self):
-        """Publish a heartbeat and re-queue the jobs of workers that stopped beating."""
-        try:
-            jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
-                                       settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
-            requeued = jobqueue.requeue_orphans(self.store, self.keys)
-            self.count(requeued=requeued)
-            metrics.REQUEUED.inc(requeued)
-            self.follow_reloads()
-        except REDIS_ERRORS as exc:
-            log.warning("heartbeat failed, Redis unreachable: %s", exc)
+        """Publish a heartbeat and re-queue the jobs of workers that stopped beating.
+
+        Any error is logged and raised: keep_beating backs off and tries again.
+        """
+        jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
+                                   settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
+        requeued = jobqueue.requeue_orphans(self.store, self.keys)
+        self.count(requeued=requeued)
+        metrics.REQUEUED.inc(requeued)
+        self.follow_reloads()
 
     def follow_reloads(self):
         """Start loading the model that `reload` asked for, if it is not the one served."""
@@ -115,11 +116,29 @@ class ModelWorker:
                                                           None)
         log.info("worker %s now serves version %s (was %s)", self.id, self.classifier.version,
                  old.version)
-        self.beat()
+        self.try_beat()
+
+    def try_beat(self):
+        """beat(), logging instead of raising; False if it failed."""
+        try:
+            self.beat()
+            return True
+        except Exception as exc:  # the thread that beats must outlive any error
+            log.warning("heartbeat failed (%s: %s)", type(exc).__name__, exc,
+                        exc_info=not isinstance(exc, REDIS_ERRORS))
+            return False
 
     def keep_beating(self):
-        while not self.stopping.wait(settings.HEARTBEAT_INTERVAL_S):
-            self.beat()
+        """Beat every HEARTBEAT_INTERVAL_S until stopped; after a failure, back off (capped)."""
+        backoff = Backoff(first_s=settings.HEARTBEAT_INTERVAL_S, cap_s=max(
+            settings.HEARTBEAT_INTERVAL_S, settings.HEARTBEAT_TTL_S / 2))
+        delay = settings.HEARTBEAT_INTERVAL_S
+        while not self.stopping.wait(delay):
+            if self.try_beat():
+                backoff.reset()
+                delay = settings.HEARTBEAT_INTERVAL_S
+            else:
+                delay = backoff.next_delay()
 
     def warm_up(self):
         """Forward passes at the batch sizes the loop will meet first (choosing the size when it
@@ -138,11 +157,12 @@ class ModelWorker:
         from classifier import device_name
 
         self.device = device_name()
-        self.beat()
+        self.check_redis()
+        self.try_beat()
         beating = threading.Thread(target=self.keep_beating, name="heartbeat", daemon=True)
         beating.start()
         self.warm_up()
-        self.beat()
+        self.try_beat()
         lanes = [threading.Thread(target=self.serve, name=f"lane-{n}")
                  for n in range(settings.BATCHES_IN_FLIGHT)]
         for lane in lanes:
@@ -164,14 +184,46 @@ class ModelWorker:
         while not self.stopping.is_set():
             if self.next_classifier is not None:
                 self.switch_model()
+            payloads = []
             try:
-                payloads = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
-                                                self.batch_timeout_s, 1.0, self.claim_ttl_s)
+                payloads = self.claim()
                 if payloads:
                     self.answer(payloads)
                 backoff.reset()
-            except REDIS_ERRORS as exc:
-                backoff.wait(f"Redis unreachable ({exc})", self.stopping)
+            except Exception as exc:  # a lane must outlive any error: log, back off, go on
+                log.warning("batch lane: %s: %s", type(exc).__name__, exc,
+                            exc_info=not isinstance(exc, REDIS_ERRORS))
+                backoff.wait("batch lane failed", self.stopping)
+            finally:
+                self.release(payloads)
+
+    def claim(self):
+        """This lane's next batch: jobs that a failed claim left unheld, else new ones."""
+        with self.claim_lock:
+            if self.stopping.is_set():
+                return []
+            if self.claims_unsure:
+                payloads = [p for p in jobqueue.claimed_jobs(self.store, self.keys, self.id)
+                            if p not in self.held]
+                self.claims_unsure = False
+                if payloads:
+                    log.warning("recovered %d claimed jobs that no lane held", len(payloads))
+            else:
+                try:
+                    payloads = jobqueue.claim_batch(self.store, self.keys, self.id,
+                                                    self.batch_size, self.batch_timeout_s, 1.0,
+                                                    self.claim_ttl_s)
+                except Exception:
+                    self.claims_unsure = True  # the claim may have moved jobs before it failed
+                    raise
+            self.held.update(payloads)
+            return payloads
+
+    def release(self, payloads):
+        """Forget a batch that was answered (or will be recovered from the processing list)."""
+        if payloads:
+            with self.claim_lock:
+                self.held.difference_update(payloads)
 
     def answer(self, payloads):
         """Classify one claimed batch and store every job's result.
@@ -189,24 +241,26 @@ class ModelWorker:
                                               payloads, settings.RESULT_TTL_S)
             except REDIS_ERRORS as exc:
                 if time.time() > give_up_at:
-                    log.error("dropping %d results: Redis unreachable past their deadline (%s)",
-                              len(results), exc)
-                    return None
+                    # Its claims stay in the processing list: the next claim recovers them, and
+                    # then drops them as expired.
+                    self.claims_unsure = True
+                    raise
                 backoff.wait(f"cannot store results ({exc})", None)
 
     def process(self, jobs):
         """Results by job id for one batch: predictions, or an error record per failed job.
 
-        Jobs whose deadline has passed are dropped unanswered: their clients already got 504.
+        Jobs that cannot be answered before their deadline (it passes before a forward pass would
+        end) are dropped unanswered: their clients get 504 without the model spending time on them.
         """
         claimed_at = time.time()
         classifier = self.classifier  # one model for the whole batch, even if a reload lands
         valid, pixels, results = [], [], {}
         for job in jobs:
-            if job["deadline"] <= claimed_at:
+            if job["deadline"] <= claimed_at + self.meter.batch_s():
                 self.count(expired=1)
                 metrics.EXPIRED.inc()
-                log.info("job %s dropped: its deadline passed while queued", job["id"])
+                log.info("job %s dropped: it cannot be answered before its deadline", job["id"])
                 continue
             try:
                 pixels.append(self.decode(job))
@@ -228,15 +282,17 @@ class ModelWorker:
     def predict(self, classifier, jobs, batch, claimed_at):
         """One forward pass for the whole batch; a failure answers every job with an error."""
         started = time.perf_counter()
+        self.meter.start()
         try:
             probabilities = classifier.predict_batch(batch)
         except Exception as exc:
             log.exception("forward pass failed for a batch of %d", len(jobs))
             self.count(failed=len(jobs))
             return {job["id"]: {"error": f"inference failed: {exc}", "status": 500} for job in jobs}
+        finally:
+            self.meter.finish(len(jobs))
         inference_s = time.perf_counter() - started
         inference_ms = inference_s * 1000
-        self.recent.append((len(jobs), inference_s))
         metrics.BATCH_SIZE.observe(len(jobs))
         metrics.FORWARD_SECONDS.observe(inference_s)
         self.count(batches=1, jobs=len(jobs))
@@ -258,6 +314,17 @@ class ModelWorker:
         with self.lock:
             for name, n in increments.items():
                 self.stats[name] += n
+
+    def check_redis(self):
+        """Warn when Redis may evict keys: an evicted job or result is a request lost silently."""
+        try:
+            policy = self.store.info("memory").get("maxmemory_policy", "noeviction")
+        except REDIS_ERRORS as exc:
+            log.warning("cannot read Redis' maxmemory-policy: %s", exc)
+            return
+        if policy != "noeviction":
+            log.warning("Redis' maxmemory-policy is %s: set noeviction, or jobs and results may be "
+                        "evicted under memory pressure and their requests lost", policy)
 
     def leave(self):
         try:
@@ -332,6 +399,54 @@ def parse_jobs(payloads):
     return jobs
 
 
+class DrainMeter:
+    """Images per second of busy time and the mean forward pass, over the last batches.
+
+    Lanes overlap: busy time is the time at least one forward pass runs, so two lanes at once
+    count once (adding up each pass's own time would halve the rate).
+    """
+
+    def __init__(self, window=20):
+        self.lock = threading.Lock()
+        self.running, self.busy_since = 0, 0.0
+        self.images, self.busy_s = 0, 0.0
+        self.marks = collections.deque([(0, 0.0)], maxlen=window + 1)  # (images, busy_s) totals
+        self.passes = collections.deque(maxlen=window)  # seconds of the last forward passes
+        self.started = {}
+
+    def start(self):
+        with self.lock:
+            now = time.monotonic()
+            self.account(now)
+            self.running += 1
+            self.started[threading.get_ident()] = now
+
+    def finish(self, images):
+        with self.lock:
+            now = time.monotonic()
+            self.account(now)
+            self.running -= 1
+            self.passes.append(now - self.started.pop(threading.get_ident()))
+            self.images += images
+            self.marks.append((self.images, self.busy_s))
+
+    def account(self, now):
+        if self.running:
+            self.busy_s += now - self.busy_since
+        self.busy_since = now
+
+    def rate(self):
+        """Images per busy second over the window; 0 before any batch."""
+        with self.lock:
+            (images0, busy0), (images1, busy1) = self.marks[0], self.marks[-1]
+        return (images1 - images0) / (busy1 - busy0) if busy1 > busy0 else 0.0
+
+    def batch_s(self):
+        """Mean seconds of the last forward passes; 0 before any."""
+        with self.lock:
+            return sum(self.passes) / len(self.passes) if self.passes else 0.0
+
+
 class Backoff:
     """Capped, growing waits between retries of a failing Redis call, each one logged."""
 
@@ -341,10 +456,15 @@ class Backoff:
     def reset(self):
         self.delay_s = self.first_s
 
+    def next_delay(self):
+        """The delay to wait now; the one after it is twice as long, up to the cap."""
+        delay, self.delay_s = self.delay_s, min(self.delay_s * 2, self.cap_s)
+        return delay
+
     def wait(self, reason, stop_event):
         log.warning("%s; retrying in %.1f s", reason, self.delay_s)
+        delay = self.next_delay()
         if stop_event is not None:
-            stop_event.wait(self.delay_s)
+            stop_event.wait(delay)
         else:
-            time.sleep(self.delay_s)
-        self.delay_s = min(self.delay_s * 2, self.cap_s)
+            time.sleep(delay)

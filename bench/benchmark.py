@@ -41,7 +41,7 @@ from stress_test import percentile  # noqa: E402
 MODEL, MODEL_SEED = "resnet50", 1234
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 KNOBS = ("BATCH_SIZE", "BATCH_TIMEOUT_MS", "REQUEST_TIMEOUT_S", "MAX_QUEUE_LENGTH", "WEB_WORKERS",
-         "WEB_THREADS", "MODEL_THREADS")
+         "WEB_CONNECTIONS", "MODEL_THREADS")
 READY_TIMEOUT_S = 300  # TensorFlow import, model build and warm-up on two busy cores
 
 

@@ -35,17 +35,19 @@ def free_port():
 
 
 def wait_until(predicate, timeout=30.0, interval=0.05, what="condition"):
-    """Poll `predicate` until it returns something truthy; fail the test after `timeout` s."""
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` s, saying
+    what it saw last. A refused connection or a read that timed out counts as "not yet"."""
     deadline = time.monotonic() + timeout
+    seen = None
     while time.monotonic() < deadline:
         try:
-            value = predicate()
-            if value:
-                return value
-        except (redis.ConnectionError, requests.ConnectionError):
-            pass
+            seen = predicate()
+            if seen:
+                return seen
+        except (redis.RedisError, requests.RequestException) as exc:
+            seen = repr(exc)
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last saw {seen!r}")
 
 
 def redis_server_binary():
@@ -86,6 +88,71 @@ def redis_client(redis_server):
 @pytest.fixture
 def keys():
     return Keys(QUEUE)
+
+
+def descendants(pid):
+    """Pids of every process below `pid`, whatever its session (Linux /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def is_running(pid):
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_whole_service(log_path, **overrides):
+    """`python run_keras_server.py` with no REDIS_URL (private Redis, one worker, the web tier),
+    in a process group of its own as a terminal would start it; returns (process, url)."""
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
+    env.update(PORT=str(port), MODEL_WEIGHTS="none", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    env.update({name: str(value) for name, value in overrides.items()})
+    process = subprocess.Popen([sys.executable, "run_keras_server.py"], cwd=ROOT, env=env,
+                               stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        assert process.poll() is None, log_path.read_text()
+        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
+
+    try:
+        wait_until(ready, timeout=STARTUP_TIMEOUT_S + 60, what="the whole service to be ready")
+    except BaseException:
+        stop_whole_service(process)
+        raise
+    return process, url
+
+
+def stop_whole_service(process, timeout=20):
+    """Ctrl-C to its process group; kill whatever is left after `timeout` s, Redis included."""
+    everything = descendants(process.pid)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in [process.pid, *everything]:
+        if is_running(pid):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
 
 
 def stop(process, sig=signal.SIGTERM, timeout=30):
@@ -167,6 +234,74 @@ def service(redis_server, redis_client, tmp_path):
     processes = Processes(redis_server["url"], tmp_path)
     yield processes
     processes.stop_all()
+
+
+def children_of(pid):
+    """Pids of the processes `pid` started and has not yet reaped (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.fixture
+def topology(redis_server, redis_client, tmp_path):
+    """Factory: `python deploy/topology.py --models N --webs M` on the test Redis, in the tests'
+    environment plus overrides; returns its process with `.url` (nginx) once nginx answers.
+    Every topology still running at teardown gets SIGTERM, as a user's Ctrl-C would."""
+    started = []
+
+    def start(models, webs, **overrides):
+        port = free_port()
+        env = Processes(redis_server["url"], tmp_path).env({"HOST": "127.0.0.1", **overrides})
+        log_path = tmp_path / f"topology-{len(started)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "deploy/topology.py", "--models", str(models), "--webs", str(webs),
+             "--port", str(port)],
+            cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        started.append(process)
+        process.url, process.log_path = f"http://127.0.0.1:{port}", log_path
+
+        def front_answers():
+            assert process.poll() is None, f"topology exited:\n{log_path.read_text()}"
+            return requests.get(f"{process.url}/healthz", timeout=2).status_code == 200
+
+        wait_until(front_answers, timeout=60, what="nginx to answer /healthz")
+        process.children = children_of(process.pid)
+        return process
+
+    yield start
+    for process in started:
+        shut_down(process)
+
+
+def shut_down(process):
+    """SIGTERM the topology; if it does not stop in time, kill it and everything it started."""
+    if process.poll() is not None:
+        return
+    children = children_of(process.pid)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        # Each child leads its own process group (gunicorn's and nginx's workers included).
+        for child in children:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def warm_workers(redis_client, keys, count):
+    """Wait until `count` model workers are warm; returns their heartbeats by pid."""
+    def warm():
+        beats = worker_stats(redis_client, keys)
+        return len([b for b in beats.values() if b["warm"] == "1"]) == count and beats
+
+    return wait_until(warm, timeout=STARTUP_TIMEOUT_S, what=f"{count} warm model workers")
 
 
 # --- Images and models ----------------------------------------------------------------------

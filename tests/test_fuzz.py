@@ -50,7 +50,7 @@ raw = st.tuples(st.just("raw"), st.sampled_from([
     "multipart/form-data; boundary=xyz", "text/plain", "application/x-www-form-urlencoded",
     "application/json"]), payloads, st.none())
 query = st.sampled_from([{}, {"top_k": "3"}, {"top_k": "0"}, {"top_k": "9" * 30},
-                         {"top_k": "-1"}, {"top_k": "x"}])
+                         {"top_k": "-1"}, {"top_k": "x"}, {"top_k": "²"}])
 
 
 @settings(max_examples=2000, deadline=None, derandomize=True,

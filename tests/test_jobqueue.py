@@ -6,7 +6,7 @@ import time
 import pytest
 
 import jobqueue
-from conftest import QUEUE, image_bytes, post_image, tiny_settings
+from conftest import QUEUE, image_bytes, post_image, tiny_settings, wait_until
 
 
 def push(redis_client, keys, count, deadline_s=30):
@@ -60,7 +60,8 @@ def test_orphans_of_a_silent_worker_go_back_to_the_head_of_the_queue(redis_clien
     jobqueue.publish_heartbeat(redis_client, keys, "dead", {"id": "dead"}, 0.2, 60)
     claimed = jobqueue.claim_batch(redis_client, keys, "dead", 2, 0, 0.2, 60)
     alive_claims = jobqueue.requeue_orphans(redis_client, keys)
-    time.sleep(0.3)  # the heartbeat expires
+    wait_until(lambda: not redis_client.exists(keys.heartbeat("dead")),
+               what="the heartbeat to expire")
     requeued = jobqueue.requeue_orphans(redis_client, keys)
 
     assert alive_claims == 0 and requeued == 2

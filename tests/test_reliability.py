@@ -93,8 +93,7 @@ def test_overload_is_refused_at_once_with_retry_after_and_memory_stays_bounded(
         service, redis_client, keys):
     max_queue, batch, clients = 8, 4, 24
     service.worker(BATCH_SIZE=batch, BATCH_TIMEOUT_MS=5, RESULT_TTL_S=RESULT_TTL_S)  # ResNet50
-    web = service.web(MAX_QUEUE_LENGTH=max_queue, OVERLOAD_STATUS=429, WEB_THREADS=clients,
-                      RESULT_TTL_S=RESULT_TTL_S)
+    web = service.web(MAX_QUEUE_LENGTH=max_queue, OVERLOAD_STATUS=429, RESULT_TTL_S=RESULT_TTL_S)
     baseline = redis_client.info("memory")["used_memory"]
     peaks = {"memory": baseline, "queue": 0}
     done = threading.Event()

@@ -71,7 +71,7 @@ def test_top_k_parameter(resnet50_service):
     assert probabilities == sorted(probabilities, reverse=True)
 
 
-@pytest.mark.parametrize("top_k", ["0", "-1", "many"])
+@pytest.mark.parametrize("top_k", ["0", "-1", "many", "²", "٣", "3.0"])
 def test_bad_top_k_is_400(resnet50_service, top_k):
     response = post_image(resnet50_service.url, image_bytes(), top_k=top_k)
     assert response.status_code == 400
@@ -151,7 +151,7 @@ def test_two_workers_share_one_queue_and_answer_each_request_once(
         service, tiny_model, redis_client, keys):
     workers = [service.worker(BATCH_SIZE=4, BATCH_TIMEOUT_MS=20, **tiny_settings(tiny_model))
                for _ in range(2)]
-    web = service.web(WEB_THREADS=48)
+    web = service.web()
     images = distinct_images(48)
 
     responses = post_concurrently(web.url, images, 48)

@@ -12,7 +12,11 @@ from conftest import ROOT
 
 @pytest.mark.parametrize("name, value", [("BATCH_SIZE", "0"), ("BATCH_SIZE", "many"),
                                          ("PORT", "70000"), ("REQUEST_TIMEOUT_S", "-1"),
-                                         ("PREPROCESS", "magic")])
+                                         ("PREPROCESS", "magic"), ("ALLOWED_FORMATS", "JPG"),
+                                         ("ALLOWED_FORMATS", " , "),
+                                         ("REDIS_URL", "localhost:6379"),
+                                         ("WEB_CONNECTIONS", "500"),
+                                         ("DECODE_BUDGET_BYTES", "1000")])
 def test_bad_setting_stops_start_up_naming_the_variable(name, value):
     env = {**os.environ, name: value}
     result = subprocess.run([sys.executable, "-c", "import settings"], cwd=ROOT, env=env,

@@ -3,36 +3,27 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 import requests
 
-from conftest import ROOT, free_port, image_bytes, wait_until
+from conftest import (ROOT, descendants, image_bytes, is_running, post_image, start_whole_service,
+                      stop_whole_service, wait_until)
 
 
 @pytest.fixture(scope="module")
 def whole_service(tmp_path_factory):
     """`python run_keras_server.py` with no REDIS_URL: private Redis, one worker, the web tier."""
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
-    env.update(PORT=str(port), MODEL_WEIGHTS="none", WEB_WORKERS="1", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONUNBUFFERED="1")
     log = tmp_path_factory.mktemp("whole") / "service.log"
-    process = subprocess.Popen([sys.executable, "run_keras_server.py"], cwd=ROOT, env=env,
-                               stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        assert process.poll() is None, log.read_text()
-        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-
+    process, url = start_whole_service(log, WEB_WORKERS=1)
     try:
-        wait_until(ready, timeout=180, what="the whole service to be ready")
         yield process, url, log
     finally:
-        if process.poll() is None:
-            process.kill()
+        stop_whole_service(process)
 
 
 def run_client(*args):
@@ -65,16 +56,36 @@ def test_client_exits_non_zero_with_the_server_message(whole_service, tmp_path):
     assert "not an image in an accepted format" in result.stderr and "HTTP 400" in result.stderr
 
 
-def test_ctrl_c_stops_every_part(whole_service):
+def test_ctrl_c_under_load_stops_every_part_within_10_s_even_pressed_twice(whole_service):
     process, url, log = whole_service
+    everything = [process.pid, *descendants(process.pid)]  # Redis, the worker, gunicorn's
     redis_url = next(line.split(" at ")[1].strip() for line in log.read_text().splitlines()
                      if "private redis-server at" in line)
+    assert len(everything) >= 5, everything  # run_keras_server, redis, model, gunicorn + worker
+    stop_load, statuses = threading.Event(), []
 
-    process.send_signal(signal.SIGINT)
+    def load():
+        while not stop_load.is_set():
+            try:
+                statuses.append(post_image(url, image_bytes(), timeout=5).status_code)
+            except requests.RequestException as exc:
+                statuses.append(repr(exc))
 
-    assert process.wait(60) == 0
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{url}/healthz", timeout=2)
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(load)
+        wait_until(lambda: 200 in statuses, what="the service to answer under load")
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+        pressed = time.monotonic()
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)  # pressed again, impatiently
+        wait_until(lambda: not any(is_running(pid) for pid in everything), timeout=15,
+                   interval=0.1, what="every process to exit")
+        stopped_after = time.monotonic() - pressed
+        stop_load.set()
+
+    assert stopped_after < 10, stopped_after
+    assert process.wait(1) == 0
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url).ping()
     assert "stopped after" in log.read_text()  # the worker left cleanly, not killed

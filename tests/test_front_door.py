@@ -1,0 +1,241 @@
+"""The front door under pressure, with the default web settings: overload at three times capacity,
+requests that waited in front past their deadline, decompression bombs under the pixel limit, and a
+Redis that answers errors. Real processes throughout: redis-server, model workers, gunicorn, nginx.
+"""
+import io
+import os
+import signal
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
+
+import settings
+import stress_test
+from conftest import (descendants, image_bytes, post_image, start_whole_service,
+                      stop_whole_service, tiny_settings, wait_until, warm_workers, worker_stats)
+
+# ResNet50 on one core of two (one thread, one batch at a time): the model is the bottleneck, and
+# the other core is left to the web tier and the load generator, as on a separate model machine.
+# Only the worker's settings change; the web tier runs with its defaults.
+SLOW_RESNET = {"MODEL_THREADS": 1, "BATCHES_IN_FLIGHT": 1}
+CAPACITY_S = 12
+OVERLOAD_S = 30
+
+
+def completions(records, start_s, end_s):
+    """Answers with predictions that arrived between start_s and end_s of the run."""
+    return [r for r in records
+            if r["ok"] and start_s <= r["t_s"] + r["latency_ms"] / 1000 <= end_s]
+
+
+def capacity(url):
+    """Answered requests per second, closed loop with enough clients to keep the model busy."""
+    records = stress_test.run_closed_loop(f"{url}/predict", [("a.jpg", image_bytes())], 32,
+                                          10**6, CAPACITY_S, 60)
+    assert all(r["ok"] for r in records), [r["error"] for r in records if not r["ok"]][:5]
+    return len(completions(records, 2, CAPACITY_S)) / (CAPACITY_S - 2)
+
+
+def assert_overload_is_refused_fast_and_capacity_kept(url):
+    before = capacity(url)
+    rate = 3 * before
+    images = [(f"{i}.jpg", image_bytes(seed=i)) for i in range(16)]
+    records = stress_test.run_open_loop(f"{url}/predict", images, int(rate * OVERLOAD_S), rate,
+                                        OVERLOAD_S, settings.REQUEST_TIMEOUT_S + 30)
+
+    ok = [r for r in records if r["ok"]]
+    refused = [r for r in records if r["status"] == settings.OVERLOAD_STATUS]
+    others = [(r["status"], r["error"]) for r in records if not r["ok"] and r not in refused]
+    batch_s = max(r["inference_ms"] for r in ok) / 1000
+    slowest_s = max(r["latency_ms"] for r in records) / 1000
+    served = len(completions(records, 5, OVERLOAD_S)) / (OVERLOAD_S - 5)
+    seen = (f"capacity {before:.1f}/s, sent {len(records)} at {rate:.1f}/s: {len(ok)} answered "
+            f"({served:.1f}/s), {len(refused)} refused, others {others[:5]}, slowest "
+            f"{slowest_s:.1f} s, batch {batch_s:.2f} s")
+    print(seen)
+    assert not others, seen
+    assert refused and ok, seen
+    assert slowest_s <= settings.REQUEST_TIMEOUT_S + batch_s, seen
+    assert max(r["latency_ms"] for r in refused) < 1000, seen
+    assert all(int(r["retry_after"] or 0) >= 1 for r in refused), (
+        seen, {r["error"] for r in refused if not r["retry_after"]})
+    assert served >= 0.9 * before, seen
+
+
+def test_overload_of_run_keras_server_is_refused_at_once_and_capacity_is_kept(tmp_path):
+    process, url = start_whole_service(tmp_path / "service.log", **SLOW_RESNET)
+    try:
+        assert_overload_is_refused_fast_and_capacity_kept(url)
+    finally:
+        stop_whole_service(process)
+
+
+def test_overload_through_nginx_is_refused_at_once_and_capacity_is_kept(
+        topology, redis_client, keys):
+    front = topology(models=1, webs=1, WEB_WORKERS=settings.WEB_WORKERS, **SLOW_RESNET)
+    warm_workers(redis_client, keys, 1)
+    assert_overload_is_refused_fast_and_capacity_kept(front.url)
+
+
+def cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def test_a_request_that_waited_in_front_past_its_deadline_is_never_computed(
+        topology, tiny_model, redis_client, keys):
+    front = topology(models=1, webs=1, **tiny_settings(tiny_model))
+    worker = next(iter(warm_workers(redis_client, keys, 1).values()))
+    assert post_image(front.url, image_bytes()).status_code == 200
+    jobs_before = worker_stats(redis_client, keys)[worker["pid"]]["jobs"]
+    gunicorn = [pid for pid in descendants(front.pid) if b"gunicorn" in cmdline(pid)]
+    assert len(gunicorn) == 2, gunicorn  # the web instance's master and its one worker
+
+    # The web instance stands still (as if swamped) while nginx has taken the request.
+    for pid in gunicorn:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(post_image, front.url, image_bytes(),
+                                  headers={"X-Request-Timeout-S": "1"})
+            time.sleep(2)  # longer than the request's deadline
+            for pid in gunicorn:
+                os.kill(pid, signal.SIGCONT)
+            response = pending.result()
+    finally:
+        for pid in gunicorn:
+            os.kill(pid, signal.SIGCONT)
+
+    assert response.status_code == 504, response.text
+    assert "waited longer than its deadline" in response.json()["error"]
+    assert redis_client.llen(keys.queue) == 0
+    assert post_image(front.url, image_bytes()).status_code == 200  # the next one is computed
+    wait_until(lambda: worker_stats(redis_client, keys)[worker["pid"]]["jobs"]
+               == str(int(jobs_before) + 1), what="the worker to count exactly one more job")
+
+
+# --- Decompression bombs under the pixel limit ---------------------------------------------
+
+def bmp_rle8(side, colour=7):
+    """A BMP of side x side pixels, compressed with RLE8 (runs of 255): a few hundred kilobytes.
+    Pillow reads this compression but does not write it."""
+    row = b"".join(bytes([min(255, side - x), colour]) for x in range(0, side, 255)) + b"\0\0"
+    pixels = row * side + b"\0\1"
+    palette = b"".join(struct.pack("<BBBB", i, i, i, 0) for i in range(256))
+    header = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    offset = 14 + len(header) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + header + palette + pixels
+
+
+def bombs(side):
+    """Small files that decode to side x side pixels, in each format the service accepts."""
+    files = {}
+    for fmt, mode, options in [("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("WEBP", "RGB", {}),
+                               ("TIFF", "RGB", {"compression": "tiff_deflate"}),
+                               ("GIF", "P", {})]:
+        buffer = io.BytesIO()
+        Image.new(mode, (side, side), (30, 60, 90, 120)[:len(mode)] if mode != "P" else 3).save(
+            buffer, fmt, **options)
+        files[f"{fmt}-{mode}"] = buffer.getvalue()
+    files["BMP-RLE8"] = bmp_rle8(side)
+    return files
+
+
+def web_memory(pids):
+    """Resident bytes of these processes together."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/statm") as statm:
+            total += int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
+
+
+def test_decompression_bombs_under_the_pixel_limit_stay_within_the_decoding_budget(
+        service, tiny_model):
+    side = int(settings.MAX_IMAGE_PIXELS ** 0.5) - 25  # just under the limit: 6299 x 6299
+    files = bombs(side)
+    assert all(len(data) < 500_000 for data in files.values()), {n: len(d) for n, d in files.items()}
+    service.worker(**tiny_settings(tiny_model))
+    web = service.web(WEB_WORKERS=settings.WEB_WORKERS)
+    pids = [web.pid, *descendants(web.pid)]
+    assert len(pids) == 1 + settings.WEB_WORKERS
+    baseline = web_memory(pids)
+    peak, done = [baseline], threading.Event()
+
+    def watch():
+        while not done.wait(0.02):
+            peak.append(web_memory(pids))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    names = sorted(files) * 8  # 48 uploads
+    try:
+        with ThreadPoolExecutor(len(names) + 8) as pool:
+            bomb_answers = [pool.submit(post_image, web.url, files[name], name) for name in names]
+            ordinary = [pool.submit(post_image, web.url, image_bytes(seed=i)) for i in range(8)]
+            bomb_answers = [future.result() for future in bomb_answers]
+            ordinary = [future.result() for future in ordinary]
+    finally:
+        done.set()
+        watcher.join()
+
+    growth = max(peak) - baseline
+    statuses = {name: [] for name in files}
+    for name, response in zip(names, bomb_answers):
+        statuses[name].append(response.status_code)
+        assert response.json()["success"] is (response.status_code == 200)
+    print(f"web tier memory growth {growth >> 20} MiB; answers {statuses}")
+    assert all(set(codes) <= {200, 413, 503} for codes in statuses.values()), statuses
+    assert [r.status_code for r in ordinary] == [200] * 8, [r.text for r in ordinary]
+    # The budget bounds what decoding holds; the margin is the rest of a request's life (upload
+    # buffers, greenlets) and what the allocator keeps after freeing.
+    budget = settings.WEB_WORKERS * settings.DECODE_BUDGET_BYTES
+    assert growth < budget + 256 * 2**20, f"{growth >> 20} MiB"
+
+
+def test_an_image_whose_decoding_exceeds_the_budget_is_413_and_others_wait_their_turn(
+        service, tiny_model):
+    service.worker(**tiny_settings(tiny_model))
+    # Room for one 2000 x 2000 image at a time (64 MB at 16 bytes a pixel), not for 2100 x 2100.
+    web = service.web(DECODE_BUDGET_BYTES=66_000_000)
+    big = io.BytesIO()
+    Image.new("RGB", (2100, 2100), (9, 9, 9)).save(big, "PNG")
+    response = post_image(web.url, big.getvalue(), "big.png")
+    assert response.status_code == 413 and "DECODE_BUDGET_BYTES" in response.json()["error"]
+
+    fits = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (9, 9, 9)).save(fits, "PNG")
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: post_image(web.url, fits.getvalue(), "f.png"), range(6)))
+    assert [r.status_code for r in answers] == [200] * 6  # one at a time, each within its deadline
+
+
+# --- A Redis that answers errors ------------------------------------------------------------
+
+def test_redis_out_of_memory_gives_503_and_the_service_resumes_once_fixed(
+        service, tiny_model, redis_client, keys):
+    worker = service.worker(**tiny_settings(tiny_model))
+    web = service.web()
+    assert post_image(web.url, image_bytes()).status_code == 200
+    redis_client.config_set("maxmemory-policy", "noeviction")
+    redis_client.config_set("maxmemory", "1")  # every write is refused: OOM
+    try:
+        failing = [post_image(web.url, image_bytes(seed=i)) for i in range(5)]
+        assert {r.status_code for r in failing} == {503}, [r.text for r in failing]
+        assert all("Redis" in r.json()["error"] for r in failing)
+        wait_until(lambda: worker.log_path.read_text().count("heartbeat failed") >= 3,
+                   what="the worker to log three failed heartbeats")
+    finally:
+        redis_client.config_set("maxmemory", "0")
+
+    # The heartbeat thread and the lanes are alive: the worker beats again and serves.
+    wait_until(lambda: str(worker.pid) in worker_stats(redis_client, keys),
+               what="the worker's heartbeat to return")
+    assert worker.poll() is None
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: post_image(web.url, image_bytes(seed=i)), range(16)))
+    assert [r.status_code for r in answers] == [200] * 16
+    assert "Traceback" not in worker.log_path.read_text()
