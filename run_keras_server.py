@@ -69,13 +69,9 @@ def create_app(redis_client=None):
                                            settings.MAX_QUEUE_BYTES)
         except jobqueue.QueueFull as full:
             raise overload(full, full.depth, workers) from full
-        try:
-            with client_watch(request.environ.get("gunicorn.socket")):
-                result = jobqueue.wait_for_result(store, keys, job["id"], payload, deadline)
-        except ClientGone:
-            withdrawn = jobqueue.withdraw_job(store, keys, payload)
-            log.info("request %s: the client left; job %s", job["id"],
-                     "withdrawn" if withdrawn else "already claimed")
+        result = wait_while_client_waits(store, keys, job["id"], payload, deadline,
+                                         request.environ.get("gunicorn.socket"))
+        if result is None:
             return jsonify(success=False, error="the client closed its connection"), 499
         if "error" in result:
             raise ServiceError(result["error"], result.get("status", 500))
@@ -236,6 +232,18 @@ def overload(reason, depth, workers):
     retry_after = workers.seconds_until_admitted(depth)
     return ServiceError(f"{reason}; retry in {retry_after} s", settings.OVERLOAD_STATUS,
                         {"Retry-After": str(retry_after)})
+
+
+def wait_while_client_waits(store, keys, job_id, payload, deadline, connection):
+    """The job's result; None if the client hung up first (its job withdrawn if still queued)."""
+    try:
+        with client_watch(connection):
+            return jobqueue.wait_for_result(store, keys, job_id, payload, deadline)
+    except ClientGone:
+        withdrawn = jobqueue.withdraw_job(store, keys, payload)
+        log.info("job %s: its client hung up; %s", job_id,
+                 "withdrawn from the queue" if withdrawn else "a worker had it already")
+        return None
 
 
 def decode_upload(budget, data, size, channels, deadline):

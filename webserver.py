@@ -85,7 +85,7 @@ def client_watch(connection):
         except OSError:
             gone = True
         if gone:
-            gevent.kill(waiter, ClientGone(), block=False)
+            waiter.kill(ClientGone(), block=False)
 
     watcher = gevent.spawn(watch)
     try:

@@ -5,11 +5,14 @@ Redis that answers errors. Real processes throughout: redis-server, model worker
 import io
 import os
 import signal
+import socket
 import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+import requests
 from PIL import Image
 
 import settings
@@ -239,3 +242,25 @@ def test_redis_out_of_memory_gives_503_and_the_service_resumes_once_fixed(
         answers = list(pool.map(lambda i: post_image(web.url, image_bytes(seed=i)), range(16)))
     assert [r.status_code for r in answers] == [200] * 16
     assert "Traceback" not in worker.log_path.read_text()
+
+
+# --- Clients that hang up -------------------------------------------------------------------
+
+def send_and_keep_open(url, data):
+    """POST /predict on a raw socket and return the socket without reading the answer."""
+    request = requests.Request("POST", f"{url}/predict", files={"image": ("a.jpg", data)}).prepare()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\n{head}\r\n".encode() + request.body)
+    return sock
+
+
+@pytest.mark.parametrize("through_nginx", [False, True], ids=["gunicorn", "nginx"])
+def test_a_client_that_hangs_up_has_its_job_withdrawn_before_any_worker_takes_it(
+        service, topology, redis_client, keys, through_nginx):
+    url = topology(models=0, webs=1).url if through_nginx else service.web().url
+    sock = send_and_keep_open(url, image_bytes())
+    wait_until(lambda: redis_client.llen(keys.queue) == 1, what="the job to be queued")
+    sock.close()
+    wait_until(lambda: redis_client.llen(keys.queue) == 0, timeout=5, what="the job to be withdrawn")
