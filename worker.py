@@ -46,7 +46,7 @@ class ModelWorker:
         # which claimed jobs no lane holds (left by a claim whose reply was lost).
         self.claim_lock = threading.Lock()
         self.held = set()  # payloads of the batches the lanes hold
-        self.claims_unsure = False  # a claim failed: the processing list may hold jobs no lane has
+        self.claims_unsure = False  # a lane failed: the processing list may hold jobs no lane has
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
 
     def heartbeat_fields(self):
@@ -182,20 +182,33 @@ class ModelWorker:
         """
         backoff = Backoff()
         while not self.stopping.is_set():
-            if self.next_classifier is not None:
-                self.switch_model()
-            payloads = []
-            try:
-                payloads = self.claim()
-                if payloads:
-                    self.answer(payloads)
+            if self.serve_once():
                 backoff.reset()
-            except Exception as exc:  # a lane must outlive any error: log, back off, go on
-                log.warning("batch lane: %s: %s", type(exc).__name__, exc,
-                            exc_info=not isinstance(exc, REDIS_ERRORS))
+            else:
                 backoff.wait("batch lane failed", self.stopping)
-            finally:
-                self.release(payloads)
+
+    def serve_once(self):
+        """Claim one batch (if any comes within a second) and answer it; False if anything failed.
+
+        A lane must outlive any error: it is logged, and the next claim takes back what the
+        processing list holds and no lane has (a failed claim may have moved jobs; a failed
+        batch left its jobs there).
+        """
+        if self.next_classifier is not None:
+            self.switch_model()
+        payloads = []
+        try:
+            payloads = self.claim()
+            if payloads:
+                self.answer(payloads)
+            return True
+        except Exception as exc:
+            log.warning("batch lane: %s: %s", type(exc).__name__, exc,
+                        exc_info=not isinstance(exc, REDIS_ERRORS))
+            self.claims_unsure = True
+            return False
+        finally:
+            self.release(payloads)
 
     def claim(self):
         """This lane's next batch: jobs that a failed claim left unheld, else new ones."""
@@ -209,13 +222,8 @@ class ModelWorker:
                 if payloads:
                     log.warning("recovered %d claimed jobs that no lane held", len(payloads))
             else:
-                try:
-                    payloads = jobqueue.claim_batch(self.store, self.keys, self.id,
-                                                    self.batch_size, self.batch_timeout_s, 1.0,
-                                                    self.claim_ttl_s)
-                except Exception:
-                    self.claims_unsure = True  # the claim may have moved jobs before it failed
-                    raise
+                payloads = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
+                                                self.batch_timeout_s, 1.0, self.claim_ttl_s)
             self.held.update(payloads)
             return payloads
 
@@ -241,10 +249,7 @@ class ModelWorker:
                                               payloads, settings.RESULT_TTL_S)
             except REDIS_ERRORS as exc:
                 if time.time() > give_up_at:
-                    # Its claims stay in the processing list: the next claim recovers them, and
-                    # then drops them as expired.
-                    self.claims_unsure = True
-                    raise
+                    raise  # the claims stay: the next claim takes them back, drops them as expired
                 backoff.wait(f"cannot store results ({exc})", None)
 
     def process(self, jobs):
