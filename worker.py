@@ -287,7 +287,7 @@ class ModelWorker:
     def predict(self, classifier, jobs, batch, claimed_at):
         """One forward pass for the whole batch; a failure answers every job with an error."""
         started = time.perf_counter()
-        self.meter.start()
+        metered = self.meter.start()
         try:
             probabilities = classifier.predict_batch(batch)
         except Exception as exc:
@@ -295,7 +295,7 @@ class ModelWorker:
             self.count(failed=len(jobs))
             return {job["id"]: {"error": f"inference failed: {exc}", "status": 500} for job in jobs}
         finally:
-            self.meter.finish(len(jobs))
+            self.meter.finish(metered, len(jobs))
         inference_s = time.perf_counter() - started
         inference_ms = inference_s * 1000
         metrics.BATCH_SIZE.observe(len(jobs))
@@ -411,27 +411,28 @@ class DrainMeter:
     count once (adding up each pass's own time would halve the rate).
     """
 
-    def __init__(self, window=20):
-        self.lock = threading.Lock()
+    def __init__(self, window=20, clock=time.monotonic):
+        self.lock, self.clock = threading.Lock(), clock
         self.running, self.busy_since = 0, 0.0
         self.images, self.busy_s = 0, 0.0
         self.marks = collections.deque([(0, 0.0)], maxlen=window + 1)  # (images, busy_s) totals
         self.passes = collections.deque(maxlen=window)  # seconds of the last forward passes
-        self.started = {}
 
     def start(self):
+        """A forward pass begins; returns what finish() needs."""
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             self.account(now)
             self.running += 1
-            self.started[threading.get_ident()] = now
+            return now
 
-    def finish(self, images):
+    def finish(self, started, images):
+        """The forward pass that start() returned `started` for has answered `images` images."""
         with self.lock:
-            now = time.monotonic()
+            now = self.clock()
             self.account(now)
             self.running -= 1
-            self.passes.append(now - self.started.pop(threading.get_ident()))
+            self.passes.append(now - started)
             self.images += images
             self.marks.append((self.images, self.busy_s))
 
