@@ -41,7 +41,8 @@ class ModelWorker:
         self.warm = False
         self.next_classifier, self.loading_version = None, None
         self.lock = threading.Lock()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # SIGTERM: claim no more, finish the batches in hand
+        self.drained = threading.Event()  # every lane has finished: stop beating
         # One lane claims at a time, so a backlog is taken as full batches and a lane can tell
         # which claimed jobs no lane holds (left by a claim whose reply was lost).
         self.claim_lock = threading.Lock()
@@ -54,7 +55,7 @@ class ModelWorker:
                 "version": self.classifier.version, "weights": self.classifier.weights,
                 "labels": len(self.classifier.labels),
                 "preprocess": self.classifier.preprocess_name, "batch_size": self.batch_size,
-                "device": self.device, "warm": int(self.warm),
+                "device": self.device, "warm": int(self.warm and not self.stopping.is_set()),
                 "input_shape": ",".join(map(str, self.input_shape)),
                 "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
                 **self.stats}
@@ -129,11 +130,13 @@ class ModelWorker:
             return False
 
     def keep_beating(self):
-        """Beat every HEARTBEAT_INTERVAL_S until stopped; after a failure, back off (capped)."""
+        """Beat every HEARTBEAT_INTERVAL_S until the lanes have drained, also while they finish
+        their last batches after SIGTERM (a silent worker's claims would be re-queued and computed
+        twice); after a failure, back off (capped)."""
         backoff = Backoff(first_s=settings.HEARTBEAT_INTERVAL_S, cap_s=max(
             settings.HEARTBEAT_INTERVAL_S, settings.HEARTBEAT_TTL_S / 2))
         delay = settings.HEARTBEAT_INTERVAL_S
-        while not self.stopping.wait(delay):
+        while not self.drained.wait(delay):
             if self.try_beat():
                 backoff.reset()
                 delay = settings.HEARTBEAT_INTERVAL_S
@@ -170,6 +173,7 @@ class ModelWorker:
         for lane in lanes:
             lane.join()
         self.stopping.set()
+        self.drained.set()
         beating.join()
         self.leave()
 

@@ -160,6 +160,10 @@ def test_sigterm_to_a_worker_mid_batch_answers_the_batch_and_loses_nothing(
                what="the stopped worker to exit")
     assert f"(pid {victim['pid']}) exited with code 0" in front.log_path.read_text()
     assert front.poll() is None and readyz(front)[0] == 200  # the other worker carries on
+    # It beat until it had finished: nothing of its was re-queued and computed twice.
+    survivor = next(beat for pid, beat in worker_stats(redis_client, keys).items()
+                    if pid != victim["pid"])
+    assert survivor["requeued"] == "0", front.log_path.read_text()[-2000:]
     assert redis_client.llen(keys.queue) == 0
     assert not redis_client.keys(keys.processing("*"))
 
