@@ -99,7 +99,8 @@ def queue_depth(redis, keys):
 
 
 def enqueue_job(redis, keys, job, max_length, max_bytes):
-    """RPUSH the job unless the queue is full; returns the exact payload (to withdraw it later).
+    """RPUSH the job unless the queue is full; returns the exact payload (to withdraw it later)
+    and the queue's length with it.
 
     If Redis fails, the reply may have been lost after the push: the job is withdrawn (when Redis
     answers again) before the error goes on, so a client told 503 has no job left behind.
@@ -112,7 +113,7 @@ def enqueue_job(redis, keys, job, max_length, max_bytes):
         raise
     if depth <= 0:
         raise QueueFull(-depth)
-    return payload
+    return payload, depth
 
 
 def withdraw_job(redis, keys, payload):
@@ -128,7 +129,8 @@ def wait_for_result(redis, keys, job_id, payload, deadline):
     """Block until the job's result arrives, or withdraw the job and raise 504 at the deadline.
 
     BLMOVE from the result list onto itself reads the result without taking it away, so a read
-    whose reply is lost can be repeated; the key is removed once the result is in hand.
+    whose reply is lost can be repeated. The key is left to expire (RESULT_TTL_S after the worker
+    stored it): deleting it would cost every request one more round trip.
     """
     timeout = deadline - time.time()
     key = keys.result(job_id)
@@ -139,10 +141,6 @@ def wait_for_result(redis, keys, job_id, payload, deadline):
         withdraw_job(redis, keys, payload)
         raise ServiceError("no result within the request timeout; the model workers are busy "
                            "or not running", 504)
-    try:
-        redis.unlink(key)
-    except REDIS_ERRORS:
-        pass  # it expires after RESULT_TTL_S anyway
     return json.loads(reply)
 
 

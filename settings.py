@@ -116,7 +116,8 @@ IMAGE_QUEUE = env_str("IMAGE_QUEUE", "image_queue")
 """Name of the Redis list of pending jobs; also the prefix of every other key the service writes."""
 
 RESULT_TTL_S = env_int("RESULT_TTL_S", 60, minimum=1)
-"""Seconds a result (or a worker's claim list) lives in Redis if nobody collects it."""
+"""Seconds a result lives in Redis after a worker stores it (a handler collects it at once; about
+0.5 kB each), and a worker's claim list after its last claim."""
 
 # --- Model worker ---------------------------------------------------------------------------
 MODEL = env_str("MODEL", "resnet50")

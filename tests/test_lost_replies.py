@@ -94,7 +94,7 @@ def test_a_push_whose_reply_is_lost_is_withdrawn_before_the_error_goes_on(
 def test_a_result_whose_reply_is_lost_can_be_read_again(lossy, redis_client, keys):
     client, proxy = lossy
     job = new_job()
-    payload = jobqueue.enqueue_job(redis_client, keys, job, 100, 10**9)
+    payload, _ = jobqueue.enqueue_job(redis_client, keys, job, 100, 10**9)
     jobqueue.store_results(redis_client, keys, "w", {job["id"]: {"answer": 42}}, [], 60)
 
     proxy.lose_next_reply()
