@@ -30,7 +30,8 @@ COPY data/ data/
 
 # Not root. Keras caches downloaded ImageNet weights in ~/.keras; compose mounts a volume there so
 # each model container downloads them once.
-RUN useradd --create-home --uid 1000 app && mkdir /home/app/.keras && chown app /home/app/.keras
+RUN useradd --create-home --uid 1000 app && mkdir -p /home/app/.keras /home/app/.cache/keras-server/openvino \
+    && chown -R app /home/app/.keras /home/app/.cache
 USER app
 
 EXPOSE 5000

@@ -2,9 +2,13 @@
 
 Only the model worker imports this module: the web tier never pays for importing TensorFlow.
 """
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import tempfile
+import threading
 
 import numpy as np
 
@@ -18,6 +22,12 @@ APPLICATIONS = {
     "resnet50": ("ResNet50", "resnet50"),
     "mobilenet_v2": ("MobileNetV2", "mobilenet_v2"),
 }
+
+
+# The start-up check of a converted model: on a seeded sample batch no probability may differ from
+# Keras' by more than this, and each image's top CHECK_TOP_K labels must agree.
+OPENVINO_ATOL = 1e-4
+CHECK_TOP_K = 5
 
 
 class ModelLoadError(RuntimeError):
@@ -46,6 +56,13 @@ class Classifier:
             raise ModelLoadError(f"the model has {model.output_shape[-1]} outputs but "
                                  f"{len(labels)} labels were given")
         self.model = model
+        self.forward = model.predict_on_batch  # float32 batch in, probabilities out
+        self.runtime = "keras"
+        on_jax = keras_backend() == "jax"
+        self.pad_batches = on_jax
+        # Keras on JAX swaps the model's state arrays during a call: two lanes calling at once
+        # fail ("Array has been deleted"), so there forward passes take turns.
+        self.turns = threading.Lock() if on_jax else contextlib.nullcontext()
         self.labels = labels
         self.preprocess = preprocessing(preprocess)
         self.preprocess_name = preprocess
@@ -58,7 +75,14 @@ class Classifier:
     def predict_batch(self, pixels):
         """Class probabilities for a uint8 batch of shape (n, height, width, channels)."""
         inputs = self.preprocess(pixels.astype(np.float32))
-        probabilities = np.asarray(self.model.predict_on_batch(inputs))
+        if self.pad_batches:
+            # JAX compiles the model again for every new batch size (seconds each): padded to a
+            # power of two, a worker meets a handful of sizes, all compiled while it warms up.
+            padded = 1 << (len(inputs) - 1).bit_length()
+            inputs = np.concatenate([inputs, np.zeros((padded - len(inputs), *inputs.shape[1:]),
+                                                      inputs.dtype)])
+        with self.turns:
+            probabilities = np.asarray(self.forward(inputs))[:len(pixels)]
         if probabilities.shape != (len(pixels), len(self.labels)):
             raise RuntimeError(f"model returned shape {probabilities.shape} for "
                                f"{len(pixels)} inputs")
@@ -70,11 +94,13 @@ class Classifier:
         return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
 
 
-def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0, version="1"):
-    """Load a named keras.applications model or a saved model file, ready to predict."""
-    import tensorflow as tf
+def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0, version="1",
+                    runtime="keras", cache_dir=""):
+    """Load a named keras.applications model or a saved model file, ready to predict with
+    `runtime` (auto, keras or openvino)."""
+    if threads and keras_backend() == "tensorflow":
+        import tensorflow as tf
 
-    if threads:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     if model in APPLICATIONS:
         keras_model = build_application(model, weights, seed)
@@ -85,7 +111,11 @@ def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0,
     else:
         raise ModelLoadError(f"MODEL={model!r} is neither one of {', '.join(APPLICATIONS)} nor "
                              "an existing .keras/.h5 file")
-    return Classifier(keras_model, load_labels(labels), preprocess, model, weights, version)
+    classifier = Classifier(keras_model, load_labels(labels), preprocess, model, weights, version)
+    if runtime == "openvino" or (runtime == "auto" and device_name() == "CPU"):
+        key = cache_key(model, weights, seed, version)
+        use_openvino(classifier, key, threads, cache_dir, required=runtime == "openvino")
+    return classifier
 
 
 def build_application(name, weights, seed):
@@ -144,8 +174,115 @@ def load_labels(path):
     return [entry[-1] if isinstance(entry, list) else str(entry) for entry in entries]
 
 
+def keras_backend():
+    """The backend Keras runs on (KERAS_BACKEND): tensorflow unless set otherwise."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def use_openvino(classifier, key, threads, cache_dir, required):
+    """Switch the classifier's forward pass to OpenVINO once the converted model matches Keras.
+
+    If conversion or the check fails, RUNTIME=openvino refuses to serve (ModelLoadError), while
+    RUNTIME=auto logs why and serves with Keras.
+    """
+    try:
+        forward = openvino_forward(classifier.model, key, threads, cache_dir)
+        check_agreement(classifier, forward)
+    except Exception as exc:
+        if required:
+            raise ModelLoadError(f"RUNTIME=openvino cannot serve {classifier.name}: {exc}") from exc
+        log.warning("serving %s with Keras, not OpenVINO: %s", classifier.name, exc)
+        return
+    classifier.forward, classifier.runtime = forward, "openvino"
+    classifier.pad_batches, classifier.turns = False, contextlib.nullcontext()
+    classifier.model = None  # the Keras copy's memory is not needed any more
+
+
+def openvino_forward(keras_model, key, threads, cache_dir):
+    """An OpenVINO forward pass of a Keras model, converted once and cached as IR in cache_dir."""
+    import openvino
+
+    xml = os.path.join(cache_dir, f"{key}.xml")
+    if not os.path.isfile(xml):
+        os.makedirs(cache_dir, exist_ok=True)
+        # Workers starting together may convert at once: each writes its own folder and renames
+        # the weights, then the graph (the file the check above looks for) into place.
+        with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
+            keras_model.export(os.path.join(scratch, "model.xml"), format="openvino",
+                               verbose=False)
+            os.replace(os.path.join(scratch, "model.bin"), xml[:-4] + ".bin")
+            os.replace(os.path.join(scratch, "model.xml"), xml)
+        log.info("converted the model to OpenVINO: %s", xml)
+    # FP32 on every CPU: on one with bf16 units OpenVINO would otherwise compute in bf16, whose
+    # probabilities differ from Keras' in the third decimal.
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return OpenVINOForward(openvino.Core().compile_model(xml, "CPU", config))
+
+
+class OpenVINOForward:
+    """Calls a compiled OpenVINO model; each thread (batch lane) has its own infer request."""
+
+    def __init__(self, compiled):
+        self.compiled, self.local = compiled, threading.local()
+
+    def __call__(self, inputs):
+        if not hasattr(self.local, "request"):
+            self.local.request = self.compiled.create_infer_request()
+        return self.local.request.infer([inputs])[0]
+
+
+def check_agreement(classifier, forward, images=4, seed=0):
+    """Raise if `forward` disagrees with the Keras model on a seeded batch of random images."""
+    pixels = np.random.default_rng(seed).integers(
+        0, 256, (images, classifier.size[1], classifier.size[0], classifier.channels), np.uint8)
+    inputs = classifier.preprocess(pixels.astype(np.float32))
+    expected = np.asarray(classifier.model.predict_on_batch(inputs))
+    got = np.asarray(forward(inputs))
+    if got.shape != expected.shape:
+        raise ModelLoadError(f"the converted model returns shape {got.shape}, not "
+                             f"{expected.shape}")
+    difference = float(np.abs(got - expected).max())
+    k = min(CHECK_TOP_K, expected.shape[1])
+    # A label counts as agreeing if Keras rates it within the tolerance of its own k-th best:
+    # two labels tied to 1e-7 may swap places without either runtime being wrong.
+    kth = np.sort(expected, axis=1)[:, -k][:, None]
+    top = np.argsort(-got, axis=1)[:, :k]
+    agree = bool((np.take_along_axis(expected, top, axis=1) >= kth - OPENVINO_ATOL).all())
+    log.info("OpenVINO against Keras on %d images: largest difference %.1e, top-%d %s",
+             images, difference, k, "agrees" if agree else "differs")
+    if difference > OPENVINO_ATOL or not agree:
+        raise ModelLoadError(f"the converted model differs from Keras by up to {difference:.1e} "
+                             f"(allowed {OPENVINO_ATOL:.0e}); top-{k} agreement: {agree}")
+
+
+def cache_key(model, weights, seed, version):
+    """Name of a converted model: what was loaded (file contents, not paths), the version, and
+    the converters' versions."""
+    import keras
+    import openvino
+
+    def identity(name):
+        if not os.path.isfile(name):
+            return name
+        with open(name, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    parts = [identity(model), identity(weights), seed if weights == "none" else "", version,
+             keras.__version__, openvino.__version__]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
 def device_name():
-    """Where forward passes run: the first GPU if TensorFlow sees one, else the CPU."""
+    """Where forward passes run: the first GPU if Keras' backend sees one, else the CPU."""
+    if keras_backend() == "jax":  # Keras on JAX: used where TensorFlow's CUDA is missing
+        import jax
+
+        gpus = [device for device in jax.devices() if device.platform == "gpu"]
+        return f"GPU:{gpus[0].id}" if gpus else "CPU"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

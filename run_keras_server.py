@@ -169,7 +169,8 @@ def describe_model(beat):
     return {"name": beat["model"], "version": beat["version"], "weights": beat["weights"],
             "input_shape": [int(n) for n in beat["input_shape"].split(",")],
             "labels": int(beat["labels"]), "preprocess": beat["preprocess"],
-            "batch_size": beat["batch_size"], "device": beat["device"]}
+            "batch_size": beat["batch_size"], "device": beat["device"],
+            "runtime": beat.get("runtime", "keras")}
 
 
 def parse_top_k(value):

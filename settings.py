@@ -139,21 +139,35 @@ PREPROCESS = env_str("PREPROCESS", "", choices=("", "resnet50", "mobilenet_v2", 
 """Preprocessing of a model given by path. Empty: the named model's own (`none` for a path)."""
 
 BATCH_SIZE = env_str("BATCH_SIZE", "auto")
-"""Most images per forward pass, or `auto`: each worker times batch sizes 1, 2, 4, ... while warming
-up and keeps the smallest within 3% of the best throughput whose batch takes under
-REQUEST_TIMEOUT_S / 10."""
+"""Most images per forward pass, or `auto`: each worker times batch sizes 1, 2, 4, ... in 5
+interleaved rounds while warming up (sizes are added while a round takes under 2 s and a batch under
+REQUEST_TIMEOUT_S / 10) and keeps the smallest whose median throughput is within 2% of the best."""
 if BATCH_SIZE != "auto":
     BATCH_SIZE = env_int("BATCH_SIZE", 32, minimum=1)
 
 BATCH_TIMEOUT_MS = env_float("BATCH_TIMEOUT_MS", 5.0, minimum=0.0)
-"""Milliseconds a worker waits to fill a batch once its first image has arrived."""
+"""Longest wait, in milliseconds, to fill a batch once its first image has arrived. Waited only when
+the worker's recent arrival rate makes another image likely within it (rate x window >= 1), and
+never while the worker's other batch is computing: then a partial batch waits for that pass."""
 
 BATCHES_IN_FLIGHT = env_int("BATCHES_IN_FLIGHT", 2, minimum=1)
 """Batches one worker runs at once. 2 overlaps one batch's Redis and decoding work with another's
 forward pass and keeps the cores busy when neighbours take CPU; 1: strictly one at a time."""
 
 MODEL_THREADS = env_int("MODEL_THREADS", 0, minimum=0)
-"""Threads for one forward pass (TensorFlow intra-op). 0: TensorFlow's choice (all cores)."""
+"""Threads for one forward pass (TensorFlow intra-op, OpenVINO's inference threads). 0: the
+runtime's choice (all cores)."""
+
+RUNTIME = env_str("RUNTIME", "auto", choices=("auto", "keras", "openvino"))
+"""What runs the forward pass. `openvino`: the Keras model converted to OpenVINO (CPU, FP32) and
+checked against Keras at start, refusing to serve if they disagree; `keras`: TensorFlow; `auto`:
+OpenVINO on a machine without a GPU (Keras, with a warning, if the conversion or check fails),
+TensorFlow on a GPU."""
+
+OPENVINO_CACHE_DIR = env_str("OPENVINO_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras-server", "openvino"))
+"""Folder of converted models, named by a hash of the model and weights files, MODEL_VERSION and
+the Keras and OpenVINO versions: a restart reuses the conversion."""
 
 WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
 """Port where a model worker serves its Prometheus metrics. 0: none (give each worker its own)."""

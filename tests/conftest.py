@@ -69,6 +69,13 @@ def start_redis(port, workdir):
     return process
 
 
+@pytest.fixture(scope="session", autouse=True)
+def openvino_cache(tmp_path_factory):
+    """Every process of the run converts models into one fresh folder, not the user's cache."""
+    os.environ["OPENVINO_CACHE_DIR"] = str(tmp_path_factory.mktemp("openvino"))
+    return os.environ["OPENVINO_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server on a free port for the whole run, persistence off."""

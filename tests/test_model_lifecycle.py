@@ -54,8 +54,11 @@ def metric(text, name, labels=""):
     return float(match.group(1)) if match else None
 
 
-def test_digits_served_end_to_end_are_accurate_and_equal_a_direct_call(service, digits):
-    service.worker(**digits_settings(digits["v1"], "1"))
+@pytest.mark.parametrize("runtime", ["keras", "openvino"])
+def test_digits_served_end_to_end_are_accurate_and_equal_a_direct_call(service, digits, runtime,
+                                                                     redis_client, keys):
+    worker = service.worker(RUNTIME=runtime, **digits_settings(digits["v1"], "1"))
+    assert worker_stats(redis_client, keys)[str(worker.pid)]["runtime"] == runtime
     web = service.web()
     images = digits["images"]
 
@@ -84,7 +87,8 @@ def test_model_endpoint_describes_the_loaded_model(service, digits):
     assert body["success"] is True and body["versions"] == ["7"]
     assert body["model"] == {"name": str(digits["v1"] / "digits.keras"), "version": "7",
                              "weights": "none", "input_shape": [8, 8, 1], "labels": 10,
-                             "preprocess": "scale_0_1", "batch_size": "16", "device": "CPU"}
+                             "preprocess": "scale_0_1", "batch_size": "16", "device": "CPU",
+                             "runtime": "openvino"}  # RUNTIME=auto on a CPU
 
 
 def test_model_endpoint_is_503_without_workers(service):

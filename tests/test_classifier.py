@@ -1,0 +1,93 @@
+"""classifier.py's runtimes: OpenVINO computes what Keras computes, and a model it cannot convert
+gets the documented behaviour (RUNTIME=openvino refuses, RUNTIME=auto serves with Keras)."""
+import logging
+
+import numpy as np
+import pytest
+
+import classifier
+from classifier import Classifier, ModelLoadError, load_classifier
+
+
+def random_pixels(count, shape, seed=7):
+    return np.random.default_rng(seed).integers(0, 256, (count, *shape), np.uint8)
+
+
+def assert_same_answers(keras_probabilities, openvino_probabilities):
+    assert np.abs(keras_probabilities - openvino_probabilities).max() <= 1e-4
+    top5 = [np.argsort(-p, axis=1)[:, :5] for p in (keras_probabilities, openvino_probabilities)]
+    assert (top5[0] == top5[1]).all()
+
+
+def test_openvino_equals_keras_on_resnet50_with_seeded_weights(tmp_path):
+    by_keras = load_classifier("resnet50", "none", seed=1234, runtime="keras")
+    by_openvino = load_classifier("resnet50", "none", seed=1234, runtime="openvino",
+                                  cache_dir=str(tmp_path))
+    pixels = random_pixels(8, (224, 224, 3))
+
+    assert (by_keras.runtime, by_openvino.runtime) == ("keras", "openvino")
+    assert_same_answers(by_keras.predict_batch(pixels), by_openvino.predict_batch(pixels))
+    assert len(list(tmp_path.glob("*.xml"))) == 1  # converted once, cached
+    again = load_classifier("resnet50", "none", seed=1234, runtime="openvino",
+                            cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("*.xml"))) == 1
+    assert_same_answers(by_keras.predict_batch(pixels), again.predict_batch(pixels))
+
+
+def test_the_cache_tells_models_apart(tmp_path):
+    one = load_classifier("mobilenet_v2", "none", seed=1, runtime="openvino",
+                          cache_dir=str(tmp_path))
+    two = load_classifier("mobilenet_v2", "none", seed=2, runtime="openvino",
+                          cache_dir=str(tmp_path))
+
+    assert (one.runtime, two.runtime) == ("openvino", "openvino")
+    weights = [path.read_bytes() for path in tmp_path.glob("*.bin")]
+    assert len(weights) == 2 and weights[0] != weights[1]
+
+
+def unconvertible_classifier():
+    """A small Keras model with a step OpenVINO has no operation for (a Python function)."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    features = keras.layers.Flatten()(inputs)
+    features = keras.layers.Lambda(lambda x: tf.ensure_shape(
+        tf.numpy_function(np.tanh, [x], tf.float32, stateful=False), x.shape),
+        output_shape=(64,))(features)
+    outputs = keras.layers.Dense(3, activation="softmax")(features)
+    model = keras.Model(inputs, outputs)
+    return Classifier(model, ["a", "b", "c"], "scale_0_1", "odd.keras", "none")
+
+
+def test_runtime_openvino_refuses_a_model_it_cannot_convert_saying_why(tmp_path):
+    odd = unconvertible_classifier()
+    with pytest.raises(ModelLoadError, match="RUNTIME=openvino cannot serve odd.keras: .+"):
+        classifier.use_openvino(odd, "odd", 0, str(tmp_path), required=True)
+
+
+def test_runtime_auto_serves_a_model_it_cannot_convert_with_keras_and_says_so(tmp_path, caplog):
+    odd = unconvertible_classifier()
+    pixels = random_pixels(2, (8, 8, 1))
+    expected = odd.predict_batch(pixels)
+
+    with caplog.at_level(logging.WARNING, logger="classifier"):
+        classifier.use_openvino(odd, "odd", 0, str(tmp_path), required=False)
+
+    assert odd.runtime == "keras"
+    assert "serving odd.keras with Keras, not OpenVINO" in caplog.text
+    assert np.array_equal(odd.predict_batch(pixels), expected)
+
+
+def test_a_conversion_that_disagrees_with_keras_is_refused(tmp_path):
+    # A forward pass that differs from Keras by 1e-3 in one probability fails the start-up check.
+    model = load_classifier("resnet50", "none", seed=1234, runtime="keras")
+
+    def off_by_a_little(inputs):
+        probabilities = np.array(model.model.predict_on_batch(inputs))
+        probabilities[0, 0] += 1e-3
+        return probabilities
+
+    with pytest.raises(ModelLoadError, match="differs from Keras by up to 1.0e-03"):
+        classifier.check_agreement(model, off_by_a_little)
