@@ -144,8 +144,9 @@ def wait_for_result(redis, keys, job_id, payload, deadline):
     return json.loads(reply)
 
 
-def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, claim_ttl_s):
-    """Claim up to batch_size jobs: block up to block_s for the first, then fill for batch_timeout_s.
+def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_to_fill):
+    """Claim up to batch_size jobs: block up to block_s for the first, then take more for as long
+    as time_to_fill(claimed) says more are worth waiting for (it may block; 0: start now).
 
     Returns the claimed payloads (empty if none arrived within block_s). They stay in this worker's
     processing list until store_results removes them.
@@ -155,16 +156,15 @@ def claim_batch(redis, keys, worker_id, batch_size, batch_timeout_s, block_s, cl
     if first is None:
         return []
     batch = [first]
-    fill_until = time.monotonic() + batch_timeout_s
     while True:
         batch += redis.eval(CLAIM_MORE, 2, keys.queue, processing, batch_size - len(batch),
                             int(claim_ttl_s))
-        remaining = fill_until - time.monotonic()
-        if len(batch) >= batch_size or remaining <= 0:
+        remaining = time_to_fill(len(batch)) if len(batch) < batch_size else 0
+        if remaining <= 0:
             break
         # A push wakes a blocked client at once, but Redis ends a blocking wait that times out
         # only on its clock tick (10 Hz by default): a 5 ms BLMOVE would take 100 ms. So the last
-        # 100 ms of the window are polled every millisecond (a few calls for a typical window).
+        # 100 ms of a wait are polled every millisecond (a few calls for a typical window).
         # (A timeout under 1 ms must never be sent: Redis reads it as 0, "block forever".)
         if remaining > FILL_POLL_S + 0.01:
             job = redis.blmove(keys.queue, processing, remaining - FILL_POLL_S, "LEFT", "RIGHT")

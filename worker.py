@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -38,6 +39,7 @@ class ModelWorker:
         self.input_shape = input_shape(classifier)
         self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0, "requeued": 0}
         self.meter = DrainMeter()
+        self.arrivals = ArrivalRate()
         self.warm = False
         self.next_classifier, self.loading_version = None, None
         self.lock = threading.Lock()
@@ -55,7 +57,7 @@ class ModelWorker:
                 "version": self.classifier.version, "weights": self.classifier.weights,
                 "labels": len(self.classifier.labels),
                 "preprocess": self.classifier.preprocess_name, "batch_size": self.batch_size,
-                "device": self.device, "warm": int(self.warm and not self.stopping.is_set()),
+                "device": self.device, "runtime": self.classifier.runtime, "warm": int(self.warm and not self.stopping.is_set()),
                 "input_shape": ",".join(map(str, self.input_shape)),
                 "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
                 **self.stats}
@@ -227,9 +229,30 @@ class ModelWorker:
                     log.warning("recovered %d claimed jobs that no lane held", len(payloads))
             else:
                 payloads = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
-                                                self.batch_timeout_s, 1.0, self.claim_ttl_s)
+                                                1.0, self.claim_ttl_s, self.fill_timer())
+                self.arrivals.note(len(payloads))
             self.held.update(payloads)
             return payloads
+
+    def fill_timer(self):
+        """claim_batch's time_to_fill: how long a partial batch should wait for more jobs.
+
+        While another lane's forward pass runs, it waits for that pass to end (started beside it,
+        it would take half the cores, and a backlog would be split into a full and a small batch).
+        With the model idle, it waits out BATCH_TIMEOUT_MS only if the recent arrival rate makes
+        another job likely within it: at light load a request never waits for company.
+        """
+        window_end = None
+
+        def time_to_fill(claimed):
+            nonlocal window_end
+            if not self.meter.wait_idle(0.01):
+                return 0.0001  # claim what came meanwhile, then ask again
+            if window_end is None:
+                expected = self.arrivals.per_second(claimed) * self.batch_timeout_s
+                window_end = time.monotonic() + (self.batch_timeout_s if expected >= 1 else 0)
+            return window_end - time.monotonic()
+        return time_to_fill
 
     def release(self, payloads):
         """Forget a batch that was answered (or will be recovered from the processing list)."""
@@ -354,7 +377,8 @@ def load_model(spec):
     from classifier import load_classifier
 
     return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
-                           settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"])
+                           settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"],
+                           settings.RUNTIME, settings.OPENVINO_CACHE_DIR)
 
 
 def input_shape(classifier):
@@ -362,29 +386,45 @@ def input_shape(classifier):
     return classifier.size[1], classifier.size[0], classifier.channels
 
 
-def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
-    """Time batches of 1, 2, 4, ... images; return the size with the most images per second.
+# BATCH_SIZE=auto: sizes 1, 2, 4, ... are added while one round of them takes at most
+# AUTO_ROUND_S; AUTO_ROUNDS interleaved rounds time them all. Start-up pays at most about
+# (AUTO_ROUNDS + 2) x AUTO_ROUND_S (two untimed passes per size first).
+AUTO_ROUNDS = 5
+AUTO_ROUND_S = 2.0
+AUTO_TOLERANCE = 0.02  # sizes this close to the best median throughput count as tied
 
-    Doubling stops once throughput falls, a batch takes longer than time_limit_s, or at largest:
-    a CPU peaks at a small batch, a GPU at a large one. Sizes within 3% of the best throughput are
-    a tie (timings are that noisy), and the smallest of them wins: same speed, shorter batches.
+
+def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
+    """Time batch sizes in interleaved rounds; the smallest size whose median images/s is within
+    AUTO_TOLERANCE of the best wins (the same speed with shorter batches).
+
+    Rounds alternate their order, so a drift of the machine's speed touches every size alike, and
+    medians over rounds ignore a stall in one of them: a single noisy timing cannot decide. Sizes
+    stop at largest, at a batch slower than time_limit_s, or when a round would pass AUTO_ROUND_S.
     """
-    table, size = [], 1
+    rng = np.random.default_rng(0)
+    batches, round_s = {}, 0.0
+    size = 1
     while size <= largest:
-        batch = np.zeros((size, *input_shape), np.uint8)
+        batch = rng.integers(0, 256, (size, *input_shape), np.uint8)
         classifier.predict_batch(batch)  # the first pass at a new shape builds kernels
-        seconds = min(time_call(classifier.predict_batch, batch) for _ in range(2))
-        table.append((size, seconds, size / seconds))
-        if seconds > time_limit_s or (len(table) > 1 and table[-1][2] < table[-2][2]):
+        seconds = time_call(classifier.predict_batch, batch)
+        if batches and (seconds > time_limit_s or round_s + seconds > AUTO_ROUND_S):
             break
+        batches[size], round_s = batch, round_s + seconds
         size *= 2
-    log.info("batch size timings:\n%s", "\n".join(
-        f"  {n:4d} images  {s * 1000:8.1f} ms  {rate:8.1f} img/s" for n, s, rate in table))
-    fits = [row for row in table if row[1] <= time_limit_s] or table[:1]
-    fastest = max(rate for _, _, rate in fits)
-    best = min(n for n, _, rate in fits if rate >= 0.97 * fastest)
-    log.info("BATCH_SIZE=auto chose %d", best)
-    return best
+    rates = {n: [] for n in batches}
+    for number in range(AUTO_ROUNDS):
+        for n in (batches if number % 2 == 0 else reversed(batches)):
+            rates[n].append(n / time_call(classifier.predict_batch, batches[n]))
+    medians = {n: statistics.median(r) for n, r in rates.items()}
+    best = max(medians.values())
+    chosen = min(n for n in medians if medians[n] >= (1 - AUTO_TOLERANCE) * best)
+    log.info("BATCH_SIZE=auto chose %d; medians of %d rounds:\n%s", chosen, AUTO_ROUNDS,
+             "\n".join(f"  {n:4d} images  {n / rate * 1000:8.1f} ms  {rate:8.1f} img/s  "
+                       f"{rate / best:6.3f} of the best{'  <- chosen' if n == chosen else ''}"
+                       for n, rate in medians.items()))
+    return chosen
 
 
 def time_call(function, *args):
@@ -417,6 +457,7 @@ class DrainMeter:
 
     def __init__(self, window=20, clock=time.monotonic):
         self.lock, self.clock = threading.Lock(), clock
+        self.idle = threading.Condition(self.lock)  # notified when the last running pass ends
         self.running, self.busy_since = 0, 0.0
         self.images, self.busy_s = 0, 0.0
         self.marks = collections.deque([(0, 0.0)], maxlen=window + 1)  # (images, busy_s) totals
@@ -439,6 +480,13 @@ class DrainMeter:
             self.passes.append(now - started)
             self.images += images
             self.marks.append((self.images, self.busy_s))
+            if not self.running:
+                self.idle.notify_all()
+
+    def wait_idle(self, timeout_s):
+        """Wait until no forward pass runs, at most timeout_s; True if none runs."""
+        with self.lock:
+            return self.idle.wait_for(lambda: not self.running, timeout_s)
 
     def account(self, now):
         if self.running:
@@ -455,6 +503,30 @@ class DrainMeter:
         """Mean seconds of the last forward passes; 0 before any."""
         with self.lock:
             return sum(self.passes) / len(self.passes) if self.passes else 0.0
+
+
+class ArrivalRate:
+    """Jobs claimed per second over the last horizon_s: how busy the queue has been lately."""
+
+    def __init__(self, horizon_s=1.0, clock=time.monotonic):
+        self.horizon_s, self.clock = horizon_s, clock
+        self.lock, self.times = threading.Lock(), collections.deque()
+
+    def note(self, jobs):
+        with self.lock:
+            now = self.clock()
+            self.times.extend([now] * jobs)
+            self.forget(now)
+
+    def per_second(self, extra=0):
+        """The rate, counting `extra` jobs claimed just now (a batch being filled) too."""
+        with self.lock:
+            self.forget(self.clock())
+            return (len(self.times) + extra) / self.horizon_s
+
+    def forget(self, now):
+        while self.times and self.times[0] <= now - self.horizon_s:
+            self.times.popleft()
 
 
 class Backoff:

@@ -16,13 +16,23 @@ def push(redis_client, keys, count, deadline_s=30):
     return jobs
 
 
+def window(seconds):
+    """A claim_batch time_to_fill that waits out a fixed fill window from its first job on."""
+    end = []
+
+    def time_to_fill(claimed):
+        end[:] = end or [time.monotonic() + seconds]
+        return end[0] - time.monotonic()
+    return time_to_fill
+
+
 def test_claims_are_atomic_and_never_shared(redis_client, keys):
     push(redis_client, keys, 40)
     claimed = {}
 
     def claim(name):
         claimed[name] = []
-        while batch := jobqueue.claim_batch(redis_client, keys, name, 3, 0.002, 0.2, 60):
+        while batch := jobqueue.claim_batch(redis_client, keys, name, 3, 0.2, 60, window(0.002)):
             claimed[name] += [json.loads(p)["id"] for p in batch]
             redis_client.delete(keys.processing(name))
 
@@ -39,7 +49,7 @@ def test_a_fill_window_under_a_millisecond_does_not_block(redis_client, keys):
     # Redis reads a blocking timeout under 1 ms as 0, "block forever".
     push(redis_client, keys, 1)
     started = time.monotonic()
-    batch = jobqueue.claim_batch(redis_client, keys, "w", 8, 0.0009, 1.0, 60)
+    batch = jobqueue.claim_batch(redis_client, keys, "w", 8, 1.0, 60, window(0.0009))
     assert len(batch) == 1 and time.monotonic() - started < 0.5
 
 
@@ -58,7 +68,7 @@ def test_enqueue_refuses_past_the_length_and_byte_bounds(redis_client, keys):
 def test_orphans_of_a_silent_worker_go_back_to_the_head_of_the_queue(redis_client, keys):
     jobs = push(redis_client, keys, 3)
     jobqueue.publish_heartbeat(redis_client, keys, "dead", {"id": "dead"}, 0.2, 60)
-    claimed = jobqueue.claim_batch(redis_client, keys, "dead", 2, 0, 0.2, 60)
+    claimed = jobqueue.claim_batch(redis_client, keys, "dead", 2, 0.2, 60, window(0))
     alive_claims = jobqueue.requeue_orphans(redis_client, keys)
     wait_until(lambda: not redis_client.exists(keys.heartbeat("dead")),
                what="the heartbeat to expire")
