@@ -4,15 +4,18 @@
     python bench/benchmark.py --batch-size 16 --batch-timeout-ms 5 --rounds 5
     python bench/benchmark.py --sweep --concurrency 64 --p99-target-ms 8000
 
-Each round measures, one at a time so that they never share the CPU:
-  (a) the bare model: ResNet50 (random weights, fixed seed) in a process of its own,
-      predict_on_batch on preprocessed float32 batches of 1 to 32 images: images/s for each size,
-      and batch-1 latency;
-  (b) the whole service (`python run_keras_server.py`) over HTTP, closed loop at concurrency
-      2 x BATCH_SIZE: images/s;
-  (c) the service at concurrency 1: median latency.
-Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)+(c) and the
-figures are medians over rounds; the ratio (b) / best (a) is taken within each round first.
+Each round measures, for each runtime (Keras and OpenVINO), one at a time so that they never share
+the CPU:
+  (a) the bare model: ResNet50 (random weights, fixed seed) in a process of its own, loaded as the
+      worker loads it, forward passes on preprocessed float32 batches of 1 to 32 images: images/s
+      for each size, and batch-1 latency;
+  (b) the whole service (`python run_keras_server.py`, RUNTIME set) over HTTP, closed loop at
+      concurrency 2 x BATCH_SIZE: images/s;
+  (c) the service at concurrency 1: median latency;
+  (d) the service under an open loop at twice the bare model's best rate (--overload-factor):
+      images/s answered.
+Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(d) and the
+figures are medians over rounds; the ratios to (a) are taken within each round first.
 
 --sweep instead starts a fresh service for each BATCH_SIZE x BATCH_TIMEOUT_MS cell, loads it at one
 concurrency, and recommends the fastest cell whose p99 latency is under --p99-target-ms.
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import requests
@@ -47,7 +50,7 @@ READY_TIMEOUT_S = 300  # TensorFlow import, model build and warm-up on two busy 
 
 # --- (a) The bare model, in a process of its own ------------------------------------------
 
-def serve_bare_model(conn):
+def serve_bare_model(conn, runtime):
     """Child process: build the worker's model, then time every batch size each time asked."""
     import numpy as np
 
@@ -55,26 +58,27 @@ def serve_bare_model(conn):
     from classifier import load_classifier
 
     # The same loader and thread setting as the model worker, so threads and memory match.
-    classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS)
+    classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,
+                                 runtime=runtime, cache_dir=settings.OPENVINO_CACHE_DIR)
     shape = (classifier.size[1], classifier.size[0], classifier.channels)
     rng = np.random.default_rng(MODEL_SEED)
     batches = {n: classifier.preprocess(rng.integers(0, 256, (n, *shape), np.uint8)
                                         .astype(np.float32)) for n in BATCH_SIZES}
     for batch in batches.values():  # the first call at a new size traces the graph: not timed
-        classifier.model.predict_on_batch(batch)
-    conn.send("ready")
+        classifier.forward(batch)
+    conn.send(classifier.runtime)
     while (seconds := conn.recv()) is not None:  # the parent sends None after its last round
-        conn.send({n: time_batches(classifier.model, batch, seconds)
+        conn.send({n: time_batches(classifier.forward, batch, seconds)
                    for n, batch in batches.items()})
 
 
-def time_batches(model, batch, seconds, min_calls=2, max_calls=10_000):
-    """Call predict_on_batch for `seconds` (at least twice): images/s and median ms per batch."""
+def time_batches(forward, batch, seconds, min_calls=2, max_calls=10_000):
+    """Call the forward pass for `seconds` (at least twice): images/s and median ms per batch."""
     times = []
     deadline = time.perf_counter() + seconds
     while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < deadline):
         started = time.perf_counter()
-        model.predict_on_batch(batch)
+        forward(batch)
         times.append(time.perf_counter() - started)
     return {"img_per_s": len(batch) * len(times) / sum(times),
             "batch_ms": statistics.median(times) * 1000, "calls": len(times)}
@@ -83,12 +87,15 @@ def time_batches(model, batch, seconds, min_calls=2, max_calls=10_000):
 class BareModel:
     """The bare model's process, started once and driven one phase at a time through a pipe."""
 
-    def __init__(self):
+    def __init__(self, runtime):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter, like the worker's
         self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=serve_bare_model, args=(child_end,), daemon=True)
+        self.process = context.Process(target=serve_bare_model, args=(child_end, runtime),
+                                       daemon=True)
         self.process.start()
-        self.receive(READY_TIMEOUT_S)
+        self.runtime = self.receive(READY_TIMEOUT_S)
+        if self.runtime != runtime:
+            raise RuntimeError(f"the bare model runs on {self.runtime}, not {runtime}")
 
     def measure(self, seconds_per_size):
         self.conn.send(seconds_per_size)
@@ -153,11 +160,13 @@ def wait_ready(url, process, log_path):
     raise RuntimeError(f"the service was not ready within {READY_TIMEOUT_S} s; see {log_path}")
 
 
-def run_load(url, concurrency, seconds, workdir, plot=""):
-    """A closed loop from stress_test.py in its own light process; returns its JSON report."""
+def run_load(url, concurrency, seconds, workdir, plot="", rate=None):
+    """A closed loop (or an open one at `rate` requests/s) from stress_test.py in its own light
+    process; returns its JSON report."""
     report = Path(workdir) / f"load-{time.time_ns()}.json"
-    command = [sys.executable, "stress_test.py", "--url", f"{url}/predict", "--concurrency",
-               str(concurrency), "--duration", str(seconds), "--timeout", "120",
+    loop = ["--rate", f"{rate:.2f}"] if rate else ["--concurrency", str(concurrency)]
+    command = [sys.executable, "stress_test.py", "--url", f"{url}/predict", *loop,
+               "--duration", str(seconds), "--timeout", "120",
                "--report", str(report), "--plot", plot, "--allow-failures"]
     subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, check=True,
                    timeout=seconds + 300)
@@ -199,10 +208,12 @@ def latencies_after(report, warmup_s):
     return [r["latency_ms"] for r in report["requests"] if r["ok"] and r["t_s"] >= warmup_s]
 
 
-def round_figures(bare, saturated, single, warmup_s, duration_s):
-    """One round's figures from the bare timings and the two load reports."""
+def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s):
+    """One round's figures of one runtime from the bare timings and the three load reports."""
     best = max(bare, key=lambda n: bare[n]["img_per_s"])
     service = steady_throughput(saturated["requests"], warmup_s, duration_s)
+    answered = [r for r in overloaded["requests"] if r["ok"]]
+    under_overload = steady_throughput(answered, warmup_s, duration_s)
     c1 = latencies_after(single, warmup_s)
     c1_median = statistics.median(c1) if c1 else None
     bare1 = bare[1]["batch_ms"]
@@ -211,8 +222,13 @@ def round_figures(bare, saturated, single, warmup_s, duration_s):
         "bare_batch1_ms": bare1, "service_img_per_s": service,
         "service_mean_batch_size": saturated["summary"]["mean_batch_size"],
         "service_c1_median_ms": c1_median,
+        "service_overload_img_per_s": under_overload,
+        "overload_refused": sum(r["status"] in (429, 503) for r in overloaded["requests"]),
+        "overload_other_failures": sum(not r["ok"] and r["status"] not in (429, 503)
+                                       for r in overloaded["requests"]),
         "failed": saturated["summary"]["failed"] + single["summary"]["failed"],
         "ratio": service / bare[best]["img_per_s"] if service else None,
+        "overload_ratio": under_overload / bare[best]["img_per_s"] if under_overload else None,
         "latency_overhead_ms": c1_median - bare1 if c1_median is not None else None,
     }
 
@@ -225,12 +241,14 @@ def median_of(rounds, name):
 def summarize_rounds(rounds):
     """Medians over rounds of every figure; bare images/s per batch size too."""
     names = ("bare_best_img_per_s", "bare_batch1_ms", "service_img_per_s",
-             "service_mean_batch_size", "service_c1_median_ms", "ratio", "latency_overhead_ms")
+             "service_mean_batch_size", "service_c1_median_ms", "service_overload_img_per_s",
+             "ratio", "overload_ratio", "latency_overhead_ms")
     summary = {name: median_of(rounds, name) for name in names}
     sizes = rounds[0]["bare"].keys()
     summary["bare_img_per_s"] = {n: statistics.median(r["bare"][n]["img_per_s"] for r in rounds)
                                  for n in sizes}
     summary["failed"] = sum(r["failed"] for r in rounds)
+    summary["overload_other_failures"] = sum(r["overload_other_failures"] for r in rounds)
     return summary
 
 
@@ -254,28 +272,37 @@ def cell_figures(batch_size, timeout_ms, report, warmup_s, duration_s):
 # --- Runs -----------------------------------------------------------------------------------
 
 def run_rounds(args, workdir):
-    """Alternate bare-model and service phases; returns (rounds, service settings used)."""
-    print("starting the bare model and the service (a minute or two)...", flush=True)
-    bare_model = BareModel()
-    try:
-        with running_service({}, workdir) as (url, heartbeat):
-            service_settings = settings_used(heartbeat)
-            batch_size = int(heartbeat["batch_size"])
-            service_settings["concurrency"] = max(args.concurrency or 0, 2 * batch_size)
-            duration = args.warmup_seconds + args.phase_seconds
-            rounds = []
-            for number in range(1, args.rounds + 1):
+    """Alternate bare-model and service phases of each runtime; returns, by runtime, the rounds
+    and the service's settings."""
+    print("starting the bare models and the services (a minute or two)...", flush=True)
+    with ExitStack() as stack:
+        setups = {}
+        for runtime in args.runtimes:
+            bare_model = BareModel(runtime)
+            stack.callback(bare_model.stop)
+            url, heartbeat = stack.enter_context(running_service({"RUNTIME": runtime}, workdir))
+            if heartbeat.get("runtime") != runtime:
+                raise RuntimeError(f"the service runs on {heartbeat.get('runtime')}, not {runtime}")
+            used = settings_used(heartbeat)
+            used["concurrency"] = max(args.concurrency or 0, 2 * used["BATCH_SIZE"])
+            setups[runtime] = bare_model, url, used
+        duration = args.warmup_seconds + args.phase_seconds
+        rounds = {runtime: [] for runtime in args.runtimes}
+        for number in range(1, args.rounds + 1):
+            for runtime, (bare_model, url, used) in setups.items():
                 bare = bare_model.measure(args.phase_seconds / len(BATCH_SIZES))
                 # The last saturation phase is drawn (after its load ends: it costs no figure).
-                plot = args.plot if number == args.rounds else ""
-                saturated = run_load(url, service_settings["concurrency"], duration, workdir, plot)
+                plot = args.plot if number == args.rounds and runtime == args.runtimes[-1] else ""
+                saturated = run_load(url, used["concurrency"], duration, workdir, plot)
                 single = run_load(url, 1, duration, workdir)
-                rounds.append(round_figures(bare, saturated, single, args.warmup_seconds,
-                                            duration))
-                print_round(number, rounds[-1])
-    finally:
-        bare_model.stop()
-    return rounds, service_settings
+                best = max(entry["img_per_s"] for entry in bare.values())
+                overloaded = (run_load(url, None, duration, workdir,
+                                       rate=args.overload_factor * best)
+                              if args.overload_factor else {"requests": []})
+                rounds[runtime].append(round_figures(bare, saturated, single, overloaded,
+                                                     args.warmup_seconds, duration))
+                print_round(number, runtime, rounds[runtime][-1])
+    return rounds, {runtime: used for runtime, (_, _, used) in setups.items()}
 
 
 def run_sweep(args, workdir):
@@ -301,7 +328,7 @@ def settings_used(heartbeat):
     import settings
 
     knobs = {name: getattr(settings, name) for name in KNOBS if hasattr(settings, name)}
-    knobs.update({name: heartbeat.get(name) for name in ("model", "weights", "device")})
+    knobs.update({name: heartbeat.get(name) for name in ("model", "weights", "device", "runtime")})
     knobs["BATCH_SIZE"] = int(heartbeat["batch_size"])
     return knobs
 
@@ -325,9 +352,21 @@ def machine_info():
             "cpu": fields.get("model name", platform.processor()),
             "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
             "vector_flags": [flag for flag in VECTOR_FLAGS if flag in flags],
-            "cores": os.cpu_count(), "python": platform.python_version(),
+            "cores": os.cpu_count(), "gpu": gpu_name(), "python": platform.python_version(),
             "tensorflow": package_version("tensorflow", "tensorflow-cpu"),
-            "keras": package_version("keras"), "command": " ".join(sys.argv)}
+            "keras": package_version("keras"), "keras_backend": os.environ.get(
+                "KERAS_BACKEND", "tensorflow"), "openvino": package_version("openvino"),
+            "command": " ".join(sys.argv)}
+
+
+def gpu_name():
+    """The first NVIDIA GPU's name and driver, or None."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,"
+                               "noheader"], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.splitlines()[0].strip()
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
 
 def package_version(*names):
@@ -345,37 +384,49 @@ def fmt(value, spec=".1f"):
     return "n/a" if value is None else format(value, spec)
 
 
-def print_round(number, r):
-    print(f"round {number}: bare best {fmt(r['bare_best_img_per_s'])} img/s "
+def print_round(number, runtime, r):
+    print(f"round {number}, {runtime}: bare best {fmt(r['bare_best_img_per_s'])} img/s "
           f"(batch {r['bare_best_batch_size']}), batch 1 {fmt(r['bare_batch1_ms'])} ms | service "
           f"{fmt(r['service_img_per_s'])} img/s (mean batch {fmt(r['service_mean_batch_size'])}), "
-          f"c=1 {fmt(r['service_c1_median_ms'])} ms | ratio {fmt(r['ratio'], '.3f')}, "
-          f"+{fmt(r['latency_overhead_ms'])} ms, {r['failed']} failed", flush=True)
+          f"2x overload {fmt(r['service_overload_img_per_s'])} img/s, c=1 "
+          f"{fmt(r['service_c1_median_ms'])} ms | ratios {fmt(r['ratio'], '.3f')} and "
+          f"{fmt(r['overload_ratio'], '.3f')}, +{fmt(r['latency_overhead_ms'])} ms, "
+          f"{r['failed']} failed", flush=True)
 
 
-def print_summary(summary, rounds, service_settings, args, machine):
-    knobs = " ".join(f"{name}={service_settings[name]}" for name in KNOBS
-                     if name in service_settings)
-    print(f"\nResNet50 (random weights, seed {MODEL_SEED}) on {service_settings['device']}; "
-          f"{len(rounds)} rounds of {args.phase_seconds:g} s phases (+{args.warmup_seconds:g} s "
-          f"warm-up); medians over rounds\nmachine: {machine['cpu']} (family "
-          f"{machine['cpu_family']}, model {machine['cpu_model']}; "
-          f"{' '.join(machine['vector_flags'])}), {machine['cores']} cores\nservice: {knobs}\n")
-    print("bare model   batch  img/s")
-    for size, img_per_s in summary["bare_img_per_s"].items():
-        print(f"             {size:>5}  {img_per_s:6.1f}")
-    per_round = " ".join(fmt(r["ratio"], ".3f") for r in rounds)
-    print(f"(a) bare model, best                 {fmt(summary['bare_best_img_per_s'])} img/s\n"
-          f"(a) bare model, batch-1 latency      {fmt(summary['bare_batch1_ms'])} ms\n"
-          f"(b) service at concurrency {service_settings['concurrency']:<9} "
-          f"{fmt(summary['service_img_per_s'])} img/s (mean batch "
-          f"{fmt(summary['service_mean_batch_size'])})\n"
-          f"(c) service at concurrency 1, median {fmt(summary['service_c1_median_ms'])} ms\n"
-          f"(b) / best (a)                       {fmt(summary['ratio'], '.3f')} "
-          f"(rounds: {per_round})\n"
-          f"(c) - bare batch-1 latency           {fmt(summary['latency_overhead_ms'])} ms\n"
-          f"failed requests                      {summary['failed']}")
-    if len(rounds) < 3:
+def print_summary(summaries, rounds, service_settings, args, machine):
+    print(f"\nResNet50 (random weights, seed {MODEL_SEED}); {args.rounds} rounds of "
+          f"{args.phase_seconds:g} s phases (+{args.warmup_seconds:g} s warm-up); medians over "
+          f"rounds\nmachine: {machine['cpu']} (family {machine['cpu_family']}, model "
+          f"{machine['cpu_model']}; {' '.join(machine['vector_flags'])}), {machine['cores']} cores"
+          f"; keras {machine['keras']} ({machine['keras_backend']}), tensorflow "
+          f"{machine['tensorflow']}, openvino {machine['openvino']}")
+    for runtime in rounds:
+        summary, used = summaries[runtime], service_settings[runtime]
+        knobs = " ".join(f"{name}={used[name]}" for name in KNOBS if name in used)
+        print(f"\n== RUNTIME={runtime} on {used['device']}; service: {knobs}")
+        print("bare model   batch  img/s")
+        for size, img_per_s in summary["bare_img_per_s"].items():
+            print(f"             {size:>5}  {img_per_s:6.1f}")
+        per_round = " ".join(fmt(r["ratio"], ".3f") for r in rounds[runtime])
+        print(f"(a) bare model, best                 {fmt(summary['bare_best_img_per_s'])} img/s\n"
+              f"(a) bare model, batch-1 latency      {fmt(summary['bare_batch1_ms'])} ms\n"
+              f"(b) service at concurrency {used['concurrency']:<9} "
+              f"{fmt(summary['service_img_per_s'])} img/s (mean batch "
+              f"{fmt(summary['service_mean_batch_size'])})\n"
+              f"(c) service at concurrency 1, median {fmt(summary['service_c1_median_ms'])} ms\n"
+              f"(d) service, open loop at 2x (a)     {fmt(summary['service_overload_img_per_s'])} "
+              f"img/s answered\n"
+              f"(b) / best (a)                       {fmt(summary['ratio'], '.3f')} "
+              f"(rounds: {per_round})\n"
+              f"(d) / best (a)                       {fmt(summary['overload_ratio'], '.3f')}\n"
+              f"(c) - bare batch-1 latency           {fmt(summary['latency_overhead_ms'])} ms\n"
+              f"failed requests                      {summary['failed']} (and "
+              f"{summary['overload_other_failures']} under overload other than 503)")
+    if "cross_runtime" in summaries:
+        print(f"\nservice with OpenVINO / best bare Keras: "
+              f"{fmt(summaries['cross_runtime'], '.3f')}")
+    if args.rounds < 3:
         print("note: fewer than 3 rounds; medians do not smooth out the machine's drift")
 
 
@@ -406,6 +457,12 @@ def parse_args(argv):
                              "sizes together (20)")
     parser.add_argument("--warmup-seconds", type=float, default=5.0,
                         help="unmeasured start of each service load (5)")
+    parser.add_argument("--runtimes", type=lambda text: text.split(","),
+                        default=["keras", "openvino"],
+                        help="runtimes to measure, bare and served (keras,openvino)")
+    parser.add_argument("--overload-factor", type=float, default=2.0,
+                        help="(d)'s open-loop rate as a multiple of the bare model's best (2; 0: "
+                             "no (d), e.g. where one client process cannot send that many)")
     parser.add_argument("--batch-size", type=int, help="BATCH_SIZE of the service")
     parser.add_argument("--batch-timeout-ms", type=float, help="BATCH_TIMEOUT_MS of the service")
     parser.add_argument("--concurrency", type=int, help="clients at saturation (at least "
@@ -446,7 +503,11 @@ def main(argv=None):
                       recommended=best)
     else:
         rounds, service_settings = run_rounds(args, workdir)
-        summary = summarize_rounds(rounds)
+        summary = {runtime: summarize_rounds(r) for runtime, r in rounds.items()}
+        if {"keras", "openvino"} <= rounds.keys():
+            summary["cross_runtime"] = statistics.median(
+                o["service_img_per_s"] / k["bare_best_img_per_s"]
+                for k, o in zip(rounds["keras"], rounds["openvino"]) if o["service_img_per_s"])
         print_summary(summary, rounds, service_settings, args, result)
         print(f"plot of the last saturation phase: {args.plot}")
         result.update(settings=service_settings, plot=Path(args.plot).name, rounds_run=len(rounds),

@@ -115,7 +115,7 @@ def test_failures_exit_non_zero_unless_allowed(tiny_service, web_without_worker,
 
 def record(end_s, ok=True, inference_ms=100.0, latency_ms=500.0):
     return {"t_s": end_s - latency_ms / 1000, "latency_ms": latency_ms, "ok": ok,
-            "inference_ms": inference_ms, "batch_size": None}
+            "status": 200 if ok else 0, "inference_ms": inference_ms, "batch_size": None}
 
 
 def batches(ends_and_sizes, spread_s=0.004):
@@ -157,10 +157,15 @@ def test_round_figures_and_their_medians():
 
     saturated = report(batches([(1.0 + k, 11) for k in range(8)]))  # 11 img/s
     single = report([record(t, latency_ms=120.0) for t in (0.5, 6.0, 6.2, 6.4)])
-    rounds = [round_figures(bare(scale), saturated, single, 0.9, 20.0) for scale in (1.0, 1.1, 0.9)]
+    refused = [dict(record(1.0 + k / 10), ok=False, status=503) for k in range(30)]
+    overloaded = report(batches([(1.0 + k, 10) for k in range(8)]) + refused)  # 10 img/s
+    rounds = [round_figures(bare(scale), saturated, single, overloaded, 0.9, 20.0)
+              for scale in (1.0, 1.1, 0.9)]
 
     assert rounds[0]["bare_best_batch_size"] == 16
     assert rounds[0]["ratio"] == pytest.approx(11 / 12, rel=0.01)
+    assert rounds[0]["overload_ratio"] == pytest.approx(10 / 12, rel=0.01)
+    assert rounds[0]["overload_refused"] == 30 and rounds[0]["overload_other_failures"] == 0
     assert rounds[0]["latency_overhead_ms"] == pytest.approx(20.0)
     summary = summarize_rounds(rounds)
     assert summary["bare_best_img_per_s"] == pytest.approx(12.0)
