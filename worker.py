@@ -389,18 +389,21 @@ def input_shape(classifier):
 # BATCH_SIZE=auto: sizes 1, 2, 4, ... are added while one round of them takes at most
 # AUTO_ROUND_S; AUTO_ROUNDS interleaved rounds time them all. Start-up pays at most about
 # (AUTO_ROUNDS + 2) x AUTO_ROUND_S (two untimed passes per size first).
-AUTO_ROUNDS = 5
+AUTO_ROUNDS = 7
 AUTO_ROUND_S = 2.0
-AUTO_TOLERANCE = 0.02  # sizes this close to the best median throughput count as tied
+AUTO_TOLERANCE = 0.03  # sizes this close to the best median throughput count as tied
 
 
 def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
-    """Time batch sizes in interleaved rounds; the smallest size whose median images/s is within
-    AUTO_TOLERANCE of the best wins (the same speed with shorter batches).
+    """Time batch sizes in interleaved rounds; the largest size whose median images/s is within
+    AUTO_TOLERANCE of the best wins.
 
     Rounds alternate their order, so a drift of the machine's speed touches every size alike, and
-    medians over rounds ignore a stall in one of them: a single noisy timing cannot decide. Sizes
-    stop at largest, at a batch slower than time_limit_s, or when a round would pass AUTO_ROUND_S.
+    medians over rounds ignore a stall in one of them. Medians still differ by a few per cent
+    between sizes of equal speed, and the sizes that are truly slower are the small ones, where
+    throughput still climbs steeply: taking the largest of the tied sizes keeps the choice on the
+    plateau, where a noisy timing can only swap sizes of the same speed. Sizes stop at largest, at
+    a batch slower than time_limit_s, or when a round would pass AUTO_ROUND_S.
     """
     rng = np.random.default_rng(0)
     batches, round_s = {}, 0.0
@@ -419,7 +422,7 @@ def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
             rates[n].append(n / time_call(classifier.predict_batch, batches[n]))
     medians = {n: statistics.median(r) for n, r in rates.items()}
     best = max(medians.values())
-    chosen = min(n for n in medians if medians[n] >= (1 - AUTO_TOLERANCE) * best)
+    chosen = max(n for n in medians if medians[n] >= (1 - AUTO_TOLERANCE) * best)
     log.info("BATCH_SIZE=auto chose %d; medians of %d rounds:\n%s", chosen, AUTO_ROUNDS,
              "\n".join(f"  {n:4d} images  {n / rate * 1000:8.1f} ms  {rate:8.1f} img/s  "
                        f"{rate / best:6.3f} of the best{'  <- chosen' if n == chosen else ''}"

@@ -190,8 +190,8 @@ def test_auto_batch_size_is_measured_logged_and_reported(service, tiny_model, re
     worker = service.worker(BATCH_SIZE="auto", **tiny_settings(tiny_model))
     chosen = worker_stats(redis_client, keys)[str(worker.pid)]["batch_size"]
     log = worker.log_path.read_text()
-    assert chosen.isdigit() and f"BATCH_SIZE=auto chose {chosen}; medians of 5 rounds" in log
-    table = log.split("medians of 5 rounds:")[1]
+    assert chosen.isdigit() and f"BATCH_SIZE=auto chose {chosen}; medians of 7 rounds" in log
+    table = log.split("medians of 7 rounds:")[1]
     assert re.search(rf"^ +{chosen} images .* img/s .*<- chosen$", table, re.M)
 
 
