@@ -56,7 +56,8 @@ return redis.call('RPUSH', KEYS[1], ARGV[1])
 """
 
 # Moves up to ARGV[1] jobs from the queue into a processing list in one atomic step, so two
-# workers can never claim the same job and a claimed job is always somewhere in Redis.
+# workers can never claim the same job and a claimed job is always somewhere in Redis. It (re)sets
+# the processing list's expiry: claim_batch's last call is always this script.
 CLAIM_MORE = """
 local claimed = {}
 for i = 1, tonumber(ARGV[1]) do
@@ -64,7 +65,7 @@ for i = 1, tonumber(ARGV[1]) do
   if not job then break end
   claimed[#claimed + 1] = job
 end
-if #claimed > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 return claimed
 """
 
@@ -161,7 +162,7 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
                             int(claim_ttl_s))
         remaining = time_to_fill(len(batch)) if len(batch) < batch_size else 0
         if remaining <= 0:
-            break
+            return batch
         # A push wakes a blocked client at once, but Redis ends a blocking wait that times out
         # only on its clock tick (10 Hz by default): a 5 ms BLMOVE would take 100 ms. So the last
         # 100 ms of a wait are polled every millisecond (a few calls for a typical window).
@@ -171,8 +172,6 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
             batch += [job] if job is not None else []
         else:
             time.sleep(min(remaining, 0.001))
-    redis.expire(processing, int(claim_ttl_s))
-    return batch
 
 
 def claimed_jobs(redis, keys, worker_id):
