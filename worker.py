@@ -57,7 +57,8 @@ class ModelWorker:
                 "version": self.classifier.version, "weights": self.classifier.weights,
                 "labels": len(self.classifier.labels),
                 "preprocess": self.classifier.preprocess_name, "batch_size": self.batch_size,
-                "device": self.device, "runtime": self.classifier.runtime, "warm": int(self.warm and not self.stopping.is_set()),
+                "device": self.device, "runtime": self.classifier.runtime,
+                "warm": int(self.warm and not self.stopping.is_set()),
                 "input_shape": ",".join(map(str, self.input_shape)),
                 "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
                 **self.stats}

@@ -1,7 +1,10 @@
-"""The worker's parts that need no process: its drain meter, with a clock the test turns."""
+"""The worker's parts that need no process: its drain meter and arrival rate, with a clock the test
+turns."""
+import threading
+
 import pytest
 
-from worker import DrainMeter
+from worker import ArrivalRate, DrainMeter
 
 
 class Clock:
@@ -40,3 +43,28 @@ def test_the_rate_follows_the_last_batches():
         clock.now += seconds
         meter.finish(started, 5)
     assert meter.rate() == pytest.approx(10 / 0.5)
+
+
+def test_arrival_rate_counts_the_last_second_and_the_batch_being_filled():
+    clock = Clock()
+    arrivals = ArrivalRate(horizon_s=1.0, clock=clock)
+    assert arrivals.per_second() == 0 and arrivals.per_second(1) == 1
+    arrivals.note(3)
+    clock.now += 0.5
+    arrivals.note(2)
+    assert arrivals.per_second() == 5 and arrivals.per_second(2) == 7
+    clock.now += 0.6  # the first 3 are now older than a second
+    assert arrivals.per_second() == 2
+
+
+def test_wait_idle_returns_when_the_last_running_pass_ends():
+    meter = DrainMeter()
+    assert meter.wait_idle(0)
+    first, second = meter.start(), meter.start()
+    assert not meter.wait_idle(0.01)
+    meter.finish(first, 1)
+    assert not meter.wait_idle(0.01)  # the other pass still runs
+    ended = threading.Timer(0.05, meter.finish, (second, 1))
+    ended.start()
+    assert meter.wait_idle(5)
+    ended.join()
