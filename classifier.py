@@ -2,7 +2,6 @@
 
 Only the model worker imports this module: the web tier never pays for importing TensorFlow.
 """
-import contextlib
 import hashlib
 import json
 import logging
@@ -57,12 +56,9 @@ class Classifier:
                                  f"{len(labels)} labels were given")
         self.model = model
         self.forward = model.predict_on_batch  # float32 batch in, probabilities out
+        if keras_backend() == "jax":
+            self.forward = padded_in_turns(self.forward)
         self.runtime = "keras"
-        on_jax = keras_backend() == "jax"
-        self.pad_batches = on_jax
-        # Keras on JAX swaps the model's state arrays during a call: two lanes calling at once
-        # fail ("Array has been deleted"), so there forward passes take turns.
-        self.turns = threading.Lock() if on_jax else contextlib.nullcontext()
         self.labels = labels
         self.preprocess = preprocessing(preprocess)
         self.preprocess_name = preprocess
@@ -75,14 +71,7 @@ class Classifier:
     def predict_batch(self, pixels):
         """Class probabilities for a uint8 batch of shape (n, height, width, channels)."""
         inputs = self.preprocess(pixels.astype(np.float32))
-        if self.pad_batches:
-            # JAX compiles the model again for every new batch size (seconds each): padded to a
-            # power of two, a worker meets a handful of sizes, all compiled while it warms up.
-            padded = 1 << (len(inputs) - 1).bit_length()
-            inputs = np.concatenate([inputs, np.zeros((padded - len(inputs), *inputs.shape[1:]),
-                                                      inputs.dtype)])
-        with self.turns:
-            probabilities = np.asarray(self.forward(inputs))[:len(pixels)]
+        probabilities = np.asarray(self.forward(inputs))
         if probabilities.shape != (len(pixels), len(self.labels)):
             raise RuntimeError(f"model returned shape {probabilities.shape} for "
                                f"{len(pixels)} inputs")
@@ -174,6 +163,23 @@ def load_labels(path):
     return [entry[-1] if isinstance(entry, list) else str(entry) for entry in entries]
 
 
+def padded_in_turns(forward):
+    """A forward pass fit for Keras on JAX: batches padded to a power of two, one at a time.
+
+    JAX compiles the model again for every new batch size (seconds each): padded, a worker meets a
+    handful of sizes, all compiled while it warms up. And Keras on JAX swaps the model's state
+    arrays during a call: two lanes calling at once fail ("Array has been deleted").
+    """
+    turns = threading.Lock()
+
+    def padded_forward(inputs):
+        size = 1 << (len(inputs) - 1).bit_length()
+        padding = np.zeros((size - len(inputs), *inputs.shape[1:]), inputs.dtype)
+        with turns:
+            return np.asarray(forward(np.concatenate([inputs, padding])))[:len(inputs)]
+    return padded_forward
+
+
 def keras_backend():
     """The backend Keras runs on (KERAS_BACKEND): tensorflow unless set otherwise."""
     import keras
@@ -196,7 +202,6 @@ def use_openvino(classifier, key, threads, cache_dir, required):
         log.warning("serving %s with Keras, not OpenVINO: %s", classifier.name, exc)
         return
     classifier.forward, classifier.runtime = forward, "openvino"
-    classifier.pad_batches, classifier.turns = False, contextlib.nullcontext()
     classifier.model = None  # the Keras copy's memory is not needed any more
 
 

@@ -1,6 +1,8 @@
 """classifier.py's runtimes: OpenVINO computes what Keras computes, and a model it cannot convert
 gets the documented behaviour (RUNTIME=openvino refuses, RUNTIME=auto serves with Keras)."""
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -91,3 +93,23 @@ def test_a_conversion_that_disagrees_with_keras_is_refused(tmp_path):
 
     with pytest.raises(ModelLoadError, match="differs from Keras by up to 1.0e-03"):
         classifier.check_agreement(model, off_by_a_little)
+
+
+def test_keras_on_jax_gets_batches_padded_to_a_power_of_two_one_at_a_time():
+    sizes, running, most_at_once = [], [], []
+
+    def forward(inputs):  # a stand-in forward pass that records how it was called
+        running.append(1)
+        most_at_once.append(len(running))
+        time.sleep(0.01)  # long enough for the other threads to call in
+        running.pop()
+        sizes.append(len(inputs))
+        return inputs.sum(axis=(1, 2, 3)) + np.arange(len(inputs))
+
+    padded = classifier.padded_in_turns(forward)
+    inputs = np.ones((3, 2, 2, 1), np.float32)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(padded, [inputs] * 8))
+
+    assert sizes == [4] * 8 and max(most_at_once) == 1
+    assert all(np.array_equal(result, [4.0, 5.0, 6.0]) for result in results)
