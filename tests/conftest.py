@@ -97,8 +97,8 @@ def keys():
     return Keys(QUEUE)
 
 
-def descendants(pid):
-    """Pids of every process below `pid`, whatever its session (Linux /proc)."""
+def parent_pids():
+    """{pid: parent pid} of every process, unreaped ones too (Linux /proc)."""
     parents = {}
     for entry in os.listdir("/proc"):
         try:
@@ -106,6 +106,17 @@ def descendants(pid):
                 parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
         except (ValueError, OSError):
             continue
+    return parents
+
+
+def children_of(pid):
+    """Pids of the processes `pid` started and has not yet reaped."""
+    return [child for child, parent in parent_pids().items() if parent == pid]
+
+
+def descendants(pid):
+    """Pids of every process below `pid`, whatever its session."""
+    parents = parent_pids()
     found, frontier = [], [pid]
     while frontier:
         children = [child for child, parent in parents.items() if parent in frontier]
@@ -241,15 +252,6 @@ def service(redis_server, redis_client, tmp_path):
     processes = Processes(redis_server["url"], tmp_path)
     yield processes
     processes.stop_all()
-
-
-def children_of(pid):
-    """Pids of the processes `pid` started and has not yet reaped (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as listing:
-            return [int(child) for child in listing.read().split()]
-    except FileNotFoundError:
-        return []
 
 
 @pytest.fixture

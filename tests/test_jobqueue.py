@@ -18,11 +18,12 @@ def push(redis_client, keys, count, deadline_s=30):
 
 def window(seconds):
     """A claim_batch time_to_fill that waits out a fixed fill window from its first job on."""
-    end = []
+    end = None
 
     def time_to_fill(claimed):
-        end[:] = end or [time.monotonic() + seconds]
-        return end[0] - time.monotonic()
+        nonlocal end
+        end = end or time.monotonic() + seconds
+        return end - time.monotonic()
     return time_to_fill
 
 
