@@ -128,7 +128,15 @@ class Keys:
     def __init__(self, queue):
         self.queue = queue
         self.workers = f"{queue}:workers"
-        self.model = f"{queue}:model"  # the model every worker should serve, set by `reload`
+        # The model rollouts (see rollout.py): the model every worker should serve, the
+        # accepted versions (newest last, for start-ups and --rollback), the rollouts' counter,
+        # and each rollout's refusals by worker.
+        self.model = f"{queue}:model"
+        self.model_history = f"{queue}:model:history"
+        self.model_rollouts = f"{queue}:model:rollouts"
+
+    def refusals(self, rollout):
+        return f"{self.queue}:model:refusals:{rollout}"
 
     def result(self, job_id):
         return f"{self.queue}:result:{job_id}"

@@ -237,15 +237,81 @@ def remove_worker(redis, keys, worker_id):
     requeue_claims(redis, keys, worker_id)
 
 
-def set_wanted_model(redis, keys, spec):
-    """Ask every worker on this queue to serve the model described by `spec` (see `reload`).
+# --- Model rollouts (rollout.py) ----------------------------------------------------------
+# The records are configuration, not request data: they have no TTL (a refusal keeps a day).
 
-    The record is configuration, not request data: it has no TTL, and workers started later
-    serve it too.
-    """
-    redis.hset(keys.model, mapping=spec)
+HISTORY_LENGTH = 10
+REFUSAL_TTL_S = 24 * 3600
+
+
+def propose_model(redis, keys, spec):
+    """Make `spec` the model every worker should serve, under a new rollout number."""
+    rollout = redis.incr(keys.model_rollouts)
+    pipe = redis.pipeline(transaction=True)
+    pipe.delete(keys.model)
+    pipe.hset(keys.model, mapping={**spec, "rollout": rollout})
+    pipe.execute()
+    return rollout
 
 
 def wanted_model(redis, keys):
-    """The model spec set by the last `reload`, or None."""
-    return redis.hgetall(keys.model) or None
+    """(spec, rollout number) of the model workers should serve; (None, 0) before any."""
+    record = redis.hgetall(keys.model)
+    if not record:
+        return None, 0
+    rollout = int(record.pop("rollout", 0))
+    return record, rollout
+
+
+def restore_model(redis, keys, rollout, spec):
+    """Take back rollout number `rollout`: propose `spec` (None: forget the wanted model) unless a
+    later rollout has begun meanwhile. Returns the new rollout number, or None if one had."""
+    def restore(pipe):
+        if wanted_model(pipe, keys)[1] != rollout:
+            return None
+        new = int(pipe.get(keys.model_rollouts) or 0) + 1 if spec is not None else 0
+        pipe.multi()
+        pipe.delete(keys.model)
+        if spec is not None:
+            pipe.set(keys.model_rollouts, new)
+            pipe.hset(keys.model, mapping={**spec, "rollout": new})
+        return new
+
+    return redis.transaction(restore, keys.model, keys.model_rollouts, value_from_callable=True)
+
+
+def accepted_models(redis, keys):
+    """The accepted model specs, oldest first."""
+    return [json.loads(item) for item in redis.lrange(keys.model_history, 0, -1)]
+
+
+def accept_model(redis, keys, spec):
+    """Record `spec` as the newest accepted model (kept: the last HISTORY_LENGTH)."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.rpush(keys.model_history, json.dumps(spec, sort_keys=True))
+    pipe.ltrim(keys.model_history, -HISTORY_LENGTH, -1)
+    pipe.execute()
+
+
+def accept_first_model(redis, keys, spec):
+    """Record `spec` as accepted if nothing is: the version the first worker started with."""
+    if not redis.exists(keys.model_history):
+        accept_model(redis, keys, spec)
+
+
+def forget_newest_model(redis, keys):
+    """Drop the newest accepted model (after a rollback to the one before it)."""
+    redis.rpop(keys.model_history)
+
+
+def refuse_model(redis, keys, rollout, worker, reason):
+    """Record that `worker` refused rollout number `rollout`, and why."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.refusals(rollout), worker, reason)
+    pipe.expire(keys.refusals(rollout), REFUSAL_TTL_S)
+    pipe.execute()
+
+
+def refusals(redis, keys, rollout):
+    """{worker: reason} of the workers that refused rollout number `rollout`."""
+    return redis.hgetall(keys.refusals(rollout))

@@ -3,12 +3,16 @@
 The web tier runs as several gunicorn processes: gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR,
 each process writes its samples there, and /metrics adds them up. Queue depth and live workers are
 read from Redis when /metrics is scraped, so every web instance reports the same, current values.
-A model worker serves its own metrics (batch sizes, forward passes) on WORKER_METRICS_PORT.
+A model worker's supervisor serves on WORKER_METRICS_PORT the metrics (batch sizes, forward
+passes) of its model processes, which write them to a folder of their own the same way.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest,
-                               multiprocess)
+                               multiprocess, start_http_server)
 from prometheus_client.core import GaugeMetricFamily
 
 import jobqueue
@@ -59,3 +63,13 @@ def web_metrics(store, keys):
     else:
         processes = REGISTRY
     return generate_latest(processes) + generate_latest(queue)
+
+
+def serve_model_metrics(port):
+    """Serve on `port` the samples of the model processes this process starts from now on."""
+    folder = tempfile.mkdtemp(prefix="keras-model-metrics-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # the children inherit it
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=folder)
+    start_http_server(port, registry=registry)

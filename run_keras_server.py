@@ -4,6 +4,7 @@
     python run_keras_server.py web      # the web tier alone (gunicorn run_keras_server:app)
     python run_keras_server.py model    # one model worker; start several on one queue to scale
     python run_keras_server.py reload --model PATH --version V   # switch workers, no downtime
+    python run_keras_server.py reload --rollback                   # back to the version before
 
 A request travels: /predict decodes the upload into uint8 pixels, pushes one JSON job onto the
 IMAGE_QUEUE list and blocks on its result list; a model worker claims up to BATCH_SIZE jobs, runs
@@ -30,6 +31,7 @@ import metrics
 import settings
 from helpers import Keys, ServiceError, decode_image, decoding_bytes, encode_array, open_image
 from jobqueue import REDIS_ERRORS, connect_redis
+from rollout import run_model_process, run_reload, run_supervisor
 from webserver import ARRIVED_AT, ClientGone, DecodeBudget, client_watch, off_loop
 
 log = logging.getLogger("keras_server")
@@ -325,42 +327,11 @@ class WorkerView:
 
 
 def run_model_worker(args=None):
-    """The `model` command: load the model (or exit saying why), warm up, serve until signalled."""
-    from prometheus_client import start_http_server
-
-    from classifier import ModelLoadError
-    from worker import ModelWorker, load_model, model_spec_from_settings
-
-    store = connect_redis()
-    try:
-        spec = jobqueue.wanted_model(store, Keys(settings.IMAGE_QUEUE))
-    except REDIS_ERRORS:
-        spec = None  # the worker waits for Redis in its loop; the settings name the model
-    try:
-        classifier = load_model(spec or model_spec_from_settings())
-    except ModelLoadError as exc:
-        log.error("%s", exc)
-        return 2
+    """The `model` command: a supervisor that serves the wanted model from a child process and
+    rolls out reloads (see rollout.py); exits 2 if no model loads."""
     if settings.WORKER_METRICS_PORT:
-        start_http_server(settings.WORKER_METRICS_PORT)
-    worker = ModelWorker(store, classifier)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: worker.stopping.set())
-    worker.run()
-    return 0
-
-
-def run_reload(args):
-    """The `reload` command: every worker on IMAGE_QUEUE loads, warms up and switches to a model.
-
-    Workers keep serving the old version until the new one is warm, then switch between two
-    batches; answers name the version that computed them (X-Model-Version).
-    """
-    spec = {"model": args.model, "weights": args.weights, "labels": args.labels,
-            "preprocess": args.preprocess, "version": args.version}
-    jobqueue.set_wanted_model(connect_redis(), Keys(settings.IMAGE_QUEUE), spec)
-    log.info("asked the workers on %s to serve %s", settings.IMAGE_QUEUE, spec)
-    return 0
+        metrics.serve_model_metrics(settings.WORKER_METRICS_PORT)
+    return run_supervisor()
 
 
 # --- Running the processes ------------------------------------------------------------------
@@ -461,16 +432,26 @@ def main(argv=None):
                                     "worker and the web server")
     commands.add_parser("web", help="the web tier under gunicorn")
     commands.add_parser("model", help="one model worker")
-    reload = commands.add_parser("reload", help="switch every worker to another model version")
-    reload.add_argument("--model", required=True, help="resnet50, mobilenet_v2 or a .keras/.h5 path")
-    reload.add_argument("--version", required=True, help="version name shown in the answers")
+    child = commands.add_parser("model-process", help="(started by `model`) one model version")
+    child.add_argument("fd", type=int, help="the socket to the supervisor")
+    reload = commands.add_parser("reload", help="switch every worker to another model version, "
+                                 "once checked; exits non-zero, saying why, if any worker refuses")
+    reload.add_argument("--model", help="resnet50, mobilenet_v2 or a .keras/.h5 path")
+    reload.add_argument("--version", help="version name shown in the answers")
     reload.add_argument("--weights", default=settings.MODEL_WEIGHTS, help="as MODEL_WEIGHTS")
     reload.add_argument("--labels", default=settings.LABELS, help="as LABELS")
     reload.add_argument("--preprocess", default=settings.PREPROCESS, help="as PREPROCESS")
+    reload.add_argument("--rollback", action="store_true",
+                        help="instead: back to the accepted version before the current one")
+    reload.add_argument("--timeout-s", type=float, default=600,
+                        help="how long every worker may take to load and warm up (600)")
     args = parser.parse_args(argv)
+    if args.command == "reload" and not args.rollback and not (args.model and args.version):
+        parser.error("reload needs --model and --version, or --rollback")
     logging.basicConfig(level=settings.LOG_LEVEL,
                         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    run = {"web": run_web, "model": run_model_worker, "reload": run_reload}
+    run = {"web": run_web, "model": run_model_worker, "reload": run_reload,
+           "model-process": lambda args: run_model_process(args.fd)}
     return run.get(args.command, lambda _: run_all())(args)
 
 

@@ -1,19 +1,20 @@
 """The model worker: claims batches from the queue, one forward pass per batch, answers every job.
 
-The loop reads as a sentence: claim a batch, decode, predict, store the results. Everything it
-touches (Redis, the classifier) is handed in, so tests run the real loop against a real Redis.
+Three parts, each readable alone:
+- `process_batch`: a claimed batch in, every job's answer out. Pure: no Redis, no clock of its own.
+- `Heartbeat`: tells the web tier and the other workers that this one is alive and how it does,
+  and re-queues the jobs of workers that stopped beating.
+- `ModelWorker`: the lanes that claim a batch, process it and store the results, until SIGTERM.
+Loading a model, warming it up and choosing the batch size are classifier.py's; switching between
+model versions is rollout.py's (each version runs in a process of its own).
 """
 import binascii
 import collections
 import json
 import logging
-import os
-import socket
-import statistics
-import sys
 import threading
 import time
-import uuid
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,101 +27,85 @@ from jobqueue import REDIS_ERRORS
 log = logging.getLogger("keras_server.worker")
 
 
-class ModelWorker:
-    """Claims batches from the queue, runs one forward pass per batch, answers every job."""
+# --- One batch ------------------------------------------------------------------------------
 
-    def __init__(self, store, classifier):
-        self.store = store
-        self.keys = Keys(settings.IMAGE_QUEUE)
-        self.classifier = classifier
-        self.batch_size = settings.BATCH_SIZE  # "auto" until warm_up measures it
-        self.batch_timeout_s = settings.BATCH_TIMEOUT_MS / 1000.0
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.input_shape = input_shape(classifier)
-        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0, "requeued": 0}
-        self.meter = DrainMeter()
-        self.arrivals = ArrivalRate()
-        self.warm = False
-        self.next_classifier, self.loading_version = None, None
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()  # SIGTERM: claim no more, finish the batches in hand
-        self.drained = threading.Event()  # every lane has finished: stop beating
-        # One lane claims at a time, so a backlog is taken as full batches and a lane can tell
-        # which claimed jobs no lane holds (left by a claim whose reply was lost).
-        self.claim_lock = threading.Lock()
-        self.held = set()  # payloads of the batches the lanes hold
-        self.claims_unsure = False  # a lane failed: the processing list may hold jobs no lane has
+class BatchOutcome(NamedTuple):
+    results: dict  # job id -> result record (predictions, or an error and its status)
+    expired: list  # ids of jobs dropped unanswered: their deadline passes before the pass ends
+    failed: int  # jobs answered with an error by a failed forward pass
+    forward_s: float  # seconds of the forward pass (0 if none ran)
+
+
+def process_batch(classifier, jobs, now, pass_s=0.0, clock=time.perf_counter):
+    """Every job's answer for one claimed batch, from one forward pass.
+
+    now: the claim's wall-clock time (queue waits are measured to it); pass_s: how long a forward
+    pass takes lately. A job whose deadline falls before now + pass_s is dropped unanswered (its
+    client gets 504 without the model spending time on it); a job that does not decode gets a 400
+    record; a failed forward pass gets every job a 500 record.
+    """
+    valid, pixels, results = [], [], {}
+    expired = [job["id"] for job in jobs if job["deadline"] <= now + pass_s]
+    for job in jobs:
+        if job["id"] in expired:
+            continue
+        try:
+            pixels.append(decode_job(job, classifier.input_shape))
+        except (ValueError, TypeError, binascii.Error) as exc:
+            results[job["id"]] = {"error": f"cannot decode the queued image: {exc}",
+                                  "status": 400}
+            continue
+        valid.append(job)
+    if not valid:
+        return BatchOutcome(results, expired, 0, 0.0)
+    started = clock()
+    try:
+        probabilities = classifier.predict_batch(np.stack(pixels))
+    except Exception as exc:
+        log.exception("forward pass failed for a batch of %d", len(valid))
+        results.update({job["id"]: {"error": f"inference failed: {exc}", "status": 500}
+                        for job in valid})
+        return BatchOutcome(results, expired, len(valid), clock() - started)
+    forward_s = clock() - started
+    for job, row in zip(valid, probabilities):
+        results[job["id"]] = {
+            "predictions": classifier.top_predictions(row, job["top_k"]),
+            "batch_size": len(valid),
+            "inference_ms": forward_s * 1000,
+            "queue_wait_ms": max(0.0, now - job["enqueued_at"]) * 1000,
+            "model_version": classifier.version,
+        }
+    return BatchOutcome(results, expired, 0, forward_s)
+
+
+def decode_job(job, input_shape):
+    """A job's pixels, checked against the model's input shape."""
+    pixels = decode_array(job["image"], job["shape"])
+    if pixels.shape != tuple(input_shape):
+        raise ValueError(f"shape {tuple(pixels.shape)} is not the model's {tuple(input_shape)}")
+    return pixels
+
+
+# --- Heartbeats -----------------------------------------------------------------------------
+
+class Heartbeat:
+    """Publishes this worker's heartbeat every HEARTBEAT_INTERVAL_S and re-queues the claimed
+    jobs of workers whose heartbeat expired (any live worker may: the first to see one does)."""
+
+    def __init__(self, store, keys, worker_id, fields):
+        self.store, self.keys, self.worker_id = store, keys, worker_id
+        self.fields = fields  # callable: this worker's state, as heartbeat fields
+        self.requeued = 0
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
 
-    def heartbeat_fields(self):
-        return {"id": self.id, "pid": os.getpid(), "model": self.classifier.name,
-                "version": self.classifier.version, "weights": self.classifier.weights,
-                "labels": len(self.classifier.labels),
-                "preprocess": self.classifier.preprocess_name, "batch_size": self.batch_size,
-                "device": self.device, "runtime": self.classifier.runtime,
-                "warm": int(self.warm and not self.stopping.is_set()),
-                "input_shape": ",".join(map(str, self.input_shape)),
-                "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
-                **self.stats}
-
     def beat(self):
-        """Publish a heartbeat and re-queue the jobs of workers that stopped beating.
-
-        Any error is logged and raised: keep_beating backs off and tries again.
-        """
-        jobqueue.publish_heartbeat(self.store, self.keys, self.id, self.heartbeat_fields(),
+        """Publish a heartbeat, then re-queue orphaned jobs; raises what Redis raises."""
+        jobqueue.publish_heartbeat(self.store, self.keys, self.worker_id,
+                                   {**self.fields(), "requeued": self.requeued},
                                    settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
         requeued = jobqueue.requeue_orphans(self.store, self.keys)
-        self.count(requeued=requeued)
+        self.requeued += requeued
         metrics.REQUEUED.inc(requeued)
-        self.follow_reloads()
-
-    def follow_reloads(self):
-        """Start loading the model that `reload` asked for, if it is not the one served."""
-        spec = jobqueue.wanted_model(self.store, self.keys)
-        if not self.warm or not spec or spec["version"] in (self.classifier.version,
-                                                           self.loading_version):
-            return
-        self.loading_version = spec["version"]
-        threading.Thread(target=self.load_next, args=(spec,), name="reload", daemon=True).start()
-
-    def load_next(self, spec):
-        """Load and warm up the next model beside the one serving; the loop swaps between batches.
-
-        A model with another input shape is refused: jobs already queued were resized for this
-        one. Serve such a model on a queue of its own.
-        """
-        # Loading and tracing hold the CPU and the GIL for long stretches: this thread yields the
-        # CPU to the serving lanes (Linux sets nice per thread) and the GIL changes hands every
-        # 0.5 ms instead of 5, so a reload does not stall the requests being served.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(0.0005)
-        try:
-            candidate = load_model(spec)
-            shape = input_shape(candidate)
-            if shape != self.input_shape:
-                raise ValueError(f"its input {shape} differs from the served {self.input_shape}")
-            for size in sorted({1, self.batch_size}):
-                candidate.predict_batch(np.zeros((size, *shape), np.uint8))
-        except Exception as exc:  # a bad model must never stop the one serving
-            log.error("reload to version %s refused: %s", spec["version"], exc)
-            return
-        finally:
-            sys.setswitchinterval(switch_interval)
-        self.next_classifier = candidate
-        log.info("version %s loaded and warm; switching after the batch in hand", spec["version"])
-
-    def switch_model(self):
-        """Serve the model load_next prepared, from the next batch on."""
-        with self.lock:  # the first lane to see it switches
-            if self.next_classifier is None:
-                return
-            old, self.classifier, self.next_classifier = (self.classifier, self.next_classifier,
-                                                          None)
-        log.info("worker %s now serves version %s (was %s)", self.id, self.classifier.version,
-                 old.version)
-        self.try_beat()
 
     def try_beat(self):
         """beat(), logging instead of raising; False if it failed."""
@@ -132,53 +117,106 @@ class ModelWorker:
                         exc_info=not isinstance(exc, REDIS_ERRORS))
             return False
 
-    def keep_beating(self):
-        """Beat every HEARTBEAT_INTERVAL_S until the lanes have drained, also while they finish
-        their last batches after SIGTERM (a silent worker's claims would be re-queued and computed
-        twice); after a failure, back off (capped)."""
+    def keep_beating(self, until):
+        """Beat every HEARTBEAT_INTERVAL_S until the event `until` is set; after a failure, back
+        off (capped)."""
         backoff = Backoff(first_s=settings.HEARTBEAT_INTERVAL_S, cap_s=max(
             settings.HEARTBEAT_INTERVAL_S, settings.HEARTBEAT_TTL_S / 2))
         delay = settings.HEARTBEAT_INTERVAL_S
-        while not self.drained.wait(delay):
+        while not until.wait(delay):
             if self.try_beat():
                 backoff.reset()
                 delay = settings.HEARTBEAT_INTERVAL_S
             else:
                 delay = backoff.next_delay()
 
-    def warm_up(self):
-        """Forward passes at the batch sizes the loop will meet first (choosing the size when it
-        is `auto`), before taking any job."""
-        if self.batch_size == "auto":
-            self.batch_size = choose_batch_size(self.classifier, self.input_shape,
-                                                settings.REQUEST_TIMEOUT_S / 10)
-        for size in sorted({1, self.batch_size}):
-            self.classifier.predict_batch(np.zeros((size, *self.input_shape), np.uint8))
-        self.warm = True
-        log.info("worker %s warm: model %s, batch size %s, device %s", self.id,
-                 self.classifier.name, self.batch_size, self.device)
+    def stop(self):
+        """Deregister: the heartbeat goes, and anything still claimed goes back on the queue."""
+        try:
+            jobqueue.remove_worker(self.store, self.keys, self.worker_id)
+        except REDIS_ERRORS as exc:
+            log.warning("could not deregister (Redis unreachable): %s", exc)
+
+
+# --- The lanes ------------------------------------------------------------------------------
+
+class ModelWorker:
+    """Claims batches from the queue, runs one forward pass per batch, answers every job.
+
+    The classifier comes warm, with its batch size chosen. `identity` holds the heartbeat fields
+    that name this worker and its model (id, pid, spec, ...).
+    """
+
+    def __init__(self, store, classifier, batch_size, identity):
+        self.store = store
+        self.keys = Keys(settings.IMAGE_QUEUE)
+        self.classifier = classifier
+        self.batch_size = batch_size
+        self.batch_timeout_s = settings.BATCH_TIMEOUT_MS / 1000.0
+        self.identity = identity
+        self.id = identity["id"]
+        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0}
+        self.meter = DrainMeter()
+        self.arrivals = ArrivalRate()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()  # SIGTERM: claim no more, finish the batches in hand
+        self.drained = threading.Event()  # every lane has finished: stop beating
+        self.handing_over = False  # stopping for a warm successor (see stop)
+        self.beating = None
+        # One lane claims at a time, so a backlog is taken as full batches and a lane can tell
+        # which claimed jobs no lane holds (left by a claim whose reply was lost).
+        self.claim_lock = threading.Lock()
+        self.held = set()  # payloads of the batches the lanes hold
+        self.claims_unsure = False  # a lane failed: the processing list may hold jobs no lane has
+        self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
+        self.heartbeat = Heartbeat(store, self.keys, self.id, self.heartbeat_fields)
+
+    def heartbeat_fields(self):
+        classifier = self.classifier
+        with self.lock:
+            stats = dict(self.stats)
+        warm = self.handing_over or not self.stopping.is_set()
+        return {**self.identity, "model": classifier.name, "version": classifier.version,
+                "weights": classifier.weights, "labels": len(classifier.labels),
+                "preprocess": classifier.preprocess_name, "batch_size": self.batch_size,
+                "runtime": classifier.runtime, "warm": int(warm),
+                "input_shape": ",".join(map(str, classifier.input_shape)),
+                "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
+                **stats}
+
+    def start_beating(self):
+        """Publish the first heartbeat, then beat in a thread until leave()."""
+        self.check_redis()
+        self.heartbeat.try_beat()
+        self.beating = threading.Thread(target=self.heartbeat.keep_beating, args=(self.drained,),
+                                        name="heartbeat", daemon=True)
+        self.beating.start()
 
     def run(self):
-        """Serve until SIGTERM/SIGINT: each lane finishes the batch in hand."""
-        from classifier import device_name
-
-        self.device = device_name()
-        self.check_redis()
-        self.try_beat()
-        beating = threading.Thread(target=self.keep_beating, name="heartbeat", daemon=True)
-        beating.start()
-        self.warm_up()
-        self.try_beat()
+        """Serve until stop() (SIGTERM, or a hand-over): each lane finishes the batch in hand."""
+        log.info("worker %s serving: model %s version %s, batch size %s, %s", self.id,
+                 self.classifier.name, self.classifier.version, self.batch_size,
+                 self.identity.get("device"))
         lanes = [threading.Thread(target=self.serve, name=f"lane-{n}")
                  for n in range(settings.BATCHES_IN_FLIGHT)]
         for lane in lanes:
             lane.start()
         for lane in lanes:
             lane.join()
+        log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
+
+    def stop(self, successor=False):
+        """Claim no more jobs; the lanes finish their batches. With a warm successor about to
+        take over, the heartbeat keeps saying warm: the service stays ready throughout."""
+        self.handing_over = successor
         self.stopping.set()
+
+    def leave(self):
+        """Stop beating and deregister (anything still claimed goes back on the queue)."""
         self.drained.set()
-        beating.join()
-        self.leave()
+        if self.beating:
+            self.beating.join()
+        self.heartbeat.stop()
 
     def serve(self):
         """One lane of the worker: claim a batch, answer it, again, until told to stop.
@@ -201,8 +239,6 @@ class ModelWorker:
         processing list holds and no lane has (a failed claim may have moved jobs; a failed
         batch left its jobs there).
         """
-        if self.next_classifier is not None:
-            self.switch_model()
         payloads = []
         try:
             payloads = self.claim()
@@ -262,13 +298,19 @@ class ModelWorker:
                 self.held.difference_update(payloads)
 
     def answer(self, payloads):
-        """Classify one claimed batch and store every job's result.
+        """Process one claimed batch and store every job's result.
 
         While Redis is away the results are retried until the last job's deadline: after it
         nobody waits for them.
         """
         jobs = parse_jobs(payloads)
-        results = self.process(jobs)
+        metered = self.meter.start()
+        outcome = process_batch(self.classifier, jobs, time.time(), self.meter.batch_s())
+        answered = len(jobs) - len(outcome.expired)
+        self.meter.finish(metered, answered)
+        self.account(outcome, answered)
+        results = {job_id: {**result, "worker": self.id}
+                   for job_id, result in outcome.results.items()}
         give_up_at = max((job["deadline"] for job in jobs), default=0)
         backoff = Backoff()
         while True:
@@ -280,73 +322,20 @@ class ModelWorker:
                     raise  # the claims stay: the next claim takes them back, drops them as expired
                 backoff.wait(f"cannot store results ({exc})", None)
 
-    def process(self, jobs):
-        """Results by job id for one batch: predictions, or an error record per failed job.
-
-        Jobs that cannot be answered before their deadline (it passes before a forward pass would
-        end) are dropped unanswered: their clients get 504 without the model spending time on them.
-        """
-        claimed_at = time.time()
-        classifier = self.classifier  # one model for the whole batch, even if a reload lands
-        valid, pixels, results = [], [], {}
-        for job in jobs:
-            if job["deadline"] <= claimed_at + self.meter.batch_s():
-                self.count(expired=1)
-                metrics.EXPIRED.inc()
-                log.info("job %s dropped: it cannot be answered before its deadline", job["id"])
-                continue
-            try:
-                pixels.append(self.decode(job))
-            except (ValueError, TypeError, binascii.Error) as exc:
-                results[job["id"]] = {"error": f"cannot decode the queued image: {exc}",
-                                      "status": 400}
-                continue
-            valid.append(job)
-        if valid:
-            results.update(self.predict(classifier, valid, np.stack(pixels), claimed_at))
-        return results
-
-    def decode(self, job):
-        pixels = decode_array(job["image"], job["shape"])
-        if pixels.shape != self.input_shape:
-            raise ValueError(f"shape {tuple(pixels.shape)} is not the model's {self.input_shape}")
-        return pixels
-
-    def predict(self, classifier, jobs, batch, claimed_at):
-        """One forward pass for the whole batch; a failure answers every job with an error."""
-        started = time.perf_counter()
-        metered = self.meter.start()
-        try:
-            probabilities = classifier.predict_batch(batch)
-        except Exception as exc:
-            log.exception("forward pass failed for a batch of %d", len(jobs))
-            self.count(failed=len(jobs))
-            return {job["id"]: {"error": f"inference failed: {exc}", "status": 500} for job in jobs}
-        finally:
-            self.meter.finish(metered, len(jobs))
-        inference_s = time.perf_counter() - started
-        inference_ms = inference_s * 1000
-        metrics.BATCH_SIZE.observe(len(jobs))
-        metrics.FORWARD_SECONDS.observe(inference_s)
-        self.count(batches=1, jobs=len(jobs))
-        log.debug("batch of %d in %.1f ms", len(jobs), inference_ms)
-        return {
-            job["id"]: {
-                "predictions": classifier.top_predictions(row, job["top_k"]),
-                "batch_size": len(jobs),
-                "inference_ms": inference_ms,
-                "queue_wait_ms": max(0.0, claimed_at - job["enqueued_at"]) * 1000,
-                "worker": self.id,
-                "model_version": classifier.version,
-            }
-            for job, row in zip(jobs, probabilities)
-        }
-
-    def count(self, **increments):
-        """Add to the counters the heartbeat reports; lanes and the heartbeat share them."""
+    def account(self, outcome, answered):
+        """Count a processed batch in the heartbeat's figures and the Prometheus metrics."""
+        for job_id in outcome.expired:
+            log.info("job %s dropped: it cannot be answered before its deadline", job_id)
+        metrics.EXPIRED.inc(len(outcome.expired))
+        if outcome.forward_s and not outcome.failed:
+            metrics.BATCH_SIZE.observe(answered)
+            metrics.FORWARD_SECONDS.observe(outcome.forward_s)
         with self.lock:
-            for name, n in increments.items():
-                self.stats[name] += n
+            self.stats["expired"] += len(outcome.expired)
+            self.stats["failed"] += outcome.failed
+            if outcome.forward_s and not outcome.failed:
+                self.stats["batches"] += 1
+                self.stats["jobs"] += answered
 
     def check_redis(self):
         """Warn when Redis may evict keys: an evicted job or result is a request lost silently."""
@@ -358,83 +347,6 @@ class ModelWorker:
         if policy != "noeviction":
             log.warning("Redis' maxmemory-policy is %s: set noeviction, or jobs and results may be "
                         "evicted under memory pressure and their requests lost", policy)
-
-    def leave(self):
-        try:
-            jobqueue.remove_worker(self.store, self.keys, self.id)
-        except REDIS_ERRORS as exc:
-            log.warning("could not deregister (Redis unreachable): %s", exc)
-        log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
-
-
-def model_spec_from_settings():
-    """The model the settings name; a `reload` recorded in Redis takes precedence over it."""
-    return {"model": settings.MODEL, "weights": settings.MODEL_WEIGHTS, "labels": settings.LABELS,
-            "preprocess": settings.PREPROCESS, "version": settings.MODEL_VERSION}
-
-
-def load_model(spec):
-    """Load the classifier a model spec describes (raises classifier.ModelLoadError)."""
-    from classifier import load_classifier
-
-    return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
-                           settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"],
-                           settings.RUNTIME, settings.OPENVINO_CACHE_DIR)
-
-
-def input_shape(classifier):
-    """(height, width, channels) of a classifier's input."""
-    return classifier.size[1], classifier.size[0], classifier.channels
-
-
-# BATCH_SIZE=auto: sizes 1, 2, 4, ... are added while one round of them takes at most
-# AUTO_ROUND_S; AUTO_ROUNDS interleaved rounds time them all. Start-up pays at most about
-# (AUTO_ROUNDS + 2) x AUTO_ROUND_S (two untimed passes per size first).
-AUTO_ROUNDS = 7
-AUTO_ROUND_S = 2.0
-AUTO_TOLERANCE = 0.03  # sizes this close to the best median throughput count as tied
-
-
-def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
-    """Time batch sizes in interleaved rounds; the largest size whose median images/s is within
-    AUTO_TOLERANCE of the best wins.
-
-    Rounds alternate their order, so a drift of the machine's speed touches every size alike, and
-    medians over rounds ignore a stall in one of them. Medians still differ by a few per cent
-    between sizes of equal speed, and the sizes that are truly slower are the small ones, where
-    throughput still climbs steeply: taking the largest of the tied sizes keeps the choice on the
-    plateau, where a noisy timing can only swap sizes of the same speed. Sizes stop at largest, at
-    a batch slower than time_limit_s, or when a round would pass AUTO_ROUND_S.
-    """
-    rng = np.random.default_rng(0)
-    batches, round_s = {}, 0.0
-    size = 1
-    while size <= largest:
-        batch = rng.integers(0, 256, (size, *input_shape), np.uint8)
-        classifier.predict_batch(batch)  # the first pass at a new shape builds kernels
-        seconds = time_call(classifier.predict_batch, batch)
-        if batches and (seconds > time_limit_s or round_s + seconds > AUTO_ROUND_S):
-            break
-        batches[size], round_s = batch, round_s + seconds
-        size *= 2
-    rates = {n: [] for n in batches}
-    for number in range(AUTO_ROUNDS):
-        for n in (batches if number % 2 == 0 else reversed(batches)):
-            rates[n].append(n / time_call(classifier.predict_batch, batches[n]))
-    medians = {n: statistics.median(r) for n, r in rates.items()}
-    best = max(medians.values())
-    chosen = max(n for n in medians if medians[n] >= (1 - AUTO_TOLERANCE) * best)
-    log.info("BATCH_SIZE=auto chose %d; medians of %d rounds:\n%s", chosen, AUTO_ROUNDS,
-             "\n".join(f"  {n:4d} images  {n / rate * 1000:8.1f} ms  {rate:8.1f} img/s  "
-                       f"{rate / best:6.3f} of the best{'  <- chosen' if n == chosen else ''}"
-                       for n, rate in medians.items()))
-    return chosen
-
-
-def time_call(function, *args):
-    started = time.perf_counter()
-    function(*args)
-    return time.perf_counter() - started
 
 
 def parse_jobs(payloads):

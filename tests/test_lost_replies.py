@@ -123,8 +123,7 @@ def test_jobs_whose_claim_reply_is_lost_are_answered_once_by_the_next_claim(
     client, proxy = lossy
     keys = Keys(settings.IMAGE_QUEUE)
     classifier = load_classifier(tiny_model["MODEL"], "none", tiny_model["LABELS"], "scale_0_1")
-    worker = ModelWorker(client, classifier)
-    worker.batch_size = 8
+    worker = ModelWorker(client, classifier, 8, {"id": "lossy-worker"})
     images = distinct_images(3)
     jobs = [jobqueue.new_job(encode_array(prepare_image(data, (32, 32))), (32, 32, 3),
                              time.time() + 30, 10) for data in images]

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, free_port, post_image, wait_until, worker_stats
+import jobqueue
+from conftest import ROOT, free_port, post_image, stop, wait_until, worker_stats
 from helpers import prepare_image
 
 
@@ -158,7 +159,25 @@ def p99(latencies):
     return float(np.percentile(latencies, 99)) if latencies else float("nan")
 
 
-def test_hot_reload_under_load_fails_no_request_and_switches_versions(
+def reload(service, *args, cwd=ROOT):
+    """`run_keras_server.py reload ARGS` run to its end: (exit status, what it logged)."""
+    done = subprocess.run([sys.executable, str(ROOT / "run_keras_server.py"), "reload", *args],
+                          cwd=cwd, env=service.env({}), capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stderr
+
+
+def reload_args(folder, version, model="digits.keras", labels="labels.txt"):
+    return ["--model", str(Path(folder) / model), "--labels", str(Path(folder) / labels),
+            "--preprocess", "scale_0_1", "--version", version]
+
+
+def versions_served(redis_client, keys):
+    """The version each live model process serves, by its supervisor's pid."""
+    return {pid: beat["version"] for pid, beat in worker_stats(redis_client, keys).items()}
+
+
+def test_reload_and_rollback_under_load_fail_no_request_and_switch_each_worker_once(
         service, digits, redis_client, keys, capsys):
     workers = [service.worker(BATCH_SIZE=8, **digits_settings(digits["v1"], "1"))
                for _ in range(2)]
@@ -167,50 +186,124 @@ def test_hot_reload_under_load_fails_no_request_and_switches_versions(
     answers, stop = [], threading.Event()
     began = time.monotonic()
 
-    def client(offset):  # closed loop, bounded in time
+    def client(offset):  # closed loop with pauses (loading is at low priority), bounded in time
         i = offset
-        while not stop.is_set() and time.monotonic() - began < 60:
+        while not stop.wait(0.05) and time.monotonic() - began < 120:
             sent = time.monotonic() - began
             response = post_image(web.url, images[i % len(images)], "d.png", top_k=10)
             answers.append((sent, time.monotonic() - began - sent, response.status_code,
-                            response.headers.get("X-Model-Version"), i % len(images),
+                            response.headers.get("X-Model-Version"),
+                            response.headers.get("X-Model-Worker"), i % len(images),
                             response.json()))
             i += 7
-
-    def all_switched():
-        beats = worker_stats(redis_client, keys)
-        return all(beats[str(w.pid)]["version"] == "2" for w in workers)
 
     with ThreadPoolExecutor(4) as pool:
         clients = [pool.submit(client, n) for n in range(4)]
         time.sleep(4)
         reload_at = time.monotonic() - began
-        settings = digits_settings(digits["v2"], "2")
-        subprocess.run([sys.executable, "run_keras_server.py", "reload", "--model",
-                        str(settings["MODEL"]), "--labels", str(settings["LABELS"]),
-                        "--preprocess", "scale_0_1", "--version", "2"], cwd=ROOT, check=True,
-                       env=service.env({}), capture_output=True)
-        wait_until(all_switched, timeout=60, what="every worker to serve version 2")
+        status, log = reload(service, *reload_args(digits["v2"], "2"))
         switched_at = time.monotonic() - began
+        assert status == 0, log
+        # When reload returns, every worker serves the new version.
+        assert versions_served(redis_client, keys) == {str(w.pid): "2" for w in workers}
         time.sleep(3)
+        status, log = reload(service, "--rollback")
+        assert status == 0, log
+        assert versions_served(redis_client, keys) == {str(w.pid): "1" for w in workers}
+        time.sleep(2)
         stop.set()
         for future in clients:
             future.result()
 
     assert all(status == 200 for _, _, status, *_ in answers)
-    answers.sort()
-    assert answers[0][3] == "1" and answers[-1][3] == "2"
-    assert {version for sent, _, _, version, *_ in answers if sent > switched_at + 0.5} == {"2"}
+    # Each version runs in a process of its own (worker id SUPERVISOR/N): every process answered
+    # with one version, and each worker's processes went 1, 2, 1: one switch per rollout.
+    by_process = {}
+    for _, _, _, version, process, *_ in answers:
+        by_process.setdefault(process, set()).add(version)
+    assert all(len(versions) == 1 for versions in by_process.values()), by_process
+    supervisors = {}
+    for process, (version,) in sorted(by_process.items(),
+                                      key=lambda item: int(item[0].rsplit("/", 1)[1])):
+        supervisors.setdefault(process.rsplit("/", 1)[0], []).append(version)
+    assert sorted(supervisors.values()) == [["1", "2", "1"]] * 2, supervisors
     direct = {"1": direct_probabilities(digits["v1"], images),
               "2": direct_probabilities(digits["v2"], images)}
-    for _, _, _, version, index, body in answers:  # each answer names the model that computed it
+    for _, _, _, version, _, index, body in answers:  # each answer names the model that made it
         for prediction in body["predictions"]:
             assert prediction["probability"] == pytest.approx(
                 direct[version][index][int(prediction["label"])], abs=1e-5)
     steady = [latency for sent, latency, *_ in answers if sent < reload_at]
     during = [latency for sent, latency, *_ in answers if reload_at <= sent <= switched_at]
     with capsys.disabled():
-        print(f"\nhot reload: steady p99 {p99(steady) * 1000:.1f} ms ({len(steady)} requests), "
+        print(f"\nreload: steady p99 {p99(steady) * 1000:.1f} ms ({len(steady)} requests), "
               f"during reload p99 {p99(during) * 1000:.1f} ms ({len(during)} requests), "
-              f"ratio {p99(during) / p99(steady):.2f}, switch took {switched_at - reload_at:.1f} s")
+              f"switch took {switched_at - reload_at:.1f} s")
     assert steady and during
+
+
+def bad_specs(digits, tiny_model, folder):
+    """(what is wrong, reload arguments, working folder, a phrase of the expected reason, exit
+    status: 2 if reload itself refuses, 1 if a worker does)."""
+    (folder / "five-labels.txt").write_text("a\nb\nc\nd\ne\n")
+    (folder / "corrupt.keras").write_bytes(b"PK\x03\x04 this is not a Keras archive" * 50)
+    v2 = digits["v2"]
+    return [
+        ("missing file", reload_args(folder, "bad", model="missing.keras"), ROOT,
+         "is neither one of", 2),
+        ("wrong label count", reload_args(v2, "bad") [:2] + [
+            "--labels", str(folder / "five-labels.txt"), "--preprocess", "scale_0_1",
+            "--version", "bad"], ROOT, "10 outputs but 5 labels", 2),
+        ("other input shape", ["--model", tiny_model["MODEL"], "--labels", tiny_model["LABELS"],
+                               "--preprocess", "scale_0_1", "--version", "bad"], ROOT,
+         "jobs are resized for 8,8,1", 2),
+        ("corrupt file", reload_args(folder, "bad", model="corrupt.keras",
+                                     labels="five-labels.txt"), ROOT, "cannot load", 2),
+        # A path that exists where reload runs but not where the worker runs: the worker
+        # refuses, and reload takes the proposal back.
+        ("refused by the worker", reload_args(v2.name, "bad"), v2.parent, "refused by worker",
+         1),
+    ]
+
+
+def test_bad_reloads_fail_with_the_reason_and_the_last_good_version_stays(
+        service, digits, tiny_model, redis_client, keys, tmp_path):
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
+    web = service.web()
+    status, log = reload(service, *reload_args(digits["v2"], "2"))
+    assert status == 0, log
+
+    for what, args, cwd, reason, expected_status in bad_specs(digits, tiny_model, tmp_path):
+        status, log = reload(service, *args, cwd=cwd)
+        assert status == expected_status and reason in log, f"{what}: {status}\n{log}"
+        assert jobqueue.wanted_model(redis_client, keys)[0]["version"] == "2", what
+        response = post_image(web.url, digits["images"][0], "d.png")
+        assert response.status_code == 200, what
+        assert response.headers["X-Model-Version"] == "2", what
+
+    # A worker started now, with settings that name version 1, serves the last accepted: 2.
+    stop(worker)
+    restarted = service.worker(**digits_settings(digits["v1"], "1"))
+    assert versions_served(redis_client, keys) == {str(restarted.pid): "2"}
+    assert post_image(web.url, digits["images"][0], "d.png").headers["X-Model-Version"] == "2"
+
+
+def test_overlapping_reloads_end_with_the_last_one_everywhere(service, digits, redis_client,
+                                                              keys):
+    workers = [service.worker(**digits_settings(digits["v1"], "1")) for _ in range(2)]
+    first = subprocess.Popen(
+        [sys.executable, "run_keras_server.py", "reload", *reload_args(digits["v2"], "2")],
+        cwd=ROOT, env=service.env({}), stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (jobqueue.wanted_model(redis_client, keys)[0] or {}).get("version") == "2",
+               timeout=60, what="the first reload to propose version 2")
+    status, log = reload(service, *reload_args(digits["v1"], "3"))
+    first_log = first.communicate(timeout=300)[1]
+
+    assert status == 0, log
+    # The first one ended either before the second was proposed, or superseded by it.
+    assert first.returncode == 0 or "superseded by a later reload" in first_log, first_log
+    assert versions_served(redis_client, keys) == {str(w.pid): "3" for w in workers}
+    assert jobqueue.wanted_model(redis_client, keys)[0]["version"] == "3"
+    assert jobqueue.accepted_models(redis_client, keys)[-1]["version"] == "3"
+    time.sleep(2)  # and it stays so: no late switch to version 2
+    assert versions_served(redis_client, keys) == {str(w.pid): "3" for w in workers}

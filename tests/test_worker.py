@@ -1,10 +1,83 @@
-"""The worker's parts that need no process: its drain meter and arrival rate, with a clock the test
-turns."""
+"""The worker's parts that need no process: process_batch with a real (tiny) model, the drain meter
+and the arrival rate, with a clock the test turns."""
+import itertools
 import threading
 
+import numpy as np
 import pytest
 
-from worker import ArrivalRate, DrainMeter
+import jobqueue
+from conftest import distinct_images, tiny_direct
+from helpers import encode_array, prepare_image
+from worker import ArrivalRate, DrainMeter, process_batch
+
+NOW = 1_000_000.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from classifier import load_classifier
+
+    return load_classifier(tiny_model["MODEL"], "none", tiny_model["LABELS"], "scale_0_1",
+                           version="7")
+
+
+def jobs_for(images, deadline=NOW + 30, top_k=3):
+    jobs = []
+    for n, data in enumerate(images):
+        job = jobqueue.new_job(encode_array(prepare_image(data, (32, 32))), (32, 32, 3),
+                               deadline, top_k)
+        job["enqueued_at"] = NOW - 0.1 * (n + 1)
+        jobs.append(job)
+    return jobs
+
+
+def test_process_batch_answers_every_job_from_one_forward_pass(tiny, tiny_model):
+    images = distinct_images(4)
+    jobs = jobs_for(images)
+    ticks = itertools.count(50.0, 0.25)  # the forward pass takes one tick: 250 ms
+
+    outcome = process_batch(tiny, jobs, NOW, clock=lambda: next(ticks))
+
+    assert outcome.expired == [] and outcome.failed == 0 and outcome.forward_s == 0.25
+    assert list(outcome.results) == [job["id"] for job in jobs]
+    for n, (job, data) in enumerate(zip(jobs, images)):
+        result = outcome.results[job["id"]]
+        assert result["batch_size"] == 4 and result["model_version"] == "7"
+        assert result["inference_ms"] == 250
+        assert result["queue_wait_ms"] == pytest.approx(100 * (n + 1))
+        expected = tiny_direct(tiny_model, data)
+        labels = [int(p["label"].split("_")[1]) for p in result["predictions"]]
+        assert labels == list(np.argsort(expected)[::-1][:3])
+        for label, prediction in zip(labels, result["predictions"]):
+            assert prediction["probability"] == pytest.approx(expected[label], abs=1e-5)
+
+
+def test_process_batch_drops_jobs_whose_deadline_passes_before_the_pass_ends(tiny):
+    late, on_time = jobs_for(distinct_images(2)[:1], deadline=NOW + 0.4), jobs_for(
+        distinct_images(2)[1:], deadline=NOW + 0.6)
+    outcome = process_batch(tiny, late + on_time, NOW, pass_s=0.5)
+    assert outcome.expired == [late[0]["id"]]
+    assert list(outcome.results) == [on_time[0]["id"]]
+    assert outcome.results[on_time[0]["id"]]["batch_size"] == 1
+
+
+def test_process_batch_answers_an_undecodable_job_with_400_and_the_rest_normally(tiny):
+    good, wrong_shape, not_base64 = jobs_for(distinct_images(3))
+    wrong_shape["shape"] = [16, 64, 3]  # as many bytes, another shape
+    not_base64["image"] = "not base64 at all!"
+    outcome = process_batch(tiny, [good, wrong_shape, not_base64], NOW)
+    assert outcome.results[good["id"]]["batch_size"] == 1
+    for job in (wrong_shape, not_base64):
+        assert outcome.results[job["id"]]["status"] == 400
+        assert "cannot decode" in outcome.results[job["id"]]["error"]
+
+
+def test_process_batch_with_every_job_expired_runs_no_forward_pass(tiny):
+    jobs = jobs_for(distinct_images(2), deadline=NOW - 1)
+    outcome = process_batch(tiny, jobs, NOW, clock=lambda: pytest.fail("the clock was read"))
+    assert outcome.results == {} and outcome.forward_s == 0
+    assert outcome.expired == [job["id"] for job in jobs]
 
 
 class Clock:

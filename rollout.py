@@ -1,0 +1,488 @@
+"""Model versions and rollouts: every version serves from a process of its own, and `reload`
+switches all workers to a new version (or back) only once each has it loaded, warm and checked.
+
+`run_keras_server.py model` runs a Supervisor, the container's main process. It serves the wanted
+model from a child process (`run_keras_server.py model-process`). When `reload` proposes another
+model, the supervisor loads it in a second child at the lowest CPU priority; once that one is warm
+and back at normal priority, the old child stops claiming, finishes the batches it holds and
+exits, and then the new one takes over the queue. Old and new never share a heap, and loading
+never competes with serving on equal terms for the CPU.
+
+`run_keras_server.py reload` checks the model where it runs, proposes it under a new rollout
+number, and waits until every live worker serves it or one refuses. A refusal or a timeout takes
+the proposal back (the workers return to the last accepted version), so the model that workers
+started later load is always one that was accepted.
+"""
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import jobqueue
+import settings
+from helpers import Keys
+from jobqueue import REDIS_ERRORS, connect_redis
+
+log = logging.getLogger("keras_server.rollout")
+
+RUN_KERAS_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_keras_server.py")
+LOADING_NICENESS = 19  # the lowest CPU priority, while a new version loads beside the serving one
+
+
+def spec_from_settings():
+    """The model the settings name (served until a `reload` records another)."""
+    return {"model": settings.MODEL, "weights": settings.MODEL_WEIGHTS, "labels": settings.LABELS,
+            "preprocess": settings.PREPROCESS, "version": settings.MODEL_VERSION}
+
+
+def spec_text(spec):
+    """A spec as heartbeats carry it: JSON with sorted keys, so equal specs compare equal."""
+    return json.dumps({name: str(value) for name, value in spec.items()}, sort_keys=True)
+
+
+def load_model(spec, runtime=None):
+    """Load the classifier a model spec describes (raises classifier.ModelLoadError)."""
+    from classifier import load_classifier
+
+    return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
+                           settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"],
+                           runtime or settings.RUNTIME, settings.OPENVINO_CACHE_DIR)
+
+
+# --- The supervisor -------------------------------------------------------------------------
+
+class Channel:
+    """JSON messages, one per line, over one end of a socket pair."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.lines = sock.makefile("r", encoding="utf-8")
+
+    def send(self, **message):
+        self.sock.sendall((json.dumps(message) + "\n").encode())
+
+    def receive(self):
+        """The next message; None once the other end has closed."""
+        line = self.lines.readline()
+        return json.loads(line) if line else None
+
+
+class ModelProcess:
+    """A child process that loads one model version and, when told, serves it."""
+
+    def __init__(self, spec, rollout, order, events):
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.channel = Channel(ours)
+        self.spec, self.rollout = spec, rollout
+        self.batch_size = self.input_shape = None  # known once it is warm
+        self.channel.send(**order)
+        threading.Thread(target=self.relay, args=(events,), daemon=True).start()
+
+    def relay(self, events):
+        """Put each message from the child on the supervisor's queue; "gone" when it closes."""
+        while (message := self.channel.receive()) is not None:
+            events.put((self, message))
+        self.process.wait()  # reaped here, whether it is still serving or long replaced
+        events.put((self, {"state": "gone"}))
+
+    def serve(self):
+        self.tell("serve")
+
+    def tell(self, state):
+        try:
+            self.channel.send(state=state)
+        except OSError:  # it has exited: its "gone" is on the way
+            pass
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def exit_reason(self):
+        self.process.wait(5)
+        return f"the model process exited with status {self.process.returncode}"
+
+
+class Supervisor:
+    """Keeps the wanted model version serving, each version in a child process of its own."""
+
+    def __init__(self, store):
+        self.store, self.keys = store, Keys(settings.IMAGE_QUEUE)
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.events = queue.Queue()
+        self.serving = self.candidate = None
+        self.refused = set()  # rollout numbers this worker refused: not tried again
+        self.started = 0
+        self.stopping = threading.Event()
+
+    def run(self):
+        """Serve until SIGTERM, following reloads; the exit status (2: no model would load)."""
+        try:
+            if not self.start_serving():
+                return 2
+            while not self.stopping.is_set():
+                self.follow_wanted()
+                try:
+                    child, message = self.events.get(timeout=settings.HEARTBEAT_INTERVAL_S)
+                except queue.Empty:
+                    continue
+                if child is self.candidate:
+                    self.candidate_says(message)
+                elif child is self.serving and message["state"] == "gone":
+                    log.error("worker %s: %s", self.id, self.serving.exit_reason())
+                    return 1
+            return 0
+        finally:
+            self.stop_children()
+
+    def start_serving(self):
+        """Start the first child: the wanted model, else the last accepted one, else the
+        settings'. False if none loads."""
+        wanted, rollout = self.read_wanted()
+        choices = [(wanted, rollout)] if wanted else []
+        try:
+            choices += [(spec, 0) for spec in jobqueue.accepted_models(self.store, self.keys)[-1:]]
+        except REDIS_ERRORS:
+            pass
+        choices.append((spec_from_settings(), 0))
+        tried = set()
+        for spec, rollout in choices:
+            if spec_text(spec) in tried:
+                continue
+            tried.add(spec_text(spec))
+            child = self.start(spec, rollout, low_priority=False, batch_size=settings.BATCH_SIZE)
+            state, reason = self.wait_until_warm(child)
+            if state == "warm":
+                child.serve()
+                self.serving = child
+                self.record(jobqueue.accept_first_model, spec)
+                return True
+            self.refuse(child, reason)
+        return False
+
+    def wait_until_warm(self, child):
+        """("warm", None) or ("refused", reason) from a child that is loading."""
+        while not self.stopping.is_set():
+            try:
+                sender, message = self.events.get(timeout=1)
+            except queue.Empty:
+                continue
+            if sender is not child:  # e.g. the "gone" of one refused before it
+                continue
+            if message["state"] == "warm":
+                child.batch_size, child.input_shape = message["batch_size"], message["input_shape"]
+                return "warm", None
+            if message["state"] in ("refused", "gone"):
+                return "refused", message.get("reason") or child.exit_reason()
+        return "stopped", "stopping"
+
+    def follow_wanted(self):
+        """Start loading the wanted model in a candidate child if it is not the one serving."""
+        wanted, rollout = self.read_wanted()
+        if wanted is None or rollout in self.refused:
+            return
+        if spec_text(wanted) == spec_text(self.serving.spec):
+            if self.candidate:  # the proposal was taken back while it loaded
+                self.candidate.stop()
+                self.candidate = None
+            return
+        if self.candidate and spec_text(self.candidate.spec) == spec_text(wanted):
+            return
+        if self.candidate:
+            log.info("rollout %d replaces rollout %d before it was warm", rollout,
+                     self.candidate.rollout)
+            self.candidate.stop()
+        log.info("rollout %d: loading version %s beside version %s", rollout, wanted["version"],
+                 self.serving.spec["version"])
+        self.candidate = self.start(wanted, rollout, low_priority=True,
+                                    batch_size=self.serving.batch_size,
+                                    input_shape=self.serving.input_shape)
+
+    def candidate_says(self, message):
+        """A message from the candidate: warm (take over), refused, or gone."""
+        candidate = self.candidate
+        if message["state"] == "warm":
+            candidate.batch_size, candidate.input_shape = (message["batch_size"],
+                                                           message["input_shape"])
+            wanted, _ = self.read_wanted()
+            if wanted and spec_text(wanted) != spec_text(candidate.spec):
+                candidate.stop()  # superseded while it loaded: follow_wanted starts the next
+                self.candidate = None
+                return
+            self.hand_over(candidate)
+        elif message["state"] in ("refused", "gone"):
+            self.refuse(candidate, message.get("reason") or candidate.exit_reason())
+            self.candidate = None
+
+    def hand_over(self, new):
+        """The serving child stops claiming and finishes the batches it holds; then `new` takes
+        over the queue, and once its heartbeat is out the old one deregisters and exits. The
+        two never compute at once, and some heartbeat says warm throughout."""
+        old = self.serving
+        old.tell("hand-over")
+        self.wait_for(old, ("drained", "gone"), settings.REQUEST_TIMEOUT_S + 10)
+        new.serve()
+        self.wait_for(new, ("serving", "gone"), 30)
+        old.tell("leave")
+        self.serving, self.candidate = new, None
+        log.info("worker %s now serves version %s (rollout %d)", self.id, new.spec["version"],
+                 new.rollout)
+
+    def wait_for(self, child, states, timeout_s):
+        """Wait until `child` says one of `states` (other messages are dropped: while handing
+        over nothing else happens); on a timeout, kill it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                sender, message = self.events.get(timeout=1)
+            except queue.Empty:
+                continue
+            if sender is child and message["state"] in states:
+                return
+        log.warning("version %s did not answer in time; killed", child.spec["version"])
+        child.process.kill()
+
+    def start(self, spec, rollout, low_priority, batch_size, input_shape=None):
+        self.started += 1
+        order = {"spec": spec, "rollout": rollout, "low_priority": low_priority,
+                 "batch_size": batch_size, "input_shape": input_shape,
+                 "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+                 "identity": {"id": f"{self.id}/{self.started}", "supervisor": self.id,
+                              "pid": os.getpid(), "spec": spec_text(spec), "rollout": rollout}}
+        return ModelProcess(spec, rollout, order, self.events)
+
+    def refuse(self, child, reason):
+        log.error("worker %s refuses version %s: %s", self.id, child.spec["version"], reason)
+        if child.rollout:
+            self.refused.add(child.rollout)
+            self.record(jobqueue.refuse_model, child.rollout, self.id, reason)
+
+    def read_wanted(self):
+        try:
+            return jobqueue.wanted_model(self.store, self.keys)
+        except REDIS_ERRORS:
+            return None, 0  # the serving child waits for Redis in its own loop
+
+    def record(self, function, *args):
+        try:
+            function(self.store, self.keys, *args)
+        except REDIS_ERRORS as exc:
+            log.warning("cannot record %s in Redis: %s", function.__name__, exc)
+
+    def stop_children(self):
+        children = [child for child in (self.candidate, self.serving) if child]
+        for child in children:
+            child.stop()
+        for child in children:
+            try:
+                child.process.wait(settings.REQUEST_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+
+
+def run_supervisor():
+    """The `model` command: serve the wanted model from child processes until SIGTERM/SIGINT."""
+    supervisor = Supervisor(connect_redis())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: supervisor.stopping.set())
+    return supervisor.run()
+
+
+# --- A model process ------------------------------------------------------------------------
+
+def run_model_process(fd):
+    """The `model-process` command (started by the supervisor): load, check and warm up the
+    model it is told, say so, serve it once told to, and hand over to a successor when told."""
+    from classifier import device_name, warm_up
+    from worker import ModelWorker
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # until it serves, Ctrl-C just ends it
+    channel = Channel(socket.socket(fileno=fd))
+    order = channel.receive()
+    if order["low_priority"]:
+        os.setpriority(os.PRIO_PROCESS, 0, LOADING_NICENESS)  # threads started later inherit it
+    try:
+        classifier = load_model(order["spec"])
+        if order["input_shape"] and list(classifier.input_shape) != order["input_shape"]:
+            raise ValueError(f"its input {list(classifier.input_shape)} differs from the served "
+                             f"{order['input_shape']}: queued jobs are resized for that")
+        batch_size = warm_up(classifier, order["batch_size"], settings.REQUEST_TIMEOUT_S / 10,
+                             every_size=order["low_priority"])
+    except Exception as exc:  # any failure to load is a refusal, reported with its reason
+        log.error("cannot serve version %s: %s", order["spec"]["version"], exc)
+        channel.send(state="refused", reason=f"{type(exc).__name__}: {exc}")
+        return 2
+    if order["low_priority"]:
+        restore_priority(order["niceness"])
+    channel.send(state="warm", batch_size=batch_size, input_shape=list(classifier.input_shape))
+    if (channel.receive() or {}).get("state") != "serve":
+        return 0  # the supervisor is gone, or took another version
+    worker = ModelWorker(connect_redis(), classifier, batch_size,
+                         {**order["identity"], "model_pid": os.getpid(), "device": device_name()})
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.stop())
+    worker.start_beating()
+    channel.send(state="serving")  # its heartbeat is out: the one it replaces may leave
+    may_leave = threading.Event()
+    threading.Thread(target=follow_supervisor, args=(channel, worker, may_leave),
+                     daemon=True).start()
+    worker.run()
+    if worker.handing_over:  # stay registered (and the service ready) until the successor beats
+        channel.send(state="drained")
+        may_leave.wait(settings.REQUEST_TIMEOUT_S)
+    worker.leave()
+    return 0
+
+
+def follow_supervisor(channel, worker, may_leave):
+    """Messages from the supervisor while serving: hand over (stop claiming, finish the batches
+    in hand), then leave. A supervisor that was killed leaves its children: they die too, as
+    abruptly (their claims are re-queued by the other workers), rather than serve unwatched."""
+    while (message := channel.receive()) is not None:
+        if message["state"] == "hand-over":
+            worker.stop(successor=True)
+        elif message["state"] == "leave":
+            may_leave.set()
+    if not worker.stopping.is_set():
+        os.kill(os.getpid(), signal.SIGKILL)
+    may_leave.set()
+
+
+def restore_priority(niceness):
+    """Return every thread of this process to the supervisor's CPU priority (the runtime's thread
+    pools were started at LOADING_NICENESS). Raising priority needs CAP_SYS_NICE or an
+    RLIMIT_NICE of at least 20 - niceness (compose sets `ulimits: nice`)."""
+    try:
+        for thread_id in os.listdir("/proc/self/task"):
+            os.setpriority(os.PRIO_PROCESS, int(thread_id), niceness)
+    except PermissionError:
+        log.warning("cannot return to CPU priority %d from %d (needs CAP_SYS_NICE or RLIMIT_NICE "
+                    ">= %d): this version serves at the lower priority", niceness,
+                    LOADING_NICENESS, 20 - niceness)
+
+
+# --- reload ---------------------------------------------------------------------------------
+
+class RolloutFailed(Exception):
+    """A rollout that was refused, timed out or superseded; the message says which and why."""
+
+    status = 1
+
+
+class SpecRefused(RolloutFailed):
+    """A model spec refused by `reload` itself, before any worker saw it."""
+
+    status = 2
+
+
+def run_reload(args):
+    """The `reload` command: check the model here, then switch every worker to it (or, with
+    --rollback, to the accepted version before the current one); 0 once all serve it."""
+    # Checking loads the model beside the serving workers: at the lowest priority, like theirs.
+    os.setpriority(os.PRIO_PROCESS, 0, LOADING_NICENESS)
+    store, keys = connect_redis(), Keys(settings.IMAGE_QUEUE)
+    try:
+        if args.rollback:
+            spec = previous_model(store, keys)
+        else:
+            spec = {"model": args.model, "weights": args.weights, "labels": args.labels,
+                    "preprocess": args.preprocess, "version": args.version}
+        check_model(store, keys, spec)
+        roll_out(store, keys, spec, args.timeout_s, rollback=args.rollback)
+    except RolloutFailed as exc:
+        log.error("reload failed: %s", exc)
+        return exc.status
+    log.info("every worker on %s serves version %s", settings.IMAGE_QUEUE, spec["version"])
+    return 0
+
+
+def previous_model(store, keys):
+    history = jobqueue.accepted_models(store, keys)
+    if len(history) < 2:
+        raise SpecRefused("no earlier accepted version to roll back to")
+    return history[-2]
+
+
+def check_model(store, keys, spec):
+    """Refuse a spec here, before any worker sees it: the files must load, the labels must
+    match the outputs, and the input must be the one the queue's jobs are resized for."""
+    try:
+        classifier = load_model(spec, runtime="keras")
+    except Exception as exc:  # whatever a bad file raises, it is a refusal with its reason
+        raise SpecRefused(f"version {spec['version']} does not load: {exc}") from exc
+    shapes = {beat["input_shape"] for beat in jobqueue.live_workers(store, keys)
+              if "input_shape" in beat}
+    shape = ",".join(map(str, classifier.input_shape))
+    if shapes and shapes != {shape}:
+        raise SpecRefused(f"version {spec['version']} takes input {shape}, but the queue's "
+                            f"jobs are resized for {', '.join(sorted(shapes))}; serve it on a "
+                            "queue of its own")
+
+
+def roll_out(store, keys, spec, timeout_s, rollback=False):
+    """Propose `spec`, wait until every live worker serves it, and accept it; on a refusal or a
+    timeout take it back and raise RolloutFailed."""
+    rollout = jobqueue.propose_model(store, keys, spec)
+    log.info("rollout %d: asked every worker on %s to serve version %s", rollout,
+             settings.IMAGE_QUEUE, spec["version"])
+    failure = wait_for_rollout(store, keys, rollout, spec, time.monotonic() + timeout_s)
+    if failure is None:
+        if rollback:
+            jobqueue.forget_newest_model(store, keys)
+        else:
+            jobqueue.accept_model(store, keys, spec)
+        return
+    if "superseded" not in failure:
+        take_back(store, keys, rollout, time.monotonic() + timeout_s)
+    raise RolloutFailed(f"version {spec['version']}: {failure}")
+
+
+def take_back(store, keys, rollout, deadline):
+    """Return the workers to the last accepted version after a failed rollout."""
+    history = jobqueue.accepted_models(store, keys)
+    previous = history[-1] if history else None
+    restored = jobqueue.restore_model(store, keys, rollout, previous)
+    if restored:
+        log.info("rollout %d: workers return to version %s", restored, previous["version"])
+        failure = wait_for_rollout(store, keys, restored, previous, deadline)
+        if failure:
+            log.error("returning to version %s: %s", previous["version"], failure)
+
+
+def wait_for_rollout(store, keys, rollout, spec, deadline):
+    """None once every live worker serves `spec`; else why not (refused, timed out,
+    superseded)."""
+    target = spec_text(spec)
+    while True:
+        if jobqueue.wanted_model(store, keys)[1] != rollout:
+            return "superseded by a later reload"
+        refused = jobqueue.refusals(store, keys, rollout)
+        if refused:
+            return "refused by " + "; ".join(f"worker {worker}: {reason}"
+                                             for worker, reason in sorted(refused.items()))
+        pending = workers_not_serving(jobqueue.live_workers(store, keys), target)
+        if not pending:
+            return None
+        if time.monotonic() > deadline:
+            return f"timed out; not yet served by {', '.join(pending)}"
+        time.sleep(0.2)
+
+
+def workers_not_serving(beats, target):
+    """The supervisors whose every live process does not yet serve the spec `target`."""
+    pending = set()
+    for beat in beats:
+        if beat.get("spec") != target or beat.get("warm") != "1":
+            pending.add(beat.get("supervisor", beat.get("id")))
+    return sorted(pending)
