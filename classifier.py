@@ -299,17 +299,13 @@ def device_name():
 
 # --- Warm-up and batch sizing -------------------------------------------------------------
 
-def warm_up(classifier, batch_size, time_limit_s, every_size=False):
-    """Forward passes at the batch sizes a worker meets first (every size up to the batch size
-    with every_size), choosing the size when batch_size is "auto"; returns the batch size.
-
-    The first pass at a new batch shape is slow (Keras traces a function for it, OpenVINO infers
-    shapes and picks kernels): a version taking over a busy queue meets many sizes at once.
-    """
+def warm_up(classifier, batch_size, time_limit_s):
+    """Forward passes at the batch sizes a worker meets first, choosing the size when batch_size
+    is "auto"; returns the batch size."""
     shape = classifier.input_shape
     if batch_size == "auto":
         batch_size = choose_batch_size(classifier, shape, time_limit_s)
-    for size in range(1, batch_size + 1) if every_size else sorted({1, batch_size}):
+    for size in sorted({1, batch_size}):
         classifier.predict_batch(np.zeros((size, *shape), np.uint8))
     return batch_size
 

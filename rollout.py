@@ -3,8 +3,8 @@ switches all workers to a new version (or back) only once each has it loaded, wa
 
 `run_keras_server.py model` runs a Supervisor, the container's main process. It serves the wanted
 model from a child process (`run_keras_server.py model-process`). When `reload` proposes another
-model, the supervisor loads it in a second child at the lowest CPU priority; once that one is warm
-and back at normal priority, the old child stops claiming, finishes the batches it holds and
+model, the supervisor loads it in a second child at the lowest CPU priority (SCHED_IDLE); once that
+one is warm and back at normal priority, the old child stops claiming, finishes the batches it holds and
 exits, and then the new one takes over the queue. Old and new never share a heap, and loading
 never competes with serving on equal terms for the CPU.
 
@@ -33,7 +33,6 @@ from jobqueue import REDIS_ERRORS, connect_redis
 log = logging.getLogger("keras_server.rollout")
 
 RUN_KERAS_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_keras_server.py")
-LOADING_NICENESS = 19  # the lowest CPU priority, while a new version loads beside the serving one
 
 
 def spec_from_settings():
@@ -310,20 +309,18 @@ def run_model_process(fd):
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # until it serves, Ctrl-C just ends it
     channel = Channel(socket.socket(fileno=fd))
     order = channel.receive()
-    if order["low_priority"]:
-        os.setpriority(os.PRIO_PROCESS, 0, LOADING_NICENESS)  # threads started later inherit it
+    low_priority = order["low_priority"] and lower_priority(order["niceness"])
     try:
         classifier = load_model(order["spec"])
         if order["input_shape"] and list(classifier.input_shape) != order["input_shape"]:
             raise ValueError(f"its input {list(classifier.input_shape)} differs from the served "
                              f"{order['input_shape']}: queued jobs are resized for that")
-        batch_size = warm_up(classifier, order["batch_size"], settings.REQUEST_TIMEOUT_S / 10,
-                             every_size=order["low_priority"])
+        batch_size = warm_up(classifier, order["batch_size"], settings.REQUEST_TIMEOUT_S / 10)
     except Exception as exc:  # any failure to load is a refusal, reported with its reason
         log.error("cannot serve version %s: %s", order["spec"]["version"], exc)
         channel.send(state="refused", reason=f"{type(exc).__name__}: {exc}")
         return 2
-    if order["low_priority"]:
+    if low_priority:
         restore_priority(order["niceness"])
     channel.send(state="warm", batch_size=batch_size, input_shape=list(classifier.input_shape))
     if (channel.receive() or {}).get("state") != "serve":
@@ -342,7 +339,10 @@ def run_model_process(fd):
         channel.send(state="drained")
         may_leave.wait(settings.REQUEST_TIMEOUT_S)
     worker.leave()
-    return 0
+    # Nothing is left to clean up, and tearing down the runtimes would take the CPU from the
+    # successor for a second or more.
+    logging.shutdown()
+    os._exit(0)
 
 
 def follow_supervisor(channel, worker, may_leave):
@@ -359,17 +359,53 @@ def follow_supervisor(channel, worker, may_leave):
     may_leave.set()
 
 
+def lower_priority(niceness):
+    """Put this process (its threads, and those to come, which inherit it) at the lowest CPU
+    priority, SCHED_IDLE, if it can return to `niceness` afterwards; True if it did.
+
+    Under SCHED_IDLE a thread yields its CPU the moment a serving thread wakes up, where at nice
+    19 it keeps it for a time slice, on every one of a forward pass's many thread wake-ups.
+    Returning needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 - niceness: a probe thread tries
+    both steps first, so that a process never stays at the lowest priority for good.
+    """
+    returned = []
+
+    def probe():
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+            returned.append(True)
+        except PermissionError:
+            pass
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    if not returned:
+        log.warning("this version loads at normal CPU priority and may slow the requests being "
+                    "served meanwhile: returning from the lowest priority needs CAP_SYS_NICE or an "
+                    "RLIMIT_NICE of %d (ulimit -e; compose: ulimits nice)", 20 - niceness)
+        return False
+    idle_every_thread()
+    return True
+
+
+def idle_every_thread():
+    """SCHED_IDLE for every thread of this process (e.g. a BLAS pool started at import) and,
+    by inheritance, for those it starts later."""
+    for thread_id in os.listdir("/proc/self/task"):
+        os.sched_setscheduler(int(thread_id), os.SCHED_IDLE, os.sched_param(0))
+
+
 def restore_priority(niceness):
-    """Return every thread of this process to the supervisor's CPU priority (the runtime's thread
-    pools were started at LOADING_NICENESS). Raising priority needs CAP_SYS_NICE or an
-    RLIMIT_NICE of at least 20 - niceness (compose sets `ulimits: nice`)."""
-    try:
-        for thread_id in os.listdir("/proc/self/task"):
+    """Return every thread of this process, the runtime's thread pools too, to normal CPU
+    scheduling at the supervisor's niceness."""
+    for thread_id in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(thread_id), os.SCHED_OTHER, os.sched_param(0))
             os.setpriority(os.PRIO_PROCESS, int(thread_id), niceness)
-    except PermissionError:
-        log.warning("cannot return to CPU priority %d from %d (needs CAP_SYS_NICE or RLIMIT_NICE "
-                    ">= %d): this version serves at the lower priority", niceness,
-                    LOADING_NICENESS, 20 - niceness)
+        except ProcessLookupError:
+            pass  # a thread that has ended meanwhile
 
 
 # --- reload ---------------------------------------------------------------------------------
@@ -389,8 +425,9 @@ class SpecRefused(RolloutFailed):
 def run_reload(args):
     """The `reload` command: check the model here, then switch every worker to it (or, with
     --rollback, to the accepted version before the current one); 0 once all serve it."""
-    # Checking loads the model beside the serving workers: at the lowest priority, like theirs.
-    os.setpriority(os.PRIO_PROCESS, 0, LOADING_NICENESS)
+    # Checking loads the model beside the serving workers: at the lowest priority (for good:
+    # this process ends soon).
+    idle_every_thread()
     store, keys = connect_redis(), Keys(settings.IMAGE_QUEUE)
     try:
         if args.rollback:

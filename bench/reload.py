@@ -14,6 +14,7 @@ once. With --allocators default,jemalloc it does it all twice, the second time w
 (LD_PRELOAD) in every process of the service.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,9 @@ def measure_reloads(allocator, args, workdir, image, overrides):
                   flush=True)
             time.sleep(args.pause_seconds)
         records = loop.finish()
+    raw = Path(workdir) / f"requests-{allocator}.json"
+    raw.write_text(json.dumps({"records": records, "steady": [steady_from, steady_to],
+                               "reloads": windows}))
     steady = [r[1] for r in records if steady_from <= r[0] < steady_to and r[2] == 200]
     result = {"allocator": allocator, "batch_size": batch_size, "capacity_img_per_s": full,
               "forward_s_at_start": forward_s, "clients": args.clients,
