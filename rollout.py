@@ -3,10 +3,10 @@ switches all workers to a new version (or back) only once each has it loaded, wa
 
 `run_keras_server.py model` runs a Supervisor, the container's main process. It serves the wanted
 model from a child process (`run_keras_server.py model-process`). When `reload` proposes another
-model, the supervisor loads it in a second child at the lowest CPU priority (SCHED_IDLE); once that
-one is warm and back at normal priority, the old child stops claiming, finishes the batches it holds and
-exits, and then the new one takes over the queue. Old and new never share a heap, and loading
-never competes with serving on equal terms for the CPU.
+model, the supervisor loads it in a second child at the lowest CPU priority (SCHED_IDLE); once
+that one is warm and back at normal priority, the old child stops claiming and finishes the
+batches it holds, the new one takes over the queue, and the old one exits. Old and new never share
+a heap, and loading never competes with serving on equal terms for the CPU.
 
 `run_keras_server.py reload` checks the model where it runs, proposes it under a new rollout
 number, and waits until every live worker serves it or one refuses. A refusal or a timeout takes
@@ -98,15 +98,16 @@ class ModelProcess:
     def serve(self):
         self.tell("serve")
 
-    def tell(self, state):
+    def tell(self, state, **details):
         try:
-            self.channel.send(state=state)
+            self.channel.send(state=state, **details)
         except OSError:  # it has exited: its "gone" is on the way
             pass
 
     def stop(self):
         if self.process.poll() is None:
             self.process.terminate()
+            self.process.send_signal(signal.SIGCONT)  # a held process must run to stop
 
     def exit_reason(self):
         self.process.wait(5)
@@ -193,20 +194,20 @@ class Supervisor:
             return
         if spec_text(wanted) == spec_text(self.serving.spec):
             if self.candidate:  # the proposal was taken back while it loaded
-                self.candidate.stop()
-                self.candidate = None
+                self.drop_candidate()
             return
         if self.candidate and spec_text(self.candidate.spec) == spec_text(wanted):
             return
         if self.candidate:
             log.info("rollout %d replaces rollout %d before it was warm", rollout,
                      self.candidate.rollout)
-            self.candidate.stop()
+            self.drop_candidate()
         log.info("rollout %d: loading version %s beside version %s", rollout, wanted["version"],
                  self.serving.spec["version"])
         self.candidate = self.start(wanted, rollout, low_priority=True,
                                     batch_size=self.serving.batch_size,
                                     input_shape=self.serving.input_shape)
+        self.serving.tell("loader", pid=self.candidate.process.pid)
 
     def candidate_says(self, message):
         """A message from the candidate: warm (take over), refused, or gone."""
@@ -216,13 +217,17 @@ class Supervisor:
                                                            message["input_shape"])
             wanted, _ = self.read_wanted()
             if wanted and spec_text(wanted) != spec_text(candidate.spec):
-                candidate.stop()  # superseded while it loaded: follow_wanted starts the next
-                self.candidate = None
+                self.drop_candidate()  # superseded while it loaded: follow_wanted starts the next
                 return
             self.hand_over(candidate)
         elif message["state"] in ("refused", "gone"):
             self.refuse(candidate, message.get("reason") or candidate.exit_reason())
-            self.candidate = None
+            self.drop_candidate()
+
+    def drop_candidate(self):
+        self.candidate.stop()
+        self.candidate = None
+        self.serving.tell("loader", pid=0)
 
     def hand_over(self, new):
         """The serving child stops claiming and finishes the batches it holds; then `new` takes
@@ -346,14 +351,17 @@ def run_model_process(fd):
 
 
 def follow_supervisor(channel, worker, may_leave):
-    """Messages from the supervisor while serving: hand over (stop claiming, finish the batches
-    in hand), then leave. A supervisor that was killed leaves its children: they die too, as
+    """Messages from the supervisor while serving: a new version loads (hold it during forward
+    passes), hand over (stop claiming, finish the batches in hand), then leave. A supervisor that was killed leaves its children: they die too, as
     abruptly (their claims are re-queued by the other workers), rather than serve unwatched."""
     while (message := channel.receive()) is not None:
-        if message["state"] == "hand-over":
+        if message["state"] == "loader":  # a new version loads beside this one: hold it
+            worker.loader_pause.follow(message["pid"])
+        elif message["state"] == "hand-over":
             worker.stop(successor=True)
         elif message["state"] == "leave":
             may_leave.set()
+    worker.loader_pause.follow(None)  # a held loader must not stay stopped for good
     if not worker.stopping.is_set():
         os.kill(os.getpid(), signal.SIGKILL)
     may_leave.set()
@@ -394,7 +402,10 @@ def idle_every_thread():
     """SCHED_IDLE for every thread of this process (e.g. a BLAS pool started at import) and,
     by inheritance, for those it starts later."""
     for thread_id in os.listdir("/proc/self/task"):
-        os.sched_setscheduler(int(thread_id), os.SCHED_IDLE, os.sched_param(0))
+        try:
+            os.sched_setscheduler(int(thread_id), os.SCHED_IDLE, os.sched_param(0))
+        except ProcessLookupError:
+            pass  # a thread that has ended meanwhile
 
 
 def restore_priority(niceness):

@@ -12,6 +12,8 @@ import binascii
 import collections
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from typing import NamedTuple
@@ -158,6 +160,7 @@ class ModelWorker:
         self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0}
         self.meter = DrainMeter()
         self.arrivals = ArrivalRate()
+        self.loader_pause = LoaderPause()  # the supervisor names a process loading beside it
         self.lock = threading.Lock()
         self.stopping = threading.Event()  # SIGTERM: claim no more, finish the batches in hand
         self.drained = threading.Event()  # every lane has finished: stop beating
@@ -209,6 +212,7 @@ class ModelWorker:
         """Claim no more jobs; the lanes finish their batches. With a warm successor about to
         take over, the heartbeat keeps saying warm: the service stays ready throughout."""
         self.handing_over = successor
+        self.loader_pause.follow(None)  # the successor must run now
         self.stopping.set()
 
     def leave(self):
@@ -305,7 +309,8 @@ class ModelWorker:
         """
         jobs = parse_jobs(payloads)
         metered = self.meter.start()
-        outcome = process_batch(self.classifier, jobs, time.time(), self.meter.batch_s())
+        with self.loader_pause:
+            outcome = process_batch(self.classifier, jobs, time.time(), self.meter.batch_s())
         answered = len(jobs) - len(outcome.expired)
         self.meter.finish(metered, answered)
         self.account(outcome, answered)
@@ -362,6 +367,45 @@ def parse_jobs(payloads):
             continue
         jobs.append(job)
     return jobs
+
+
+class LoaderPause:
+    """Holds a process that loads a new model version (SIGSTOP) while this worker's forward
+    passes run, and lets it go on (SIGCONT) between them.
+
+    Even at the lowest CPU priority, a process computing beside a forward pass slows it through
+    the shared caches and memory, filling every moment a core waits inside the pass: measured
+    here, a loop at SCHED_IDLE raised a bare pass's median by 20-60%; held during passes, by 5%.
+    """
+
+    def __init__(self):
+        self.lock, self.pid, self.running = threading.Lock(), None, 0
+
+    def follow(self, pid):
+        """Hold `pid` from now on (None: nobody); one held at this moment goes on at once."""
+        with self.lock:
+            if self.running:
+                self.signal(signal.SIGCONT)
+            self.pid = pid or None
+
+    def __enter__(self):
+        with self.lock:
+            self.running += 1
+            if self.running == 1:
+                self.signal(signal.SIGSTOP)
+
+    def __exit__(self, *_):
+        with self.lock:
+            self.running -= 1
+            if self.running == 0:
+                self.signal(signal.SIGCONT)
+
+    def signal(self, signum):
+        if self.pid:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # it ended (refused, or superseded)
+                self.pid = None
 
 
 class DrainMeter:

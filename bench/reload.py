@@ -126,8 +126,14 @@ def run_allocator(allocator, args, workdir, image):
     if allocator == "jemalloc":
         overrides["LD_PRELOAD"] = JEMALLOC
     print(f"\n== allocator: {allocator}", flush=True)
+    if args.runtime:
+        overrides["RUNTIME"] = args.runtime
     try:
         return measure_reloads(allocator, args, workdir, image, overrides)
+    except RuntimeError as exc:  # e.g. a runtime that crashes with this allocator
+        print(f"the service failed with {allocator}: {str(exc)[-600:]}")
+        return {"allocator": allocator, "runtime": args.runtime or "auto",
+                "error": str(exc)[-3000:]}
     finally:
         stop_processes([redis_process])
 
@@ -162,7 +168,8 @@ def measure_reloads(allocator, args, workdir, image, overrides):
     raw.write_text(json.dumps({"records": records, "steady": [steady_from, steady_to],
                                "reloads": windows}))
     steady = [r[1] for r in records if steady_from <= r[0] < steady_to and r[2] == 200]
-    result = {"allocator": allocator, "batch_size": batch_size, "capacity_img_per_s": full,
+    result = {"allocator": allocator, "runtime": heartbeat.get("runtime"),
+              "batch_size": batch_size, "capacity_img_per_s": full,
               "forward_s_at_start": forward_s, "clients": args.clients,
               "pause_ms": loop.pause_s * 1000, "steady": percentiles(steady),
               "failed": sum(r[2] != 200 for r in records if r[0] >= steady_from),
@@ -183,8 +190,11 @@ def measure_reloads(allocator, args, workdir, image, overrides):
 
 
 def print_table(result):
+    if "error" in result:
+        return
     steady = result["steady"]
-    print(f"\n{result['allocator']}: steady p50 {steady['p50_ms']:.0f} ms, p99 "
+    print(f"\n{result['allocator']}, {result['runtime']}: steady p50 {steady['p50_ms']:.0f} ms, "
+          f"p99 "
           f"{steady['p99_ms']:.0f} ms, p999 {steady['p999_ms']:.0f} ms "
           f"({steady['requests']} requests); failed {result['failed']}; each worker switched "
           f"once per reload: {result['switches_once_per_reload']}")
@@ -206,6 +216,7 @@ def main(argv=None):
                         help="steady time after each reload (5)")
     parser.add_argument("--capacity-seconds", type=float, default=15)
     parser.add_argument("--allocators", default="default,jemalloc")
+    parser.add_argument("--runtime", help="RUNTIME of the service (its default: auto)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / (
         f"{time.strftime('%Y-%m-%d')}-{os.uname().nodename}-reload.json")))
     args = parser.parse_args(argv)

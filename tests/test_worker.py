@@ -2,12 +2,13 @@
 and the arrival rate, with a clock the test turns."""
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import jobqueue
-from conftest import distinct_images, tiny_direct
+from conftest import distinct_images, tiny_direct, wait_until
 from helpers import encode_array, prepare_image
 from worker import ArrivalRate, DrainMeter, process_batch
 
@@ -141,3 +142,43 @@ def test_wait_idle_returns_when_the_last_running_pass_ends():
     ended.start()
     assert meter.wait_idle(5)
     ended.join()
+
+
+def process_state(pid):
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_for_state(pid, states):
+    """A signal takes effect when the process next runs: wait until its state is one of these."""
+    wait_until(lambda: process_state(pid) in states, timeout=5, interval=0.01,
+               what=f"process {pid} to be in state {states}")
+
+
+def test_a_loading_process_is_held_while_forward_passes_run_and_goes_on_between_them():
+    import subprocess
+    import sys
+
+    from worker import LoaderPause
+
+    loader = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        pause = LoaderPause()
+        pause.follow(loader.pid)
+        with pause:
+            with pause:  # two lanes' passes overlap: held until both have ended
+                wait_for_state(loader.pid, "T")
+            time.sleep(0.1)
+            assert process_state(loader.pid) == "T"
+        wait_for_state(loader.pid, "RS")
+        with pause:
+            pause.follow(None)  # e.g. a hand-over: it must run now, held or not
+            wait_for_state(loader.pid, "RS")
+            time.sleep(0.1)
+            assert process_state(loader.pid) in "RS"
+        loader.kill()
+        loader.wait()
+        with pause:  # a loader that has ended is no error
+            pass
+    finally:
+        loader.kill()
