@@ -10,14 +10,20 @@ A request travels: /predict decodes the upload into uint8 pixels, pushes one JSO
 IMAGE_QUEUE list and blocks on its result list; a model worker claims up to BATCH_SIZE jobs, runs
 one forward pass for all of them and pushes each result where its handler is waiting.
 """
+import os
+import sys
+
+# `reload` runs beside serving workers: it takes the lowest CPU priority before its imports, which
+# alone hold a CPU for half a second (see rollout.run_reload).
+if __name__ == "__main__" and sys.argv[1:2] == ["reload"]:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
 import argparse
 import logging
 import math
-import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
