@@ -95,6 +95,10 @@ class ModelProcess:
         self.process.wait()  # reaped here, whether it is still serving or long replaced
         events.put((self, {"state": "gone"}))
 
+    def note_warm(self, message):
+        """Keep what a warm child reports: its successor loads at the same size and shape."""
+        self.batch_size, self.input_shape = message["batch_size"], message["input_shape"]
+
     def serve(self):
         self.tell("serve")
 
@@ -181,7 +185,7 @@ class Supervisor:
             if sender is not child:  # e.g. the "gone" of one refused before it
                 continue
             if message["state"] == "warm":
-                child.batch_size, child.input_shape = message["batch_size"], message["input_shape"]
+                child.note_warm(message)
                 return "warm", None
             if message["state"] in ("refused", "gone"):
                 return "refused", message.get("reason") or child.exit_reason()
@@ -213,8 +217,7 @@ class Supervisor:
         """A message from the candidate: warm (take over), refused, or gone."""
         candidate = self.candidate
         if message["state"] == "warm":
-            candidate.batch_size, candidate.input_shape = (message["batch_size"],
-                                                           message["input_shape"])
+            candidate.note_warm(message)
             wanted, _ = self.read_wanted()
             if wanted and spec_text(wanted) != spec_text(candidate.spec):
                 self.drop_candidate()  # superseded while it loaded: follow_wanted starts the next
@@ -401,20 +404,23 @@ def lower_priority(niceness):
 def idle_every_thread():
     """SCHED_IDLE for every thread of this process (e.g. a BLAS pool started at import) and,
     by inheritance, for those it starts later."""
-    for thread_id in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setscheduler(int(thread_id), os.SCHED_IDLE, os.sched_param(0))
-        except ProcessLookupError:
-            pass  # a thread that has ended meanwhile
+    for_every_thread(lambda thread_id: os.sched_setscheduler(thread_id, os.SCHED_IDLE,
+                                                             os.sched_param(0)))
 
 
 def restore_priority(niceness):
     """Return every thread of this process, the runtime's thread pools too, to normal CPU
     scheduling at the supervisor's niceness."""
+    def restore(thread_id):
+        os.sched_setscheduler(thread_id, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
+    for_every_thread(restore)
+
+
+def for_every_thread(change):
     for thread_id in os.listdir("/proc/self/task"):
         try:
-            os.sched_setscheduler(int(thread_id), os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, int(thread_id), niceness)
+            change(int(thread_id))
         except ProcessLookupError:
             pass  # a thread that has ended meanwhile
 
