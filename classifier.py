@@ -85,6 +85,13 @@ class Classifier:
         best = np.argsort(probabilities)[::-1][:k]
         return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
 
+    def classification(self, probabilities, k):
+        """The k most probable classes of one image as the Open Inference Protocol's
+        classification extension writes them: "value:index:label"."""
+        best = np.argsort(probabilities)[::-1][:k]
+        return [f"{np.format_float_positional(np.float32(probabilities[i]))}:{i}:{self.labels[i]}"
+                for i in best]
+
 
 def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0, version="1",
                     runtime="keras", cache_dir=""):

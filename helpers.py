@@ -111,14 +111,16 @@ def to_mode(image, mode):
     return image if image.mode == mode else image.convert(mode)
 
 
-def encode_array(array):
-    """Serialize a uint8 array as base64 text (JSON-safe; a quarter of float32's bytes)."""
-    return base64.b64encode(np.ascontiguousarray(array, dtype=np.uint8).tobytes()).decode("ascii")
+def encode_array(array, dtype=np.uint8):
+    """Serialize an array as base64 text of its little-endian bytes (JSON-safe). Pixels travel as
+    uint8: a quarter of float32's bytes."""
+    little = np.dtype(dtype).newbyteorder("<")
+    return base64.b64encode(np.ascontiguousarray(array, dtype=little).tobytes()).decode("ascii")
 
 
-def decode_array(text, shape):
-    """Inverse of encode_array: base64 text and a shape back to a uint8 array."""
-    array = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+def decode_array(text, shape, dtype=np.uint8):
+    """Inverse of encode_array: base64 text and a shape back to an array."""
+    array = np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<"))
     return array.reshape(shape)
 
 

@@ -44,15 +44,18 @@ def connect_redis(url=None):
 # The part of a batch window that claim_batch polls rather than blocks (see there).
 FILL_POLL_S = 0.1
 
-# Pushes a job unless the queue already holds ARGV[2] jobs or ARGV[3] bytes (every job of one
-# model has the same size, so length x this job's size is the queue's size). Checking and pushing
-# in one script keeps the bound exact with many web processes. Returns the depth, negative if full.
+# Pushes a request's jobs (ARGV[3] on), all or none: none if they would take the queue past ARGV[1]
+# jobs or ARGV[2] bytes (every job of one model has the same size, so length x this job's size is
+# the queue's size). An empty queue takes any request, so one larger than the bound is not refused
+# for ever. Checking and pushing in one script keeps the bound exact with many web processes.
+# Returns the depth, negative if full.
 ENQUEUE = """
 local depth = redis.call('LLEN', KEYS[1])
-if depth >= tonumber(ARGV[2]) or (depth + 1) * string.len(ARGV[1]) > tonumber(ARGV[3]) then
+local after = depth + #ARGV - 2
+if depth > 0 and (after > tonumber(ARGV[1]) or after * string.len(ARGV[3]) > tonumber(ARGV[2])) then
   return -depth
 end
-return redis.call('RPUSH', KEYS[1], ARGV[1])
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
 """
 
 # Moves up to ARGV[1] jobs from the queue into a processing list in one atomic step, so two
@@ -80,17 +83,23 @@ return moved
 """
 
 
-def new_job(pixels_b64, shape, deadline, top_k):
-    """A job record: what a worker needs to classify one image and answer its handler."""
+def new_job(pixels_b64, shape, deadline, top_k, **outputs):
+    """A job record: what a worker needs to classify one image and answer its handler.
+
+    outputs: what the answer carries beyond the top_k predictions (see worker.process_batch):
+    probabilities=True, the whole probability vector; classification=K, the top K as the Open
+    Inference Protocol's "value:index:label" strings.
+    """
     return {"id": str(uuid.uuid4()), "image": pixels_b64, "shape": list(shape),
-            "enqueued_at": time.time(), "deadline": deadline, "top_k": top_k}
+            "enqueued_at": time.time(), "deadline": deadline, "top_k": top_k, **outputs}
 
 
 class QueueFull(Exception):
     """The queue is at MAX_QUEUE_LENGTH or MAX_QUEUE_BYTES; `depth` jobs are waiting."""
 
-    def __init__(self, depth):
-        super().__init__(f"the queue is full ({depth} jobs waiting)")
+    def __init__(self, depth, count=1):
+        super().__init__(f"the queue is full ({depth} jobs waiting)" if count == 1 else
+                         f"the queue has no room for {count} images ({depth} jobs waiting)")
         self.depth = depth
 
 
@@ -100,21 +109,28 @@ def queue_depth(redis, keys):
 
 
 def enqueue_job(redis, keys, job, max_length, max_bytes):
-    """RPUSH the job unless the queue is full; returns the exact payload (to withdraw it later)
-    and the queue's length with it.
+    """enqueue_jobs for one job: returns its payload and the queue's length with it."""
+    payloads, depth = enqueue_jobs(redis, keys, [job], max_length, max_bytes)
+    return payloads[0], depth
 
-    If Redis fails, the reply may have been lost after the push: the job is withdrawn (when Redis
-    answers again) before the error goes on, so a client told 503 has no job left behind.
+
+def enqueue_jobs(redis, keys, jobs, max_length, max_bytes):
+    """RPUSH a request's jobs, all of them or none if the queue is full; returns their exact
+    payloads (to withdraw them later) and the queue's length with them.
+
+    If Redis fails, the reply may have been lost after the push: the jobs are withdrawn (when
+    Redis answers again) before the error goes on, so a client told 503 has no job left behind.
     """
-    payload = json.dumps(job)
+    payloads = [json.dumps(job) for job in jobs]
     try:
-        depth = redis.eval(ENQUEUE, 1, keys.queue, payload, max_length, max_bytes)
+        depth = redis.eval(ENQUEUE, 1, keys.queue, max_length, max_bytes, *payloads)
     except REDIS_ERRORS:
-        withdraw_job(redis, keys, payload)
+        for payload in payloads:
+            withdraw_job(redis, keys, payload)
         raise
     if depth <= 0:
-        raise QueueFull(-depth)
-    return payload, depth
+        raise QueueFull(-depth, len(jobs))
+    return payloads, depth
 
 
 def withdraw_job(redis, keys, payload):
@@ -135,8 +151,12 @@ def wait_for_result(redis, keys, job_id, payload, deadline):
     """
     timeout = deadline - time.time()
     key = keys.result(job_id)
-    # (Redis reads a timeout under 1 ms as 0, "block forever".)
-    reply = redis.blmove(key, key, max(timeout, 0.01), "LEFT", "RIGHT") if timeout > 0 else None
+    # (Redis reads a timeout under 1 ms as 0, "block forever". Past the deadline a result that
+    # came meanwhile, e.g. while the handler collected a request's other results, still counts.)
+    if timeout > 0:
+        reply = redis.blmove(key, key, max(timeout, 0.01), "LEFT", "RIGHT")
+    else:
+        reply = redis.lindex(key, 0)
     if reply is None:
         # Nobody will wait for this job any more: take it off the queue if no worker has it yet.
         withdraw_job(redis, keys, payload)

@@ -23,7 +23,7 @@ import numpy as np
 import jobqueue
 import metrics
 import settings
-from helpers import Keys, decode_array
+from helpers import Keys, decode_array, encode_array
 from jobqueue import REDIS_ERRORS
 
 log = logging.getLogger("keras_server.worker")
@@ -76,8 +76,20 @@ def process_batch(classifier, jobs, now, pass_s=0.0, clock=time.perf_counter):
             "inference_ms": forward_s * 1000,
             "queue_wait_ms": max(0.0, now - job["enqueued_at"]) * 1000,
             "model_version": classifier.version,
+            **extra_outputs(classifier, job, row),
         }
     return BatchOutcome(results, expired, 0, forward_s)
+
+
+def extra_outputs(classifier, job, row):
+    """What a job asked for beyond its predictions (see jobqueue.new_job): the probabilities as
+    base64 float32 (exact, and a fifth of JSON's size), the classification strings."""
+    outputs = {}
+    if job.get("probabilities"):
+        outputs["probabilities"] = encode_array(row, np.float32)
+    if job.get("classification"):
+        outputs["classification"] = classifier.classification(row, int(job["classification"]))
+    return outputs
 
 
 def decode_job(job, input_shape):
