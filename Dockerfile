@@ -27,6 +27,7 @@ RUN if [ "$GPU" = "1" ]; then \
 
 COPY *.py ./
 COPY data/ data/
+COPY static/ static/
 
 # Not root. Keras caches downloaded ImageNet weights in ~/.keras; compose mounts a volume there so
 # each model container downloads them once.

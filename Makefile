@@ -1,11 +1,12 @@
 # The two set-up commands of the README:
 #   make serve   install everything and start the whole service on this machine
-#   make test    install everything (nginx too, where it is missing) and run the tests
+#   make test    install everything (nginx, chromium and chromedriver too, where missing) and
+#                run the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test nginx
+.PHONY: install serve test nginx browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +26,11 @@ nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null)
 
-test: install nginx
+# The page's tests drive Debian's chromium through its chromedriver.
+browser:
+	@command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+test: install nginx browser
 	$(BIN)/python -m pytest

@@ -20,8 +20,9 @@ import jobqueue
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # Web tier
-REQUESTS = Counter("keras_requests_total", "Answers of /predict, by HTTP status.", ["status"])
-REQUEST_SECONDS = Histogram("keras_request_seconds", "Time to answer /predict.",
+REQUESTS = Counter("keras_requests_total", "Answers of /predict and /v2 infer, by HTTP status.",
+                   ["status"])
+REQUEST_SECONDS = Histogram("keras_request_seconds", "Time to answer /predict or /v2 infer.",
                             buckets=LATENCY_BUCKETS)
 QUEUE_WAIT_SECONDS = Histogram("keras_queue_wait_seconds",
                                "Time an answered job waited in the queue before its batch ran.",

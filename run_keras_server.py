@@ -20,7 +20,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["reload"]:
 
 import argparse
 import logging
-import math
 import signal
 import socket
 import subprocess
@@ -28,32 +27,33 @@ import tempfile
 import time
 
 import redis
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, jsonify, request, send_from_directory
 from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-import jobqueue
+import api_docs
+import inference_protocol
 import metrics
 import settings
-from helpers import Keys, ServiceError, decode_image, decoding_bytes, encode_array, open_image
-from jobqueue import REDIS_ERRORS, connect_redis
+from api_docs import documented
+from helpers import Keys, ServiceError
+from inference import (WorkerView, admit_or_refuse, decode_upload, fresh_heartbeats, parse_top_k,
+                       request_deadline, submit, timing_headers)
+from jobqueue import connect_redis
 from rollout import run_model_process, run_reload, run_supervisor
-from webserver import ARRIVED_AT, ClientGone, DecodeBudget, client_watch, off_loop
+from webserver import DecodeBudget
 
 log = logging.getLogger("keras_server")
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker reports its model's
-# A job is admitted only if the work queued ahead of it, at the workers' measured rate, ends within
-# this share of its time left: the rest absorbs the noise in that rate, so an admitted request is
-# answered, not timed out (see WorkerView.admissible_depth).
-ADMISSION_SHARE = 0.8
+PAGE_FOLDER = os.path.join(HERE, "static")  # the page at / and its assets, served offline
 
 
 # --- Web tier -------------------------------------------------------------------------------
 
 def create_app(redis_client=None):
-    """The Flask app: POST /predict, GET /healthz, /readyz, /model and /metrics, JSON errors."""
-    app = Flask(__name__)
+    """The Flask app: POST /predict, the page at /, health, /model, /metrics, the API's
+    document and docs, the Open Inference Protocol under /v2; errors as JSON."""
+    app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     store = redis_client or connect_redis()
     keys = Keys(settings.IMAGE_QUEUE)
@@ -61,40 +61,66 @@ def create_app(redis_client=None):
     budget = DecodeBudget(settings.DECODE_BUDGET_BYTES)
 
     @app.post("/predict")
+    @documented(**api_docs.PREDICT)
     def predict():
+        """Classify one image, or several (repeat the field `image`), each a job of its own.
+
+        One image gets the classic tutorial's answer; several get one result each, in order,
+        with its own error if it alone failed. The images of a request are enqueued all or none.
+        """
         deadline = request_deadline(request.environ, request.headers)
         top_k = parse_top_k(request.args.get("top_k"))
         admit_or_refuse(store, keys, workers, deadline)  # before spending time on the upload
-        upload = request.files.get("image")
-        if upload is None:
+        uploads = request.files.getlist("image")
+        if not uploads:
             raise ServiceError("send the image as multipart/form-data field 'image'", 400)
+        if len(uploads) > settings.MAX_IMAGES_PER_REQUEST:
+            raise ServiceError(f"{len(uploads)} images in one request; at most "
+                               f"{settings.MAX_IMAGES_PER_REQUEST} (MAX_IMAGES_PER_REQUEST)", 413)
         height, width, channels = workers.input_shape()
-        pixels = decode_upload(budget, upload.read(), (width, height), channels, deadline)
-        job = jobqueue.new_job(encode_array(pixels), pixels.shape, deadline, top_k)
-        try:
-            payload, workers.depth_seen = jobqueue.enqueue_job(
-                store, keys, job, workers.admissible_depth(deadline - time.time()),
-                settings.MAX_QUEUE_BYTES)
-        except jobqueue.QueueFull as full:
-            workers.depth_seen = full.depth
-            raise overload(full, full.depth, workers) from full
-        result = wait_while_client_waits(store, keys, job["id"], payload, deadline,
-                                         request.environ.get("gunicorn.socket"))
-        if result is None:
+        decoded = [decode_or_refusal(budget, upload.read(), (width, height), channels, deadline)
+                   for upload in uploads]
+        images = [item for item in decoded if not isinstance(item, ServiceError)]
+        answers = submit(store, keys, workers, images, deadline, top_k,
+                         request.environ.get("gunicorn.socket")) if images else []
+        if answers is None:
             return jsonify(success=False, error="the client closed its connection"), 499
-        if "error" in result:
-            raise ServiceError(result["error"], result.get("status", 500))
-        metrics.QUEUE_WAIT_SECONDS.observe(result["queue_wait_ms"] / 1000)
-        response = jsonify(success=True, predictions=result["predictions"])
-        response.headers.update(timing_headers(job["id"], result))
-        return response
+        answers = iter(answers)
+        outcomes = [item if isinstance(item, ServiceError) else next(answers) for item in decoded]
+        for outcome in outcomes:
+            if not isinstance(outcome, ServiceError):
+                metrics.QUEUE_WAIT_SECONDS.observe(outcome["queue_wait_ms"] / 1000)
+        if len(outcomes) == 1:
+            if isinstance(outcomes[0], ServiceError):
+                raise outcomes[0]
+            response = jsonify(success=True, predictions=outcomes[0]["predictions"])
+            response.headers.update(timing_headers(outcomes[0]))
+            return response
+        results = [image_result(outcome) for outcome in outcomes]
+        return jsonify(success=all(result["success"] for result in results), results=results)
+
+    @app.get("/")
+    @documented(**api_docs.PAGE)
+    def page():
+        """A page to try the model in a browser: drop, pick or paste images."""
+        return send_from_directory(PAGE_FOLDER, "index.html")
+
+    @app.get("/assets/<path:filename>")
+    @documented(**api_docs.PAGE)
+    def asset(filename):
+        """The page's script and style sheet."""
+        return send_from_directory(PAGE_FOLDER, filename)
 
     @app.get("/healthz")
+    @documented(**api_docs.HEALTH)
     def healthz():
+        """The web instance answers (liveness)."""
         return jsonify(success=True, instance=settings.INSTANCE_NAME, pid=os.getpid())
 
     @app.get("/readyz")
+    @documented(**api_docs.READY)
     def readyz():
+        """Some model worker is warm (readiness), with every live worker's heartbeat."""
         beats = fresh_heartbeats(store, keys)
         if not any(beat.get("warm") == "1" for beat in beats):
             reason = ("model workers are still warming up" if beats
@@ -103,7 +129,9 @@ def create_app(redis_client=None):
         return jsonify(success=True, workers=beats)
 
     @app.get("/model")
+    @documented(**api_docs.MODEL)
     def model():
+        """The model the warm workers serve, and the versions served now."""
         warm = [beat for beat in fresh_heartbeats(store, keys) if beat.get("warm") == "1"]
         if not warm:
             raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
@@ -111,8 +139,13 @@ def create_app(redis_client=None):
                        versions=sorted({beat["version"] for beat in warm}))
 
     @app.get("/metrics")
+    @documented(**api_docs.METRICS)
     def prometheus_metrics():
+        """Prometheus metrics of every process of this web instance, and the queue's."""
         return Response(metrics.web_metrics(store, keys), mimetype=CONTENT_TYPE_LATEST)
+
+    api_docs.register(app)
+    inference_protocol.add_routes(app, store, keys, workers, budget)
 
     @app.before_request
     def start_clock():
@@ -120,31 +153,30 @@ def create_app(redis_client=None):
 
     @app.errorhandler(ServiceError)
     def service_error(exc):
-        return jsonify(success=False, error=exc.message), exc.status, exc.headers
+        return error_answer(exc.message, exc.status, exc.headers)
 
     @app.errorhandler(redis.RedisError)
     def redis_error(exc):
         # Unreachable, out of memory, read-only after a failover, an ACL denial: all are 503.
         log.warning("Redis failed on %s %s: %s", request.method, request.path, exc)
-        return jsonify(success=False, error=f"the job queue (Redis) failed: {exc}"), 503, {
-            "Retry-After": "1"}
+        return error_answer(f"the job queue (Redis) failed: {exc}", 503, {"Retry-After": "1"})
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
         if isinstance(exc, RequestEntityTooLarge):
-            return jsonify(success=False, error=f"the upload is larger than the "
-                           f"{settings.MAX_UPLOAD_BYTES} bytes allowed"), 413
-        return jsonify(success=False, error=exc.description), exc.code
+            return error_answer(f"the upload is larger than the {settings.MAX_UPLOAD_BYTES} "
+                                "bytes allowed", 413)
+        return error_answer(exc.description, exc.code)
 
     @app.errorhandler(Exception)
     def unexpected_error(exc):
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(success=False, error="internal server error"), 500
+        return error_answer("internal server error", 500)
 
     @app.after_request
     def name_instance_and_count(response):
         response.headers["X-Served-By"] = settings.INSTANCE_NAME
-        if request.path == "/predict":
+        if request.path == "/predict" or request.endpoint == "infer":
             metrics.REQUESTS.labels(str(response.status_code)).inc()
             metrics.REQUEST_SECONDS.observe(time.perf_counter() - g.started)
         return response
@@ -152,24 +184,30 @@ def create_app(redis_client=None):
     return app
 
 
-def timing_headers(job_id, result):
-    """Where the time of one request went, for clients and operators."""
-    return {
-        "X-Request-ID": job_id,
-        "X-Queue-Wait-Ms": f"{result['queue_wait_ms']:.1f}",
-        "X-Inference-Ms": f"{result['inference_ms']:.1f}",
-        "X-Batch-Size": str(result["batch_size"]),
-        "X-Model-Worker": result["worker"],
-        "X-Model-Version": result["model_version"],
-    }
+def error_answer(message, status, headers=None):
+    """An error in the shape of the route's protocol: the tutorial's, or under /v2 the Open
+    Inference Protocol's."""
+    if request.path == "/v2" or request.path.startswith("/v2/"):
+        return jsonify(error=message), status, headers or {}
+    return jsonify(success=False, error=message), status, headers or {}
 
 
-def fresh_heartbeats(store, keys):
-    """The live workers' heartbeats; 503 when Redis cannot be asked."""
+def decode_or_refusal(budget, data, size, channels, deadline):
+    """An upload's pixels, or the ServiceError that refuses it (one image of several fails
+    alone)."""
     try:
-        return jobqueue.live_workers(store, keys)
-    except REDIS_ERRORS as exc:
-        raise ServiceError(f"Redis is unreachable: {exc}", 503, {"Retry-After": "1"}) from exc
+        return decode_upload(budget, data, size, channels, deadline)
+    except ServiceError as refusal:
+        return refusal
+
+
+def image_result(outcome):
+    """One image's entry in the answer for several images."""
+    if isinstance(outcome, ServiceError):
+        return {"success": False, "error": outcome.message, "status": outcome.status}
+    return {"success": True, "predictions": outcome["predictions"],
+            **{name: outcome[name] for name in ("queue_wait_ms", "inference_ms", "batch_size",
+                                                "model_version")}}
 
 
 def describe_model(beat):
@@ -179,157 +217,6 @@ def describe_model(beat):
             "labels": int(beat["labels"]), "preprocess": beat["preprocess"],
             "batch_size": beat["batch_size"], "device": beat["device"],
             "runtime": beat.get("runtime", "keras")}
-
-
-def parse_top_k(value):
-    """The ?top_k= of a request (TOP_K when absent), checked: ASCII digits only."""
-    if value is None:
-        return settings.TOP_K
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise ServiceError("top_k must be a positive whole number", 400)
-    return int(value)
-
-
-def request_deadline(environ, headers):
-    """When this request's answer is due: REQUEST_TIMEOUT_S (or the client's shorter
-    X-Request-Timeout-S) after it arrived. It arrived when nginx received it (X-Request-Start,
-    which nginx sets) or, without nginx, when the web server accepted its connection; the earlier
-    of the two counts, so the header can only shorten a deadline."""
-    arrived = environ.get(ARRIVED_AT) or time.time()
-    started = parse_request_start(headers.get("X-Request-Start"))
-    if started is not None:
-        arrived = min(arrived, started)
-    return arrived + parse_timeout(headers.get("X-Request-Timeout-S"))
-
-
-def parse_request_start(value):
-    """Seconds since the epoch from X-Request-Start ("t=1700000000.123", nginx's $msec); None if
-    absent or unreadable (the header is a proxy's hint, not the client's request)."""
-    try:
-        seconds = float(value.removeprefix("t="))
-    except (AttributeError, ValueError):
-        return None
-    return seconds if math.isfinite(seconds) else None
-
-
-def parse_timeout(value):
-    """Seconds this request may take: REQUEST_TIMEOUT_S, or less if the client asks for less."""
-    if value is None:
-        return settings.REQUEST_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ServiceError("X-Request-Timeout-S must be a positive number of seconds", 400)
-    return min(seconds, settings.REQUEST_TIMEOUT_S)
-
-
-def admit_or_refuse(store, keys, workers, deadline):
-    """Refuse a request that cannot be answered in time: 504 if its deadline has passed already
-    (it waited in front of the service), OVERLOAD_STATUS if the queue ahead of it is too long."""
-    time_left = deadline - time.time()
-    if time_left <= 0:
-        raise ServiceError("the request waited longer than its deadline before the service could "
-                           "look at it", 504)
-    bound = workers.admissible_depth(time_left)
-    # The queue is read only when this process last saw it half-way to the bound: a round trip
-    # saved on every request in normal operation. (The enqueue checks the bound atomically anyway;
-    # this check saves decoding an upload that would be refused.)
-    if workers.depth_seen * 2 >= bound:
-        workers.depth_seen = jobqueue.queue_depth(store, keys)
-        if workers.depth_seen >= bound:
-            raise overload(f"the queue is full ({workers.depth_seen} jobs waiting)",
-                           workers.depth_seen, workers)
-
-
-def overload(reason, depth, workers):
-    """The refusal of a request that the queue cannot take now, with when to retry."""
-    retry_after = workers.seconds_until_admitted(depth)
-    return ServiceError(f"{reason}; retry in {retry_after} s", settings.OVERLOAD_STATUS,
-                        {"Retry-After": str(retry_after)})
-
-
-def wait_while_client_waits(store, keys, job_id, payload, deadline, connection):
-    """The job's result; None if the client hung up first (its job withdrawn if still queued)."""
-    try:
-        with client_watch(connection):
-            return jobqueue.wait_for_result(store, keys, job_id, payload, deadline)
-    except ClientGone:
-        withdrawn = jobqueue.withdraw_job(store, keys, payload)
-        log.info("job %s: its client hung up; %s", job_id,
-                 "withdrawn from the queue" if withdrawn else "a worker had it already")
-        return None
-
-
-# Images that decode within this many bytes (about 500,000 pixels once a JPEG is set to decode
-# reduced: a typical photo) take a few milliseconds, less than handing them to a thread and back.
-INLINE_DECODE_BYTES = 8 * 1024 * 1024
-
-
-def decode_upload(budget, data, size, channels, deadline):
-    """The upload's pixels for the model, decoded within the memory budget; large images off the
-    event loop."""
-    image = open_image(data, size, channels, settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
-    cost = decoding_bytes(image)
-    with budget.reserve(cost, deadline):
-        if cost <= INLINE_DECODE_BYTES:
-            return decode_image(image, size, channels)
-        return off_loop(decode_image, image, size, channels)
-
-
-class WorkerView:
-    """What the web tier knows of the model workers, from their heartbeats (re-read every 2 s).
-
-    The web tier resizes uploads, so it must know the model's input without loading the model,
-    and it tells refused clients when to retry from the workers' measured drain rate.
-    """
-
-    def __init__(self, store, keys, max_age_s=2.0):
-        self.store, self.keys, self.max_age_s = store, keys, max_age_s
-        self.beats, self.read_at = [], float("-inf")
-        self.shape = DEFAULT_INPUT
-        self.depth_seen = 0  # the queue's length when this process last enqueued or looked
-
-    def heartbeats(self):
-        if time.monotonic() - self.read_at > self.max_age_s:
-            self.beats = fresh_heartbeats(self.store, self.keys)
-            self.read_at = time.monotonic()
-        return self.beats
-
-    def input_shape(self):
-        """(height, width, channels) of the workers' model: the last one reported (a moment
-        without heartbeats, e.g. just after a Redis restart, keeps it), ResNet50's before any."""
-        shapes = [beat["input_shape"] for beat in self.heartbeats() if "input_shape" in beat]
-        if shapes:
-            self.shape = tuple(int(n) for n in shapes[-1].split(","))
-        return self.shape
-
-    def capacity(self):
-        """(images per second, seconds of one batch) of the warm workers together, measured."""
-        warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
-        rate = sum(float(beat.get("rate", 0)) for beat in warm)
-        batch_s = max((float(beat.get("batch_s", 0)) for beat in warm), default=0.0)
-        return rate, batch_s
-
-    def admissible_depth(self, time_left):
-        """Most jobs that may wait ahead of a new one that has time_left seconds: as many as the
-        workers answer in ADMISSION_SHARE of it (after one batch of its own), at most
-        MAX_QUEUE_LENGTH, and always at least 1 (an empty queue takes any job)."""
-        rate, batch_s = self.capacity()
-        if rate <= 0:
-            return settings.MAX_QUEUE_LENGTH
-        fits = math.floor((time_left * ADMISSION_SHARE - batch_s) * rate)
-        return max(1, min(settings.MAX_QUEUE_LENGTH, fits))
-
-    def seconds_until_admitted(self, depth):
-        """Whole seconds until the workers have drained `depth` queued jobs down to what a new
-        request would be admitted behind (1 to REQUEST_TIMEOUT_S)."""
-        rate, _ = self.capacity()
-        if rate <= 0:
-            return 1
-        excess = depth - self.admissible_depth(settings.REQUEST_TIMEOUT_S) + 1
-        return max(1, min(math.ceil(excess / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))
 
 
 def run_model_worker(args=None):

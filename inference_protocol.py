@@ -1,0 +1,340 @@
+"""The Open Inference Protocol (KServe v2 REST, as Triton and OpenVINO Model Server speak it), on
+the same queue, batches, deadlines, admission and metrics as /predict.
+
+The model takes one input tensor per request, either of:
+- `image`: BYTES [N], encoded image files, decoded and resized as /predict's uploads are
+  (in JSON, each element is the file in base64, since JSON strings cannot carry binary);
+- `pixels`: UINT8 [N, height, width, channels] at the model's input size.
+It has one output, `probabilities`: FP32 [N, classes]; or, with the classification extension's
+parameter `classification: K`, BYTES [N, K] of "value:index:label", most probable first.
+
+Binary tensor data extension: a body may be a JSON header of `Inference-Header-Content-Length`
+bytes followed by the input's bytes (`binary_data_size` in its parameters): raw uint8 pixels, or
+for BYTES each element as a 4-byte little-endian length and its bytes. Answers are binary the same
+way when the request asks (`binary_data_output`, or `binary_data` on the output).
+A model's name is the named model (`resnet50`), or its file's name without the extension.
+"""
+import base64
+import binascii
+import json
+import math
+import os
+import struct
+
+import numpy as np
+
+from flask import Response, jsonify, request
+
+import api_docs
+import settings
+from api_docs import documented
+from helpers import ServiceError, decode_array
+from inference import (admit_or_refuse, decode_upload, fresh_heartbeats, request_deadline, submit,
+                       timing_headers)
+from webserver import off_loop
+
+INPUTS = {"image": "BYTES", "pixels": "UINT8"}
+OUTPUT = "probabilities"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INLINE_PARSE_BYTES = 256 * 1024  # bodies parsed on the event loop; larger ones in a thread
+
+
+# --- Routes ---------------------------------------------------------------------------------
+
+def add_routes(app, store, keys, workers, budget):
+    """The protocol's routes under /v2 (their errors get its shape: see run_keras_server)."""
+
+    @app.get("/v2")
+    @documented(**api_docs.V2_SERVER)
+    def server_metadata():
+        """The server's name, version and protocol extensions."""
+        return jsonify(name="keras-redis-server", version="1", extensions=EXTENSIONS)
+
+    @app.get("/v2/health/live")
+    @documented(**api_docs.V2_LIVE)
+    def server_live():
+        """The web tier answers (as /healthz)."""
+        return jsonify(live=True)
+
+    @app.get("/v2/health/ready")
+    @documented(**api_docs.V2_READY)
+    def server_ready():
+        """Some model worker is warm (as /readyz)."""
+        find_warm(fresh_heartbeats(store, keys))
+        return jsonify(ready=True)
+
+    @app.get("/v2/models/<name>")
+    @app.get("/v2/models/<name>/versions/<version>")
+    @documented(**api_docs.V2_MODEL)
+    def model_metadata_route(name, version=None):
+        """A served model's inputs, output, versions and runtime (`platform`)."""
+        return jsonify(model_metadata(fresh_heartbeats(store, keys), name, version))
+
+    @app.get("/v2/models/<name>/ready")
+    @app.get("/v2/models/<name>/versions/<version>/ready")
+    @documented(**api_docs.V2_MODEL_READY)
+    def model_ready(name, version=None):
+        """A warm worker serves this model (at this version)."""
+        find_model(fresh_heartbeats(store, keys), name, version)
+        return jsonify(name=name, ready=True)
+
+    @app.post("/v2/models/<name>/infer")
+    @documented(**api_docs.V2_INFER)
+    def infer(name):
+        """Classify a batch of images, each a job on the queue, batched with /predict's.
+
+        One input: `image`, BYTES [N] of encoded files, or `pixels`, UINT8 [N, height, width,
+        channels]. The output `probabilities` is FP32 [N, classes], or BYTES [N, K] of
+        "value:index:label" with the parameter classification: K. A body may use the binary
+        tensor data extension (header Inference-Header-Content-Length).
+        """
+        deadline = request_deadline(request.environ, request.headers)
+        beat = find_model(workers.heartbeats(), name)
+        admit_or_refuse(store, keys, workers, deadline)
+        body = request.get_data()
+        height, width, channels = workers.input_shape()
+        reading = (read_images, body, request.headers.get(HEADER_LENGTH), (height, width, channels))
+        # A large JSON body takes a while to parse: off the event loop, as a large image is.
+        header, input_name, items = (off_loop(*reading) if len(body) > INLINE_PARSE_BYTES
+                                     else read_images(*reading[1:]))
+        wants_binary, classification = requested_output(header, int(beat["labels"]))
+        images = items if input_name == "pixels" else [
+            decode_element(budget, n, file, (width, height), channels, deadline)
+            for n, file in enumerate(items)]
+        results = submit(store, keys, workers, images, deadline, 1,
+                         request.environ.get("gunicorn.socket"),
+                         probabilities=not classification, classification=classification)
+        if results is None:
+            return jsonify(error="the client closed its connection"), 499
+        for result in results:
+            if isinstance(result, ServiceError):
+                raise result
+        body, headers = infer_answer(header, name, results, wants_binary, classification)
+        return Response(body, headers={**headers, **timing_headers(results[0])})
+
+
+def decode_element(budget, n, data, size, channels, deadline):
+    """Element n of an `image` input, decoded as /predict decodes an upload."""
+    try:
+        return decode_upload(budget, data, size, channels, deadline)
+    except ServiceError as refusal:
+        raise ServiceError(f"input 'image' element {n}: {refusal.message}", refusal.status,
+                           refusal.headers) from refusal
+
+
+# --- Models, from the workers' heartbeats -------------------------------------------------------
+
+def model_name(beat):
+    """A model's name in the protocol: the named model, or its file's name without extension."""
+    return os.path.splitext(os.path.basename(beat["model"]))[0]
+
+
+def find_warm(beats):
+    """The heartbeats of the warm workers; 503 if none is."""
+    warm = [beat for beat in beats if beat.get("warm") == "1"]
+    if not warm:
+        raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
+    return warm
+
+
+def find_model(beats, name, version=None):
+    """The heartbeat of a warm worker serving model `name` (at `version`, if given): 404 if none
+    does, 503 if no worker is warm."""
+    warm = find_warm(beats)
+    serving = [beat for beat in warm
+               if model_name(beat) == name and version in (None, beat["version"])]
+    if not serving:
+        served = sorted({f"{model_name(beat)} version {beat['version']}" for beat in warm})
+        wanted = name if version is None else f"{name} version {version}"
+        raise ServiceError(f"no model {wanted} here; served: {', '.join(served)}", 404)
+    return serving[-1]
+
+
+def model_metadata(beats, name, version=None):
+    """The protocol's model metadata of model `name`."""
+    beat = find_model(beats, name, version)
+    height, width, channels = (int(n) for n in beat["input_shape"].split(","))
+    versions = sorted({b["version"] for b in beats if b.get("warm") == "1"
+                       and model_name(b) == name})
+    return {"name": name, "versions": versions if version is None else [version],
+            "platform": beat.get("runtime", "keras"),
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "pixels", "datatype": "UINT8",
+                        "shape": [-1, height, width, channels]}],
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, int(beat["labels"])]}]}
+
+
+# --- Requests -------------------------------------------------------------------------------
+
+def read_images(body, header_length, input_shape):
+    """An infer request's JSON header, its input's name, and its images: uint8 pixel arrays
+    (`pixels`) or encoded files (`image`)."""
+    header, binary = read_request(body, header_length)
+    name, shape, data = input_tensor(header, binary)
+    if name == "pixels":
+        return header, name, pixels_of(shape, data, input_shape)
+    return header, name, files_of(shape, data)
+
+
+def read_request(body, header_length):
+    """The JSON header of an infer request, and the binary data after it."""
+    split = len(body)
+    if header_length is not None:
+        split = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
+        if not 0 <= split <= len(body):
+            raise ServiceError(f"{HEADER_LENGTH} must be a byte count within the body's "
+                               f"{len(body)} bytes", 400)
+    try:
+        header = json.loads(body[:split])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServiceError(f"the request is not valid JSON: {exc}", 400) from exc
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise ServiceError("the request must be a JSON object with a list of inputs", 400)
+    return header, body[split:]
+
+
+def input_tensor(header, binary):
+    """The request's one input: (name, shape, data): data is the binary bytes or the JSON data."""
+    if len(header["inputs"]) != 1 or not isinstance(header["inputs"][0], dict):
+        raise ServiceError("send one input: 'image' (BYTES, encoded image files) or 'pixels' "
+                           "(UINT8, [N, height, width, channels])", 400)
+    tensor = header["inputs"][0]
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+    if not isinstance(name, str) or name not in INPUTS:
+        raise ServiceError(f"unknown input {name!r}: send 'image' (BYTES) or 'pixels' (UINT8)", 400)
+    if datatype != INPUTS[name]:
+        raise ServiceError(f"input {name!r} must be {INPUTS[name]}, not {datatype}", 400)
+    if not (isinstance(shape, list) and shape and all(is_count(n) for n in shape)):
+        raise ServiceError(f"input {name!r}: shape must be a list of sizes, not {shape!r}", 400)
+    if not 1 <= shape[0] <= settings.MAX_IMAGES_PER_REQUEST:
+        raise ServiceError(f"a batch of {shape[0]} images: send 1 to "
+                           f"{settings.MAX_IMAGES_PER_REQUEST} (MAX_IMAGES_PER_REQUEST)",
+                           413 if shape[0] else 400)
+    size = parameters(tensor).get("binary_data_size")
+    if size is not None:
+        if size != len(binary):
+            raise ServiceError(f"input {name!r} declares binary_data_size {size}, but "
+                               f"{len(binary)} bytes follow the JSON header", 400)
+        return name, shape, binary
+    if binary:
+        raise ServiceError(f"{len(binary)} bytes follow the JSON header, but no input declares "
+                           "binary_data_size", 400)
+    if not isinstance(tensor.get("data"), list):
+        raise ServiceError(f"input {name!r} carries no data (a JSON list, or binary data)", 400)
+    return name, shape, tensor["data"]
+
+
+def is_count(value):
+    """A JSON whole number from 0 up (true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parameters(entry):
+    """The parameters object of a request, input or output entry ({} if none)."""
+    found = entry.get("parameters") or {}
+    if not isinstance(found, dict):
+        raise ServiceError("parameters must be a JSON object", 400)
+    return found
+
+
+def pixels_of(shape, data, input_shape):
+    """The images of a `pixels` input: uint8 arrays of the model's input shape."""
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(input_shape):
+        raise ServiceError(f"input 'pixels' must have shape [N, {', '.join(map(str, input_shape))}]"
+                           f" (the model's input), not {shape}", 400)
+    count = math.prod(shape)
+    if isinstance(data, bytes):
+        array = np.frombuffer(data, np.uint8)
+    else:
+        try:
+            array = np.asarray(data).ravel()
+        except ValueError as exc:  # ragged nesting
+            raise ServiceError(f"input 'pixels': {exc}", 400) from exc
+        if array.size and (array.dtype.kind not in "iu" or array.min() < 0 or array.max() > 255):
+            raise ServiceError("input 'pixels' must hold whole numbers from 0 to 255", 400)
+    if array.size != count:
+        raise ServiceError(f"input 'pixels' of shape {shape} needs {count} values, not "
+                           f"{array.size}", 400)
+    return list(array.astype(np.uint8).reshape(shape))
+
+
+def files_of(shape, data):
+    """The encoded image files of an `image` input, as bytes."""
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise ServiceError(f"input 'image' must have shape [N] (or [N, 1]), not {shape}", 400)
+    if isinstance(data, bytes):
+        files = split_bytes(data)
+    else:
+        items = [item for element in data
+                 for item in (element if isinstance(element, list) else [element])]
+        try:
+            files = [base64.b64decode(item, validate=True) for item in items]
+        except (TypeError, ValueError, binascii.Error) as exc:
+            raise ServiceError("input 'image' in JSON must hold each file in base64", 400) from exc
+    if len(files) != shape[0]:
+        raise ServiceError(f"input 'image' of shape {shape} carries {len(files)} files", 400)
+    return files
+
+
+def split_bytes(raw):
+    """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then its bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ServiceError("binary BYTES data ends inside an element's length", 400)
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise ServiceError("binary BYTES data ends inside an element", 400)
+        elements.append(raw[offset:offset + length])
+        offset += length
+    return elements
+
+
+def requested_output(header, classes):
+    """How the request wants `probabilities`: (binary?, classification K; 0 for all of them)."""
+    binary = parameters(header).get("binary_data_output") is True
+    outputs = header.get("outputs") or []
+    if not isinstance(outputs, list) or len(outputs) > 1 or any(
+            not isinstance(output, dict) or output.get("name") != OUTPUT for output in outputs):
+        raise ServiceError(f"this model has one output, {OUTPUT!r}", 400)
+    if not outputs:
+        return binary, 0
+    wanted = parameters(outputs[0])
+    top = wanted.get("classification", 0)
+    if not is_count(top):
+        raise ServiceError("classification must be a whole number of classes", 400)
+    return wanted.get("binary_data", binary) is True, min(top, classes)
+
+
+# --- Answers --------------------------------------------------------------------------------
+
+def infer_answer(header, name, results, binary, classification):
+    """The body and headers of an infer answer, from the jobs' results in order."""
+    if classification:
+        rows = [result["classification"] for result in results]
+        tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(rows), classification]}
+        values = [text for row in rows for text in row]
+        blob = b"".join(struct.pack("<I", len(v)) + v for v in (t.encode() for t in values))
+    else:
+        probabilities = np.stack([decode_array(result["probabilities"], (-1,), np.float32)
+                                  for result in results])
+        tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
+        values = probabilities.ravel().tolist()
+        blob = probabilities.astype("<f4").tobytes()
+    first = results[0]
+    answer = {"model_name": name, "model_version": first["model_version"], "outputs": [tensor],
+              # Where the time went, as /predict's headers say it (the first image's batch).
+              "parameters": {"queue_wait_ms": round(first["queue_wait_ms"], 1),
+                             "inference_ms": round(first["inference_ms"], 1),
+                             "batch_size": first["batch_size"]}}
+    if isinstance(header.get("id"), str):
+        answer["id"] = header["id"]
+    if not binary:
+        tensor["data"] = values
+        return json.dumps(answer), {"Content-Type": "application/json"}
+    tensor["parameters"] = {"binary_data_size": len(blob)}
+    head = json.dumps(answer).encode()
+    return head + blob, {"Content-Type": "application/octet-stream",
+                         HEADER_LENGTH: str(len(head))}
