@@ -5,6 +5,7 @@ type. Nothing here imports Flask or Keras.
 """
 import base64
 import io
+import os
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -122,6 +123,12 @@ def decode_array(text, shape, dtype=np.uint8):
     """Inverse of encode_array: base64 text and a shape back to an array."""
     array = np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<"))
     return array.reshape(shape)
+
+
+def model_name(model):
+    """A model's name in the Open Inference Protocol: a named model's (MODEL=resnet50), or its
+    file's name without the extension."""
+    return os.path.splitext(os.path.basename(model))[0]
 
 
 class Keys:

@@ -10,6 +10,7 @@ import math
 import time
 
 import jobqueue
+import metrics
 import settings
 from helpers import ServiceError, decode_image, decoding_bytes, encode_array, open_image
 from jobqueue import REDIS_ERRORS
@@ -23,15 +24,15 @@ DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker report
 ADMISSION_SHARE = 0.8
 
 
-def submit(store, keys, workers, images, deadline, top_k, connection, **outputs):
+def submit(store, keys, workers, images, deadline, top_k, connection, **job_fields):
     """Classify a request's images: one job each, enqueued all or none, answered in order.
 
-    images: uint8 pixel arrays. outputs: see jobqueue.new_job. Returns one item per image, its
-    result record or the ServiceError it got (504: no result in time; a worker's 4xx or 500);
-    None if the client hung up first (its jobs are withdrawn if still queued). Raises
+    images: uint8 pixel arrays. job_fields: see jobqueue.new_job. Returns one item per image, its
+    result record or the ServiceError it got (504: no result in time; a worker's 4xx or 5xx).
+    Raises 499 if the client hung up first (its jobs withdrawn if still queued), and
     OVERLOAD_STATUS, enqueuing nothing, if the queue has no room for all of them.
     """
-    jobs = [jobqueue.new_job(encode_array(pixels), pixels.shape, deadline, top_k, **outputs)
+    jobs = [jobqueue.new_job(encode_array(pixels), pixels.shape, deadline, top_k, **job_fields)
             for pixels in images]
     try:
         payloads, workers.depth_seen = jobqueue.enqueue_jobs(
@@ -39,30 +40,33 @@ def submit(store, keys, workers, images, deadline, top_k, connection, **outputs)
             settings.MAX_QUEUE_BYTES)
     except jobqueue.QueueFull as full:
         workers.depth_seen = full.depth
-        raise overload(full, full.depth, workers) from full
+        raise overload(full, full.depth, workers, len(jobs)) from full
+    ids = [job["id"] for job in jobs]
+    del jobs  # their pixels, in base64, live on in the payloads (to withdraw a job by value)
     results = []
     try:
         with client_watch(connection):
-            for job, payload in zip(jobs, payloads):
-                results.append(collect(store, keys, job, payload, deadline))
+            for job_id, payload in zip(ids, payloads):
+                results.append(collect(store, keys, job_id, payload, deadline))
     except ClientGone:
         withdrawn = sum(jobqueue.withdraw_job(store, keys, payload)
                         for payload in payloads[len(results):])
-        log.info("job %s: its client hung up; %d of %d jobs withdrawn from the queue",
-                 jobs[0]["id"], withdrawn, len(jobs) - len(results))
-        return None
+        log.info("job %s: its client hung up; %d of %d jobs withdrawn from the queue", ids[0],
+                 withdrawn, len(ids) - len(results))
+        raise ServiceError("the client closed its connection", 499) from None
     return results
 
 
-def collect(store, keys, job, payload, deadline):
+def collect(store, keys, job_id, payload, deadline):
     """One job's result record, or the ServiceError it ended with."""
     try:
-        result = jobqueue.wait_for_result(store, keys, job["id"], payload, deadline)
+        result = jobqueue.wait_for_result(store, keys, job_id, payload, deadline)
     except ServiceError as refusal:
         return refusal
     if "error" in result:
         return ServiceError(result["error"], result.get("status", 500))
-    return {**result, "id": job["id"]}
+    metrics.QUEUE_WAIT_SECONDS.observe(result["queue_wait_ms"] / 1000)
+    return {**result, "id": job_id}
 
 
 def timing_headers(result):
@@ -148,9 +152,10 @@ def admit_or_refuse(store, keys, workers, deadline):
                            workers.depth_seen, workers)
 
 
-def overload(reason, depth, workers):
-    """The refusal of a request that the queue cannot take now, with when to retry."""
-    retry_after = workers.seconds_until_admitted(depth)
+def overload(reason, depth, workers, count=1):
+    """The refusal of a request of `count` images that the queue cannot take now, with when to
+    retry."""
+    retry_after = workers.seconds_until_admitted(depth, count)
     return ServiceError(f"{reason}; retry in {retry_after} s", settings.OVERLOAD_STATUS,
                         {"Retry-After": str(retry_after)})
 
@@ -215,11 +220,11 @@ class WorkerView:
         fits = math.floor((time_left * ADMISSION_SHARE - batch_s) * rate)
         return max(1, min(settings.MAX_QUEUE_LENGTH, fits))
 
-    def seconds_until_admitted(self, depth):
+    def seconds_until_admitted(self, depth, count=1):
         """Whole seconds until the workers have drained `depth` queued jobs down to what a new
-        request would be admitted behind (1 to REQUEST_TIMEOUT_S)."""
+        request of `count` images would be admitted behind (1 to REQUEST_TIMEOUT_S)."""
         rate, _ = self.capacity()
         if rate <= 0:
             return 1
-        excess = depth - self.admissible_depth(settings.REQUEST_TIMEOUT_S) + 1
+        excess = depth - self.admissible_depth(settings.REQUEST_TIMEOUT_S) + count
         return max(1, min(math.ceil(excess / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))

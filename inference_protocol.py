@@ -18,7 +18,6 @@ import base64
 import binascii
 import json
 import math
-import os
 import struct
 
 import numpy as np
@@ -28,7 +27,7 @@ from flask import Response, jsonify, request
 import api_docs
 import settings
 from api_docs import documented
-from helpers import ServiceError, decode_array
+from helpers import ServiceError, decode_array, model_name
 from inference import (admit_or_refuse, decode_upload, fresh_heartbeats, request_deadline, submit,
                        timing_headers)
 from webserver import off_loop
@@ -38,6 +37,9 @@ OUTPUT = "probabilities"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INLINE_PARSE_BYTES = 256 * 1024  # bodies parsed on the event loop; larger ones in a thread
+# Peak bytes that parsing a body takes, per byte of it (measured 8 for a JSON `pixels` body:
+# Python's ints and lists), held from the decoding budget as an image's decoding is.
+PARSING_BYTES_PER_BYTE = 10
 
 
 # --- Routes ---------------------------------------------------------------------------------
@@ -80,8 +82,9 @@ def add_routes(app, store, keys, workers, budget):
         return jsonify(name=name, ready=True)
 
     @app.post("/v2/models/<name>/infer")
+    @app.post("/v2/models/<name>/versions/<version>/infer")
     @documented(**api_docs.V2_INFER)
-    def infer(name):
+    def infer(name, version=None):
         """Classify a batch of images, each a job on the queue, batched with /predict's.
 
         One input: `image`, BYTES [N] of encoded files, or `pixels`, UINT8 [N, height, width,
@@ -90,28 +93,36 @@ def add_routes(app, store, keys, workers, budget):
         tensor data extension (header Inference-Header-Content-Length).
         """
         deadline = request_deadline(request.environ, request.headers)
-        beat = find_model(workers.heartbeats(), name)
+        beat = find_model(workers.heartbeats(), name, version)
         admit_or_refuse(store, keys, workers, deadline)
-        body = request.get_data()
-        height, width, channels = workers.input_shape()
-        reading = (read_images, body, request.headers.get(HEADER_LENGTH), (height, width, channels))
-        # A large JSON body takes a while to parse: off the event loop, as a large image is.
-        header, input_name, items = (off_loop(*reading) if len(body) > INLINE_PARSE_BYTES
-                                     else read_images(*reading[1:]))
+        height, width, channels = (int(n) for n in beat["input_shape"].split(","))
+        header, input_name, items = parse_body(budget, request, (height, width, channels),
+                                               deadline)
         wants_binary, classification = requested_output(header, int(beat["labels"]))
         images = items if input_name == "pixels" else [
             decode_element(budget, n, file, (width, height), channels, deadline)
             for n, file in enumerate(items)]
+        target = {"model": name, **({"version": version} if version else {})}
         results = submit(store, keys, workers, images, deadline, 1,
                          request.environ.get("gunicorn.socket"),
-                         probabilities=not classification, classification=classification)
-        if results is None:
-            return jsonify(error="the client closed its connection"), 499
+                         probabilities=not classification, classification=classification,
+                         **target)
         for result in results:
             if isinstance(result, ServiceError):
                 raise result
-        body, headers = infer_answer(header, name, results, wants_binary, classification)
-        return Response(body, headers={**headers, **timing_headers(results[0])})
+        answer, headers = infer_answer(header, name, results, wants_binary, classification)
+        return Response(answer, headers={**headers, **timing_headers(results[0])})
+
+
+def parse_body(budget, request, input_shape, deadline):
+    """read_images of the request's body, within the decoding budget; a large body is parsed
+    off the event loop, as a large image is decoded. The body is not kept."""
+    body = request.get_data(cache=False)
+    length = request.headers.get(HEADER_LENGTH)
+    with budget.reserve(PARSING_BYTES_PER_BYTE * len(body), deadline):
+        if len(body) > INLINE_PARSE_BYTES:
+            return off_loop(read_images, body, length, input_shape)
+        return read_images(body, length, input_shape)
 
 
 def decode_element(budget, n, data, size, channels, deadline):
@@ -125,9 +136,9 @@ def decode_element(budget, n, data, size, channels, deadline):
 
 # --- Models, from the workers' heartbeats -------------------------------------------------------
 
-def model_name(beat):
-    """A model's name in the protocol: the named model, or its file's name without extension."""
-    return os.path.splitext(os.path.basename(beat["model"]))[0]
+def served_name(beat):
+    """The protocol's name of the model a worker serves (see helpers.model_name)."""
+    return model_name(beat["model"])
 
 
 def find_warm(beats):
@@ -143,9 +154,9 @@ def find_model(beats, name, version=None):
     does, 503 if no worker is warm."""
     warm = find_warm(beats)
     serving = [beat for beat in warm
-               if model_name(beat) == name and version in (None, beat["version"])]
+               if served_name(beat) == name and version in (None, beat["version"])]
     if not serving:
-        served = sorted({f"{model_name(beat)} version {beat['version']}" for beat in warm})
+        served = sorted({f"{served_name(beat)} version {beat['version']}" for beat in warm})
         wanted = name if version is None else f"{name} version {version}"
         raise ServiceError(f"no model {wanted} here; served: {', '.join(served)}", 404)
     return serving[-1]
@@ -156,7 +167,7 @@ def model_metadata(beats, name, version=None):
     beat = find_model(beats, name, version)
     height, width, channels = (int(n) for n in beat["input_shape"].split(","))
     versions = sorted({b["version"] for b in beats if b.get("warm") == "1"
-                       and model_name(b) == name})
+                       and served_name(b) == name})
     return {"name": name, "versions": versions if version is None else [version],
             "platform": beat.get("runtime", "keras"),
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -168,10 +179,11 @@ def model_metadata(beats, name, version=None):
 # --- Requests -------------------------------------------------------------------------------
 
 def read_images(body, header_length, input_shape):
-    """An infer request's JSON header, its input's name, and its images: uint8 pixel arrays
-    (`pixels`) or encoded files (`image`)."""
+    """An infer request's JSON header (less its inputs), its input's name, and its images: uint8
+    pixel arrays (`pixels`) or encoded files (`image`)."""
     header, binary = read_request(body, header_length)
     name, shape, data = input_tensor(header, binary)
+    del header["inputs"]  # its data, parsed: not kept while the request waits
     if name == "pixels":
         return header, name, pixels_of(shape, data, input_shape)
     return header, name, files_of(shape, data)
@@ -187,7 +199,7 @@ def read_request(body, header_length):
                                f"{len(body)} bytes", 400)
     try:
         header = json.loads(body[:split])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise ServiceError(f"the request is not valid JSON: {exc}", 400) from exc
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ServiceError("the request must be a JSON object with a list of inputs", 400)
@@ -264,10 +276,12 @@ def files_of(shape, data):
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise ServiceError(f"input 'image' must have shape [N] (or [N, 1]), not {shape}", 400)
     if isinstance(data, bytes):
-        files = split_bytes(data)
+        files = split_bytes(data, shape[0])
     else:
         items = [item for element in data
                  for item in (element if isinstance(element, list) else [element])]
+        if len(items) != shape[0]:
+            raise ServiceError(f"input 'image' of shape {shape} carries {len(items)} files", 400)
         try:
             files = [base64.b64decode(item, validate=True) for item in items]
         except (TypeError, ValueError, binascii.Error) as exc:
@@ -277,10 +291,13 @@ def files_of(shape, data):
     return files
 
 
-def split_bytes(raw):
-    """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then its bytes."""
+def split_bytes(raw, count):
+    """The elements of a binary BYTES tensor: each a 4-byte little-endian length, then its bytes;
+    400 past `count` of them."""
     elements, offset = [], 0
     while offset < len(raw):
+        if len(elements) == count:
+            raise ServiceError(f"binary BYTES data holds more than its {count} elements", 400)
         if offset + 4 > len(raw):
             raise ServiceError("binary BYTES data ends inside an element's length", 400)
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -312,6 +329,10 @@ def requested_output(header, classes):
 
 def infer_answer(header, name, results, binary, classification):
     """The body and headers of an infer answer, from the jobs' results in order."""
+    wanted = "classification" if classification else "probabilities"
+    if any(wanted not in result for result in results):
+        raise ServiceError(f"a model worker answered without {wanted}: it runs an older "
+                           "version of the service; retry", 503, {"Retry-After": "1"})
     if classification:
         rows = [result["classification"] for result in results]
         tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(rows), classification]}

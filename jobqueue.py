@@ -88,7 +88,8 @@ def new_job(pixels_b64, shape, deadline, top_k, **outputs):
 
     outputs: what the answer carries beyond the top_k predictions (see worker.process_batch):
     probabilities=True, the whole probability vector; classification=K, the top K as the Open
-    Inference Protocol's "value:index:label" strings.
+    Inference Protocol's "value:index:label" strings. model=NAME (and version=V): only a worker
+    serving that model (at that version) may answer it.
     """
     return {"id": str(uuid.uuid4()), "image": pixels_b64, "shape": list(shape),
             "enqueued_at": time.time(), "deadline": deadline, "top_k": top_k, **outputs}

@@ -81,15 +81,9 @@ def create_app(redis_client=None):
         decoded = [decode_or_refusal(budget, upload.read(), (width, height), channels, deadline)
                    for upload in uploads]
         images = [item for item in decoded if not isinstance(item, ServiceError)]
-        answers = submit(store, keys, workers, images, deadline, top_k,
-                         request.environ.get("gunicorn.socket")) if images else []
-        if answers is None:
-            return jsonify(success=False, error="the client closed its connection"), 499
-        answers = iter(answers)
+        answers = iter(submit(store, keys, workers, images, deadline, top_k,
+                              request.environ.get("gunicorn.socket")) if images else [])
         outcomes = [item if isinstance(item, ServiceError) else next(answers) for item in decoded]
-        for outcome in outcomes:
-            if not isinstance(outcome, ServiceError):
-                metrics.QUEUE_WAIT_SECONDS.observe(outcome["queue_wait_ms"] / 1000)
         if len(outcomes) == 1:
             if isinstance(outcomes[0], ServiceError):
                 raise outcomes[0]
@@ -97,6 +91,10 @@ def create_app(redis_client=None):
             response.headers.update(timing_headers(outcomes[0]))
             return response
         results = [image_result(outcome) for outcome in outcomes]
+        if all(isinstance(outcome, ServiceError) for outcome in outcomes):
+            # Nothing classified: the request fails with the first image's status.
+            return jsonify(success=False, error=f"no image was classified; the first: "
+                           f"{outcomes[0].message}", results=results), outcomes[0].status
         return jsonify(success=all(result["success"] for result in results), results=results)
 
     @app.get("/")
@@ -163,7 +161,8 @@ def create_app(redis_client=None):
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        if isinstance(exc, RequestEntityTooLarge):
+        if isinstance(exc, RequestEntityTooLarge) and (
+                (request.content_length or 0) > settings.MAX_UPLOAD_BYTES):
             return error_answer(f"the upload is larger than the {settings.MAX_UPLOAD_BYTES} "
                                 "bytes allowed", 413)
         return error_answer(exc.description, exc.code)

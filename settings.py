@@ -71,9 +71,10 @@ INSTANCE_NAME = env_str("INSTANCE_NAME", os.uname().nodename)
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1024)
 """Largest accepted request body in bytes; larger uploads get 413."""
 
-MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 32, minimum=1)
+MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 32, minimum=1, maximum=1000)
 """Most images one request may carry (repeated `image` fields, or the batch of a /v2 infer);
-more get 413. Each image is a job of its own: the queue bound counts images."""
+more get 413. Each image is a job of its own: the queue bound counts images (an empty queue takes
+any request). At most 1000: a request's jobs are pushed by one Redis script call."""
 
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1)
 """Largest accepted width x height, checked from the header before decoding (decompression bombs)."""
@@ -189,9 +190,6 @@ if OVERLOAD_STATUS not in (429, 503):
     raise SettingsError(f"OVERLOAD_STATUS={OVERLOAD_STATUS}: must be 429 or 503")
 if HEARTBEAT_TTL_S <= HEARTBEAT_INTERVAL_S:
     raise SettingsError("HEARTBEAT_TTL_S must be larger than HEARTBEAT_INTERVAL_S")
-if MAX_IMAGES_PER_REQUEST > MAX_QUEUE_LENGTH:
-    raise SettingsError(f"MAX_IMAGES_PER_REQUEST={MAX_IMAGES_PER_REQUEST} must be at most "
-                        f"MAX_QUEUE_LENGTH={MAX_QUEUE_LENGTH}: the queue must hold a request")
 if WEB_CONNECTIONS * WEB_WORKERS <= MAX_QUEUE_LENGTH:
     # Otherwise requests would wait unseen in the kernel's backlog before the queue bound refused
     # anyone: two knobs that contradict each other.

@@ -23,7 +23,7 @@ import numpy as np
 import jobqueue
 import metrics
 import settings
-from helpers import Keys, decode_array, encode_array
+from helpers import Keys, decode_array, encode_array, model_name
 from jobqueue import REDIS_ERRORS
 
 log = logging.getLogger("keras_server.worker")
@@ -50,6 +50,10 @@ def process_batch(classifier, jobs, now, pass_s=0.0, clock=time.perf_counter):
     expired = [job["id"] for job in jobs if job["deadline"] <= now + pass_s]
     for job in jobs:
         if job["id"] in expired:
+            continue
+        elsewhere = served_elsewhere(classifier, job)
+        if elsewhere:
+            results[job["id"]] = {"error": elsewhere, "status": 404}
             continue
         try:
             pixels.append(decode_job(job, classifier.input_shape))
@@ -79,6 +83,17 @@ def process_batch(classifier, jobs, now, pass_s=0.0, clock=time.perf_counter):
             **extra_outputs(classifier, job, row),
         }
     return BatchOutcome(results, expired, 0, forward_s)
+
+
+def served_elsewhere(classifier, job):
+    """Why a job that names a model (or version) other than this worker's is not answered here;
+    None if it may be (during a rollout, the job outlived the version it asked for)."""
+    name, version = job.get("model"), job.get("version")
+    if name is not None and name != model_name(classifier.name):
+        return f"model {name} is not served any more (now: {model_name(classifier.name)})"
+    if version is not None and version != classifier.version:
+        return f"version {version} of {name} is not served any more (now: {classifier.version})"
+    return None
 
 
 def extra_outputs(classifier, job, row):

@@ -26,7 +26,10 @@ drop.addEventListener("drop", (event) => {
   drop.classList.remove("over");
   classify([...event.dataTransfer.files]);
 });
-picker.addEventListener("change", () => classify([...picker.files]));
+picker.addEventListener("change", () => {
+  classify([...picker.files]);
+  picker.value = "";  // choosing the same file again classifies it again
+});
 document.addEventListener("paste", (event) => {
   const files = [...event.clipboardData.files];
   if (files.length) classify(files);
@@ -37,15 +40,19 @@ async function classify(files) {
   if (!files.length) return;
   const body = new FormData();
   files.forEach((file) => body.append("image", file, file.name || "pasted image"));
-  const cards = files.map(addCard);
-  statusLine.textContent = `Classifying ${files.length} image${files.length > 1 ? "s" : ""}…`;
+  const batch = element("div", "batch");  // this request's images, in the order sent
+  const cards = files.map((file) => addCard(batch, file));
+  results.prepend(batch);
+  statusLine.textContent = `Classifying ${count(files.length)}…`;
   let answer, response;
   try {
     response = await fetch(`/predict?top_k=${encodeURIComponent(topK.value || 5)}`,
                            {method: "POST", body});
     answer = await response.json();
   } catch (error) {
-    answer = {success: false, error: `no answer from the service (${error.message})`};
+    answer = {success: false, error: response
+      ? `the service answered ${response.status} ${response.statusText}`
+      : `no answer from the service (${error.message})`};
   }
   if (answer.results) {
     answer.results.forEach((result, n) => show(cards[n], result));
@@ -58,20 +65,26 @@ async function classify(files) {
   } else {
     cards.forEach((card) => show(card, answer));
   }
-  statusLine.textContent = `Done: ${files.length} image${files.length > 1 ? "s" : ""}.`;
+  const failed = batch.querySelectorAll(".error").length;
+  statusLine.textContent = `Done: ${count(files.length - failed)} classified` +
+                           (failed ? `, ${failed} failed: ${answer.error || "see below"}` : ".");
 }
 
-function addCard(file) {
+function count(n) {
+  return `${n} image${n === 1 ? "" : "s"}`;
+}
+
+function addCard(batch, file) {
   const card = element("article", "image");
   const picture = element("img");
   picture.src = URL.createObjectURL(file);
-  picture.alt = file.name || "pasted image";
+  picture.alt = "";  // the heading names the image
   picture.onerror = () => picture.replaceWith(element("div"));  // not an image: keep the layout
   const text = element("div");
   text.append(element("h2", "", file.name || "pasted image"));
   card.append(picture, text);
   card.setAttribute("aria-busy", "true");
-  results.prepend(card);
+  batch.append(card);
   return text;
 }
 
@@ -79,7 +92,6 @@ function show(text, result) {
   text.parentElement.removeAttribute("aria-busy");
   if (!result.success) {
     text.append(element("p", "error", `Error: ${result.error}`));
-    text.lastChild.setAttribute("role", "alert");
     return;
   }
   const list = element("ol", "predictions");

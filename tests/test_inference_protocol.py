@@ -17,9 +17,11 @@ from helpers import prepare_image
 
 @pytest.fixture
 def served(service, tiny_model):
-    """A worker with the tiny model (batches of up to 8) and a web instance; the triton client."""
-    worker = service.worker(BATCH_SIZE=8, **tiny_settings(tiny_model))
-    web = service.web()
+    """A worker with the tiny model (batches of up to 8) and a web instance; the triton client.
+    (A heartbeat outlives a held model process: see test_batched_with_predict_traffic.)"""
+    lasting = {"HEARTBEAT_TTL_S": 60}
+    worker = service.worker(BATCH_SIZE=8, **lasting, **tiny_settings(tiny_model))
+    web = service.web(**lasting)
     client = triton.InferenceServerClient(url=web.url.removeprefix("http://"))
     yield {"web": web, "worker": worker, "client": client, "name": "tiny"}
     client.close()
@@ -64,6 +66,12 @@ def test_health_and_metadata(served):
         ("image", "BYTES", (-1,)), ("pixels", "UINT8", (-1, 32, 32, 3))}
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
     assert client.get_model_metadata(name, model_version="1")["versions"] == ["1"]
+    assert not client.is_model_ready(name, model_version="2")
+    pixels = pixels_input(distinct_images(1), True)
+    assert client.infer(name, [pixels], model_version="1").as_numpy("probabilities").shape == (
+        1, 10)
+    with pytest.raises(triton.InferenceServerException, match="no model tiny version 2"):
+        client.infer(name, [pixels], model_version="2")
 
 
 def test_infer_equals_predict(served):
@@ -122,7 +130,11 @@ def test_batched_with_predict_traffic(served, redis_client, keys):
         answers["predict"] = post_image(served["web"].url, images[0], filename="a.png")
 
     def infer():
-        answers["infer"] = served["client"].infer(served["name"], [image_input(images[1:], True)])
+        try:
+            answers["infer"] = served["client"].infer(served["name"],
+                                                      [image_input(images[1:], True)])
+        except Exception as exc:
+            answers["infer"] = exc
 
     def jobs_in_redis():
         claimed = sum(redis_client.llen(key) for key in redis_client.scan_iter(
@@ -143,6 +155,7 @@ def test_batched_with_predict_traffic(served, redis_client, keys):
         thread.join(30)
     assert answers["predict"].status_code == 200, answers["predict"].text
     assert answers["predict"].headers["X-Batch-Size"] == "2"
+    assert not isinstance(answers["infer"], Exception), answers["infer"]
     assert answers["infer"].get_response()["parameters"]["batch_size"] == 2
 
 
@@ -174,6 +187,11 @@ def test_errors_in_the_protocols_shape(served, redis_client, keys):
                        data=b'{"inputs": []}' + b"\0" * 8,
                        headers={"Inference-Header-Content-Length": "14"}), 400, "send one input"),
         (requests.get(f"{url}/v2/nowhere"), 404, "not found"),
+        (requests.post(f"{url}/v2/models/{name}/infer", data=b"[" * 100_000), 400,
+         "not valid JSON"),
+        (requests.post(f"{url}/v2/models/{name}/infer", json={"inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1],
+             "parameters": {"binary_data_size": 16}}]}), 400, "16"),
     ]
     for response, status, message in cases:
         assert response.status_code == status, response.text

@@ -79,8 +79,9 @@ def test_page_classifies_dropped_images_and_shows_errors(browser, url, tmp_path)
         assert len(rows) == 5 and all(row.text.startswith("class_") for row in rows)
         assert "batch of 2" in card.find_element(By.CSS_SELECTOR, ".timing").text
     assert len(cards) == 2
-    browser.save_screenshot(str(tmp_path / "page.png"))
-    assert (tmp_path / "page.png").stat().st_size > 0
+    assert browser.save_screenshot(str(tmp_path / "page.png"))
+    status = browser.find_element(By.ID, "status").text  # what a screen reader announces
+    assert status == "Done: 2 images classified.", status
 
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
@@ -88,7 +89,7 @@ def test_page_classifies_dropped_images_and_shows_errors(browser, url, tmp_path)
     error = wait_for(browser, "#results .image .error", 1)[0].text
     api = requests.post(f"{url}/predict", files={"image": ("notes.txt", b"not an image")})
     assert error == f"Error: {api.json()['error']}"
-    browser.save_screenshot(str(tmp_path / "page-error.png"))
+    assert browser.save_screenshot(str(tmp_path / "page-error.png"))
     assert_all_local(requested_urls(browser), url)
 
 
@@ -98,7 +99,7 @@ def test_docs_load_offline_and_list_every_operation(browser, url, tmp_path):
     browser.get(url + "/docs")
     operations = sum(len(item) for item in document["paths"].values())
     wait_for(browser, ".opblock", operations)
-    browser.save_screenshot(str(tmp_path / "docs.png"))
+    assert browser.save_screenshot(str(tmp_path / "docs.png"))
     assert_all_local(requested_urls(browser), url)
 
 

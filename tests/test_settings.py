@@ -17,7 +17,7 @@ from conftest import ROOT
                                          ("REDIS_URL", "localhost:6379"),
                                          ("WEB_CONNECTIONS", "500"),
                                          ("DECODE_BUDGET_BYTES", "1000"),
-                                         ("MAX_IMAGES_PER_REQUEST", "2000")])
+                                         ("MAX_IMAGES_PER_REQUEST", "1001")])
 def test_bad_setting_stops_start_up_naming_the_variable(name, value):
     env = {**os.environ, name: value}
     result = subprocess.run([sys.executable, "-c", "import settings"], cwd=ROOT, env=env,

@@ -54,6 +54,10 @@ def test_a_bad_file_fails_alone(service, tiny_model):
     assert_predicted(last, images[1], tiny_model)
     assert bad["success"] is False and bad["status"] == 400
     assert "not an image" in bad["error"]
+    # No image classified: the request fails with the first one's status.
+    none = post_images(url, [("a.txt", b"no"), ("b.txt", b"nor this")])
+    assert none.status_code == 400 and none.json()["success"] is False
+    assert [result["status"] for result in none.json()["results"]] == [400, 400]
 
 
 def test_the_bounds_count_images(service, redis_client, keys):
@@ -73,13 +77,13 @@ def test_the_bounds_count_images(service, redis_client, keys):
     assert f"no room for {room + 1} images" in refused.json()["error"]
     assert redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH - room  # none enqueued
 
-    # These fit: all five are queued, then withdrawn at their (short) deadline, unanswered.
+    # These fit: all five are queued, then withdrawn at their deadline, unanswered.
     with ThreadPoolExecutor(1) as pool:
         request = pool.submit(post_images, url, [("i.png", image)] * room,
-                              headers={"X-Request-Timeout-S": "3"})
+                              headers={"X-Request-Timeout-S": "10"})
         wait_until(lambda: redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH,
-                   timeout=3, what="the request's images on the queue")
+                   timeout=10, what="the request's images on the queue")
         taken = request.result()
-    assert taken.status_code == 200, taken.text
+    assert taken.status_code == 504, taken.text
     assert [result["status"] for result in taken.json()["results"]] == [504] * room
     assert redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH - room

@@ -9,7 +9,7 @@ import pytest
 
 import jobqueue
 from conftest import distinct_images, tiny_direct, wait_until
-from helpers import encode_array, prepare_image
+from helpers import decode_array, encode_array, prepare_image
 from worker import ArrivalRate, DrainMeter, process_batch
 
 NOW = 1_000_000.0
@@ -72,6 +72,28 @@ def test_process_batch_answers_an_undecodable_job_with_400_and_the_rest_normally
     for job in (wrong_shape, not_base64):
         assert outcome.results[job["id"]]["status"] == 400
         assert "cannot decode" in outcome.results[job["id"]]["error"]
+
+
+def test_process_batch_answers_what_a_job_asks_for_and_only_for_its_model(tiny, tiny_model):
+    plain, full, top, other_model, other_version = jobs_for(distinct_images(5))
+    full["probabilities"] = True
+    top["classification"] = 2
+    other_model["model"] = "resnet50"
+    other_version.update(model="tiny", version="6")
+    outcome = process_batch(tiny, [plain, full, top, other_model, other_version], NOW)
+
+    assert "probabilities" not in outcome.results[plain["id"]]
+    probabilities = decode_array(outcome.results[full["id"]]["probabilities"], (10,), np.float32)
+    np.testing.assert_allclose(probabilities, tiny_direct(tiny_model, distinct_images(5)[1]),
+                               atol=1e-6)
+    expected = tiny_direct(tiny_model, distinct_images(5)[2])
+    best = np.argsort(expected)[::-1][:2]
+    assert [text.split(":")[1:] for text in outcome.results[top["id"]]["classification"]] == [
+        [str(i), f"class_{i}"] for i in best]
+    for job in (other_model, other_version):
+        assert outcome.results[job["id"]]["status"] == 404
+        assert "not served any more" in outcome.results[job["id"]]["error"]
+    assert outcome.results[plain["id"]]["batch_size"] == 3
 
 
 def test_process_batch_with_every_job_expired_runs_no_forward_pass(tiny):
