@@ -1,12 +1,12 @@
 # The two set-up commands of the README:
 #   make serve   install everything and start the whole service on this machine
-#   make test    install everything (nginx, chromium and chromedriver too, where missing) and
-#                run the tests
+#   make test    install everything (nginx, chromium and chromedriver, redis-server and
+#                redis-sentinel too, where missing) and run the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test nginx browser
+.PHONY: install serve test nginx browser redis
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +32,11 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	   apt-get install -y -qq chromium chromium-driver >/dev/null)
 
-test: install nginx browser
+# The Sentinel and Cluster tests run Debian's redis-server, redis-sentinel and redis-cli.
+redis:
+	@command -v redis-sentinel >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	   apt-get install -y -qq redis-server redis-sentinel >/dev/null)
+
+test: install nginx browser redis
 	$(BIN)/python -m pytest

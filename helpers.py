@@ -132,26 +132,32 @@ def model_name(model):
 
 
 class Keys:
-    """Every Redis key the service uses, built from one prefix (the queue's name)."""
+    """Every Redis key the service uses, built from one prefix (the queue's name).
+
+    On Redis Cluster a script or a transaction may touch only keys of one hash slot. The queue's
+    own key is its name (what KEDA's scaler and operators watch); every other key starts with
+    the hash tag {name}, which hashes as the bare name does: all of a queue's keys share its slot.
+    """
 
     def __init__(self, queue):
         self.queue = queue
-        self.workers = f"{queue}:workers"
+        self.tag = f"{{{queue}}}"
+        self.workers = f"{self.tag}:workers"
         # The model rollouts (see rollout.py): the model every worker should serve, the
         # accepted versions (newest last, for start-ups and --rollback), the rollouts' counter,
         # and each rollout's refusals by worker.
-        self.model = f"{queue}:model"
-        self.model_history = f"{queue}:model:history"
-        self.model_rollouts = f"{queue}:model:rollouts"
+        self.model = f"{self.tag}:model"
+        self.model_history = f"{self.tag}:model:history"
+        self.model_rollouts = f"{self.tag}:model:rollouts"
 
     def refusals(self, rollout):
-        return f"{self.queue}:model:refusals:{rollout}"
+        return f"{self.tag}:model:refusals:{rollout}"
 
     def result(self, job_id):
-        return f"{self.queue}:result:{job_id}"
+        return f"{self.tag}:result:{job_id}"
 
     def processing(self, worker_id):
-        return f"{self.queue}:processing:{worker_id}"
+        return f"{self.tag}:processing:{worker_id}"
 
     def heartbeat(self, worker_id):
-        return f"{self.queue}:worker:{worker_id}"
+        return f"{self.tag}:worker:{worker_id}"

@@ -10,9 +10,13 @@ import logging
 import time
 import uuid
 
+from urllib.parse import unquote
+
 import redis as redis_py
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 import settings
 from helpers import ServiceError
@@ -25,7 +29,8 @@ REDIS_ERRORS = (redis_py.RedisError,)
 
 
 def connect_redis(url=None):
-    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast and never retries.
+    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast and never retries;
+    behind Sentinel it follows the master through a failover, on Cluster the queue's node.
 
     redis-py would re-send a command whose reply was lost, and for a move or a push that queues a
     job twice or strands it. So no command is retried blindly: an outage surfaces at once, the web
@@ -34,11 +39,42 @@ def connect_redis(url=None):
     handler's wait for its result (redis-py's default is 5 s). Each waiting handler holds a
     connection, so the pool allows one per web connection (redis-py's default is 100).
     """
-    return redis_py.Redis.from_url(url or settings.REDIS_URL or "redis://localhost:6379/0",
-                                   decode_responses=True, socket_connect_timeout=2,
-                                   socket_timeout=settings.REQUEST_TIMEOUT_S + 5,
-                                   health_check_interval=10, retry=Retry(NoBackoff(), 0),
-                                   max_connections=settings.WEB_CONNECTIONS + 16)
+    url = url or settings.REDIS_URL or "redis://localhost:6379/0"
+    options = dict(decode_responses=True, socket_connect_timeout=2,
+                   socket_timeout=settings.REQUEST_TIMEOUT_S + 5, health_check_interval=10,
+                   retry=Retry(NoBackoff(), 0), max_connections=settings.WEB_CONNECTIONS + 16)
+    if url.startswith("redis+sentinel://"):
+        sentinels, master, db, password = parse_sentinel_url(url)
+        # Each new connection asks the sentinels for the master: after a failover, the clients'
+        # next connections reach the promoted replica, with no restart.
+        return Sentinel(sentinels, socket_connect_timeout=2, socket_timeout=2).master_for(
+            master, db=db, password=password, **options)
+    if url.startswith("redis+cluster://"):
+        # MOVED and ASK redirections are followed (the command did not run); nothing else is
+        # retried, as above. Every key of a queue lives on one node (helpers.Keys).
+        del options["health_check_interval"]
+        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"),
+                                     **options)
+    return redis_py.Redis.from_url(url, **options)
+
+
+def parse_sentinel_url(url):
+    """(sentinel addresses, master name, db, password) of a redis+sentinel:// URL."""
+    rest = url.removeprefix("redis+sentinel://")
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = unquote(credentials.split(":", 1)[-1]) or None
+    hosts, _, path = rest.partition("/")
+    master, _, db = path.partition("/")
+    try:
+        sentinels = [(host, int(port)) for host, port in
+                     (address.rsplit(":", 1) for address in hosts.split(","))]
+    except ValueError:
+        sentinels = []
+    if not sentinels or not master or not (db or "0").isdigit():
+        raise ValueError(f"{url!r}: expected redis+sentinel://host:port[,host:port...]/MASTER[/db]")
+    return sentinels, master, int(db or 0), password
 
 
 # The part of a batch window that claim_batch polls rather than blocks (see there).

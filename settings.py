@@ -113,12 +113,21 @@ TOP_K = env_int("TOP_K", 5, minimum=1)
 
 # --- Redis ----------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "")
-"""Redis to use, e.g. redis://host:6379/0. Unset: `run_keras_server.py` starts a private one."""
-if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
-    raise SettingsError(f"REDIS_URL={REDIS_URL!r}: must start with redis://, rediss:// or unix://")
+"""Redis to use: redis://host:6379/0 (rediss:// for TLS, unix:// for a socket); Sentinel:
+redis+sentinel://[:password@]host:26379,host:26379/MASTER_NAME[/db]; Cluster:
+redis+cluster://[:password@]host:6379 (any node). Unset: `run_keras_server.py` starts a private
+one."""
+if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://",
+                                           "redis+sentinel://", "redis+cluster://")):
+    raise SettingsError(f"REDIS_URL={REDIS_URL!r}: must start with redis://, rediss://, unix://, "
+                        "redis+sentinel:// or redis+cluster://")
 
 IMAGE_QUEUE = env_str("IMAGE_QUEUE", "image_queue")
-"""Name of the Redis list of pending jobs; also the prefix of every other key the service writes."""
+"""Name of the Redis list of pending jobs; also the hash tag of every other key the service writes
+({IMAGE_QUEUE}:...), so that on Redis Cluster all of them live in the queue's slot."""
+if "{" in IMAGE_QUEUE or "}" in IMAGE_QUEUE:
+    raise SettingsError(f"IMAGE_QUEUE={IMAGE_QUEUE!r}: must not contain {{ or }} (it is the keys' "
+                        "hash tag)")
 
 RESULT_TTL_S = env_int("RESULT_TTL_S", 60, minimum=1)
 """Seconds a result lives in Redis after a worker stores it (a handler collects it at once; about

@@ -216,7 +216,7 @@ class Processes:
         return process
 
     def wait_warm(self, process):
-        store = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        store = jobqueue.connect_redis(self.redis_url)  # any REDIS_URL: Sentinel, Cluster too
         queue = Keys(process.queue)
 
         def warm():

@@ -23,9 +23,10 @@ RESULT_TTL_S = 2
 def assert_nothing_left(redis_client, timeout=RESULT_TTL_S + 3):
     """No queued job, claim or result key may outlive the result TTL."""
     def clean():
+        keys = Keys(QUEUE)
         return (redis_client.llen(QUEUE) == 0
-                and not redis_client.keys(f"{QUEUE}:result:*")
-                and not redis_client.keys(f"{QUEUE}:processing:*"))
+                and not redis_client.keys(keys.result("*"))
+                and not redis_client.keys(keys.processing("*")))
 
     wait_until(clean, timeout=timeout, what="Redis to hold no job, claim or result")
 
@@ -228,7 +229,7 @@ def test_no_request_keys_survive_a_load_run(service, tiny_model, redis_client):
     time.sleep(RESULT_TTL_S)
     assert_nothing_left(redis_client)
     keys = Keys(QUEUE)
-    leftover = [key for key in redis_client.keys("*") if key.startswith(QUEUE)
+    leftover = [key for key in redis_client.keys("*") if key.startswith((QUEUE, keys.tag))
                 and key != keys.model_history]  # configuration: the accepted model versions
     assert all(redis_client.ttl(key) > 0 for key in leftover), leftover  # heartbeats only
     assert not any(":result:" in key or ":processing:" in key for key in leftover)

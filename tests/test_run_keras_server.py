@@ -169,10 +169,10 @@ def test_two_workers_share_one_queue_and_answer_each_request_once(
     jobs = wait_until(all_counted, what="the heartbeats to count all 48 jobs")
     assert len(served_by) == 2 and all(count > 0 for count in jobs)
     assert redis_client.llen(QUEUE) == 0
-    assert not redis_client.keys(f"{QUEUE}:processing:*")
+    assert not redis_client.keys(keys.processing("*"))
 
 
-def test_no_worker_gives_504_and_leaves_nothing_in_redis(service, redis_client):
+def test_no_worker_gives_504_and_leaves_nothing_in_redis(service, redis_client, keys):
     web = service.web(REQUEST_TIMEOUT_S=1.5, RESULT_TTL_S=1)
 
     started = time.monotonic()
@@ -183,7 +183,7 @@ def test_no_worker_gives_504_and_leaves_nothing_in_redis(service, redis_client):
     assert response.json()["success"] is False and "timeout" in response.json()["error"]
     assert 1.5 <= elapsed < 6
     time.sleep(1.2)
-    assert redis_client.keys(f"{QUEUE}*") == []
+    assert redis_client.keys(f"{QUEUE}*") + redis_client.keys(f"{keys.tag}*") == []
 
 
 def test_auto_batch_size_is_measured_logged_and_reported(service, tiny_model, redis_client, keys):
