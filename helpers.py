@@ -6,6 +6,7 @@ type. Nothing here imports Flask or Keras.
 import base64
 import io
 import os
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -131,6 +132,40 @@ def model_name(model):
     return os.path.splitext(os.path.basename(model))[0]
 
 
+def sentinel_address(url):
+    """(sentinels [(host, port)], master name, db, username, password) of a URL
+    redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]; ValueError if bad."""
+    nodes, path, username, password = nodes_url(url)
+    if not 1 <= len(path) <= 2 or not (path[1:] or ["0"])[0].isdigit():
+        raise ValueError("expected redis+sentinel://host:port[,host:port...]/MASTER_NAME[/db]")
+    return nodes, path[0], int((path[1:] or ["0"])[0]), username, password
+
+
+def cluster_address(url):
+    """(nodes [(host, port)], username, password) of a URL
+    redis+cluster://[user:password@]host:port[,host:port...]; ValueError if bad."""
+    nodes, path, username, password = nodes_url(url)
+    if path not in ([], ["0"]):
+        raise ValueError("a Redis Cluster has one database, 0")
+    return nodes, username, password
+
+
+def nodes_url(url):
+    """A URL naming several Redis nodes: (nodes, path parts, username, password)."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise ValueError("options (?...) are not read from this URL")
+    nodes = []
+    for address in parts.netloc.rpartition("@")[2].split(","):
+        host, colon, port = address.rpartition(":")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{address!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    path = [unquote(part) for part in parts.path.split("/") if part]
+    return (nodes, path, unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None)
+
+
 class Keys:
     """Every Redis key the service uses, built from one prefix (the queue's name).
 
@@ -155,6 +190,10 @@ class Keys:
 
     def result(self, job_id):
         return f"{self.tag}:result:{job_id}"
+
+    def job(self, job_id):
+        """A queued job's marker: it exists until the job's deadline (see jobqueue.ENQUEUE)."""
+        return f"{self.tag}:job:{job_id}"
 
     def processing(self, worker_id):
         return f"{self.tag}:processing:{worker_id}"

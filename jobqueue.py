@@ -10,71 +10,71 @@ import logging
 import time
 import uuid
 
-from urllib.parse import unquote
-
 import redis as redis_py
 from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 import settings
-from helpers import ServiceError
+from helpers import ServiceError, cluster_address, sentinel_address
 
 log = logging.getLogger(__name__)
 
 # Every error Redis or the connection to it can raise: unreachable, but also OOM under maxmemory,
 # READONLY after a failover, an ACL denial. Callers answer 503 or back off; none is fatal.
-REDIS_ERRORS = (redis_py.RedisError,)
+REDIS_ERRORS = (redis_py.RedisError, RedisClusterException)
+
+# No call blocks in Redis longer than this (a handler's wait is cut in such slices), so every reply
+# is due within SOCKET_TIMEOUT_S: a Redis that stops answering (a node lost, a partition) is
+# noticed in seconds, not at a request's deadline.
+WAIT_SLICE_S = 1.0
+SOCKET_TIMEOUT_S = WAIT_SLICE_S + 4
 
 
 def connect_redis(url=None):
-    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast and never retries;
-    behind Sentinel it follows the master through a failover, on Cluster the queue's node.
+    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast and never retries.
 
     redis-py would re-send a command whose reply was lost, and for a move or a push that queues a
     job twice or strands it. So no command is retried blindly: an outage surfaces at once, the web
     tier answers 503, the worker backs off in its own loop, and each step below is safe to repeat
-    or is undone when it fails. The socket timeout must outlast the longest blocking call, a
-    handler's wait for its result (redis-py's default is 5 s). Each waiting handler holds a
-    connection, so the pool allows one per web connection (redis-py's default is 100).
+    or is undone when it fails. Each waiting handler holds a connection, so the pool allows one
+    per web connection (redis-py's default is 100). Behind Sentinel, each new connection asks the
+    sentinels for the master: after a failover, clients reach the promoted replica by themselves.
     """
     url = url or settings.REDIS_URL or "redis://localhost:6379/0"
     options = dict(decode_responses=True, socket_connect_timeout=2,
-                   socket_timeout=settings.REQUEST_TIMEOUT_S + 5, health_check_interval=10,
-                   retry=Retry(NoBackoff(), 0), max_connections=settings.WEB_CONNECTIONS + 16)
+                   socket_timeout=SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
+                   max_connections=settings.WEB_CONNECTIONS + 16)
     if url.startswith("redis+sentinel://"):
-        sentinels, master, db, password = parse_sentinel_url(url)
-        # Each new connection asks the sentinels for the master: after a failover, the clients'
-        # next connections reach the promoted replica, with no restart.
-        return Sentinel(sentinels, socket_connect_timeout=2, socket_timeout=2).master_for(
-            master, db=db, password=password, **options)
+        sentinels, master, db, username, password = sentinel_address(url)
+        # One try per sentinel (redis-py's default is 10 each), then the next one.
+        asking = dict(socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+        return Sentinel(sentinels, sentinel_kwargs=asking).master_for(
+            master, db=db, username=username, password=password, health_check_interval=10,
+            **options)
     if url.startswith("redis+cluster://"):
-        # MOVED and ASK redirections are followed (the command did not run); nothing else is
-        # retried, as above. Every key of a queue lives on one node (helpers.Keys).
-        del options["health_check_interval"]
-        return RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://"),
-                                     **options)
-    return redis_py.Redis.from_url(url, **options)
+        return connect_cluster(*cluster_address(url), options)
+    return redis_py.Redis.from_url(url, health_check_interval=10, **options)
 
 
-def parse_sentinel_url(url):
-    """(sentinel addresses, master name, db, password) of a redis+sentinel:// URL."""
-    rest = url.removeprefix("redis+sentinel://")
-    password = None
-    if "@" in rest:
-        credentials, rest = rest.rsplit("@", 1)
-        password = unquote(credentials.split(":", 1)[-1]) or None
-    hosts, _, path = rest.partition("/")
-    master, _, db = path.partition("/")
-    try:
-        sentinels = [(host, int(port)) for host, port in
-                     (address.rsplit(":", 1) for address in hosts.split(","))]
-    except ValueError:
-        sentinels = []
-    if not sentinels or not master or not (db or "0").isdigit():
-        raise ValueError(f"{url!r}: expected redis+sentinel://host:port[,host:port...]/MASTER[/db]")
-    return sentinels, master, int(db or 0), password
+def connect_cluster(nodes, username, password, options, patience_s=60):
+    """A Redis Cluster client. It reads the slots' map as it is made, so a cluster that does not
+    answer yet is waited for, with growing delays, each logged. MOVED and ASK are followed (the
+    command did not run); nothing else is retried. Every key of a queue is in one slot
+    (helpers.Keys)."""
+    give_up, delay = time.monotonic() + patience_s, 0.1
+    while True:
+        try:
+            return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                                username=username, password=password, **options)
+        except REDIS_ERRORS as exc:
+            if time.monotonic() > give_up:
+                raise
+            log.warning("Redis Cluster does not answer (%s); again in %.1f s", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5)
 
 
 # The part of a batch window that claim_batch polls rather than blocks (see there).
@@ -85,13 +85,17 @@ FILL_POLL_S = 0.1
 # the queue's size). An empty queue takes any request, so one larger than the bound is not refused
 # for ever. Checking and pushing in one script keeps the bound exact with many web processes.
 # Returns the depth, negative if full.
+# Each job also gets a marker (KEYS[2] on) living ARGV[3] ms, to its deadline: written with the
+# job, in one script, a marker is lost with it when a Redis failover loses the last writes
+# (replication is asynchronous). A waiting handler that finds no marker knows its job is gone.
 ENQUEUE = """
 local depth = redis.call('LLEN', KEYS[1])
-local after = depth + #ARGV - 2
-if depth > 0 and (after > tonumber(ARGV[1]) or after * string.len(ARGV[3]) > tonumber(ARGV[2])) then
+local after = depth + #ARGV - 3
+if depth > 0 and (after > tonumber(ARGV[1]) or after * string.len(ARGV[4]) > tonumber(ARGV[2])) then
   return -depth
 end
-return redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+for i = 2, #KEYS do redis.call('SET', KEYS[i], 1, 'PX', ARGV[3]) end
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
 """
 
 # Moves up to ARGV[1] jobs from the queue into a processing list in one atomic step, so two
@@ -159,8 +163,11 @@ def enqueue_jobs(redis, keys, jobs, max_length, max_bytes):
     Redis answers again) before the error goes on, so a client told 503 has no job left behind.
     """
     payloads = [json.dumps(job) for job in jobs]
+    markers = [keys.job(job["id"]) for job in jobs]
+    marker_ms = int((max(job["deadline"] for job in jobs) - time.time()) * 1000) + 1000
     try:
-        depth = redis.eval(ENQUEUE, 1, keys.queue, max_length, max_bytes, *payloads)
+        depth = redis.eval(ENQUEUE, 1 + len(markers), keys.queue, *markers, max_length,
+                           max_bytes, max(marker_ms, 1), *payloads)
     except REDIS_ERRORS:
         for payload in payloads:
             withdraw_job(redis, keys, payload)
@@ -180,20 +187,29 @@ def withdraw_job(redis, keys, payload):
 
 
 def wait_for_result(redis, keys, job_id, payload, deadline):
-    """Block until the job's result arrives, or withdraw the job and raise 504 at the deadline.
+    """Block until the job's result arrives; at the deadline withdraw the job and raise 504; and
+    raise 503 as soon as the job is known to be gone (its marker lost in a Redis failover).
 
     BLMOVE from the result list onto itself reads the result without taking it away, so a read
     whose reply is lost can be repeated. The key is left to expire (RESULT_TTL_S after the worker
-    stored it): deleting it would cost every request one more round trip.
+    stored it): deleting it would cost every request one more round trip. The wait is cut in
+    slices of WAIT_SLICE_S (one call for most requests), and the marker is checked between them.
     """
-    timeout = deadline - time.time()
     key = keys.result(job_id)
-    # (Redis reads a timeout under 1 ms as 0, "block forever". Past the deadline a result that
-    # came meanwhile, e.g. while the handler collected a request's other results, still counts.)
-    if timeout > 0:
-        reply = redis.blmove(key, key, max(timeout, 0.01), "LEFT", "RIGHT")
-    else:
-        reply = redis.lindex(key, 0)
+    while True:
+        timeout = deadline - time.time()
+        if timeout <= 0:
+            # Past the deadline a result that came meanwhile (e.g. while the handler collected
+            # a request's other results) still counts.
+            reply = redis.lindex(key, 0)
+            break
+        # (Redis reads a timeout under 1 ms as 0, "block forever".)
+        reply = redis.blmove(key, key, min(max(timeout, 0.01), WAIT_SLICE_S), "LEFT", "RIGHT")
+        if reply is not None:
+            break
+        if not redis.exists(keys.job(job_id)) and deadline - time.time() > 0:
+            raise ServiceError("the job was lost: Redis failed over before it had copied the "
+                               "job to the new master; retry", 503, {"Retry-After": "1"})
     if reply is None:
         # Nobody will wait for this job any more: take it off the queue if no worker has it yet.
         withdraw_job(redis, keys, payload)
@@ -225,7 +241,8 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
         # 100 ms of a wait are polled every millisecond (a few calls for a typical window).
         # (A timeout under 1 ms must never be sent: Redis reads it as 0, "block forever".)
         if remaining > FILL_POLL_S + 0.01:
-            job = redis.blmove(keys.queue, processing, remaining - FILL_POLL_S, "LEFT", "RIGHT")
+            job = redis.blmove(keys.queue, processing, min(remaining - FILL_POLL_S, WAIT_SLICE_S),
+                               "LEFT", "RIGHT")
             batch += [job] if job is not None else []
         else:
             time.sleep(min(remaining, 0.001))

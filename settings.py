@@ -8,6 +8,8 @@ import os
 
 from PIL import Image
 
+from helpers import cluster_address, sentinel_address
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value the service cannot use."""
@@ -121,6 +123,13 @@ if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://",
                                            "redis+sentinel://", "redis+cluster://")):
     raise SettingsError(f"REDIS_URL={REDIS_URL!r}: must start with redis://, rediss://, unix://, "
                         "redis+sentinel:// or redis+cluster://")
+try:
+    if REDIS_URL.startswith("redis+sentinel://"):
+        sentinel_address(REDIS_URL)
+    elif REDIS_URL.startswith("redis+cluster://"):
+        cluster_address(REDIS_URL)
+except ValueError as exc:
+    raise SettingsError(f"REDIS_URL={REDIS_URL!r}: {exc}") from None
 
 IMAGE_QUEUE = env_str("IMAGE_QUEUE", "image_queue")
 """Name of the Redis list of pending jobs; also the hash tag of every other key the service writes

@@ -6,6 +6,7 @@ import time
 import pytest
 
 import jobqueue
+from helpers import ServiceError
 from conftest import QUEUE, image_bytes, post_image, tiny_settings, wait_until
 
 
@@ -91,3 +92,17 @@ def test_a_result_that_takes_longer_than_redis_default_socket_timeout_arrives(
     response = post_image(web.url, image_bytes())
     assert response.status_code == 200, response.text
     assert time.monotonic() - started > 6.5
+
+
+def test_a_job_lost_by_a_failover_gets_503_not_a_wait_to_its_deadline(redis_client, keys):
+    """A failover can lose a job (replication is asynchronous): its marker, written with it, is
+    lost with it. Simulated here by deleting both; the waiting handler answers within a slice."""
+    job = jobqueue.new_job("AAAA", (1, 1, 3), time.time() + 30, 1)
+    payload, _ = jobqueue.enqueue_job(redis_client, keys, job, 100, 10**9)
+    assert redis_client.pttl(keys.job(job["id"])) > 29_000
+    redis_client.delete(keys.job(job["id"]), keys.queue)
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as refused:
+        jobqueue.wait_for_result(redis_client, keys, job["id"], payload, time.time() + 30)
+    assert refused.value.status == 503 and "lost" in refused.value.message
+    assert time.monotonic() - started < 10

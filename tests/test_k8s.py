@@ -3,6 +3,7 @@ Kubernetes schemas (kubernetes-validate) and KEDA's ScaledObject schema, and agr
 settings that exist, probes on real routes, KEDA watching the queue the workers read.
 """
 import subprocess
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -94,7 +95,13 @@ def test_keda_scales_the_workers_on_their_queue(rendered):
     assert trigger["type"] == "redis"
     assert trigger["metadata"]["listName"] == worker["IMAGE_QUEUE"]
     assert trigger["metadata"]["listLength"] == worker["BATCH_SIZE"]
-    assert trigger["metadata"]["address"].split(":")[0] in worker["REDIS_URL"]
+    # The address KEDA dials, from its own namespace, is the Service the workers' REDIS_URL names.
+    redis_url = urlsplit(worker["REDIS_URL"])
+    host, port = trigger["metadata"]["address"].rsplit(":", 1)
+    service = rendered["Service"][redis_url.hostname]
+    assert host == f"{redis_url.hostname}.{service['metadata']['namespace']}.svc.cluster.local"
+    assert int(port) == (redis_url.port or 6379) == service["spec"]["ports"][0]["port"]
+    assert scaled["metadata"]["namespace"] == model["metadata"]["namespace"]
     assert scaled["spec"]["minReplicaCount"] >= 1
 
 
