@@ -18,6 +18,7 @@ from spectree.page import PAGE_TEMPLATES
 
 import settings
 
+
 class Failure(BaseModel):
     """The last-resort answer of any route: `success` is absent under /v2."""
     success: Literal[False] | None = None

@@ -22,11 +22,12 @@ SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 class ServiceError(Exception):
     """A request refused or unfinished: `message` goes to the client with HTTP `status`."""
 
-    def __init__(self, message, status=400, headers=None):
+    def __init__(self, message, status=400, headers=None, body=None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.headers = headers or {}
+        self.body = body or {}  # more fields of the error's JSON body
 
 
 def prepare_image(data, size, channels=3, max_pixels=None, formats=None):
@@ -136,9 +137,10 @@ def sentinel_address(url):
     """(sentinels [(host, port)], master name, db, username, password) of a URL
     redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]; ValueError if bad."""
     nodes, path, username, password = nodes_url(url)
-    if not 1 <= len(path) <= 2 or not (path[1:] or ["0"])[0].isdigit():
+    master, db = (path + ["0"])[:2] if path else (None, None)
+    if not master or len(path) > 2 or not db.isdigit():
         raise ValueError("expected redis+sentinel://host:port[,host:port...]/MASTER_NAME[/db]")
-    return nodes, path[0], int((path[1:] or ["0"])[0]), username, password
+    return nodes, master, int(db), username, password
 
 
 def cluster_address(url):

@@ -49,8 +49,7 @@ def submit(store, keys, workers, images, deadline, top_k, connection, **job_fiel
             for job_id, payload in zip(ids, payloads):
                 results.append(collect(store, keys, job_id, payload, deadline))
     except ClientGone:
-        withdrawn = sum(jobqueue.withdraw_job(store, keys, payload)
-                        for payload in payloads[len(results):])
+        withdrawn = jobqueue.withdraw_jobs(store, keys, payloads[len(results):])
         log.info("job %s: its client hung up; %d of %d jobs withdrawn from the queue", ids[0],
                  withdrawn, len(ids) - len(results))
         raise ServiceError("the client closed its connection", 499) from None

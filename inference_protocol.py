@@ -280,7 +280,7 @@ def files_of(shape, data):
     else:
         items = [item for element in data
                  for item in (element if isinstance(element, list) else [element])]
-        if len(items) != shape[0]:
+        if len(items) != shape[0]:  # before any is decoded
             raise ServiceError(f"input 'image' of shape {shape} carries {len(items)} files", 400)
         try:
             files = [base64.b64decode(item, validate=True) for item in items]
@@ -337,13 +337,14 @@ def infer_answer(header, name, results, binary, classification):
         rows = [result["classification"] for result in results]
         tensor = {"name": OUTPUT, "datatype": "BYTES", "shape": [len(rows), classification]}
         values = [text for row in rows for text in row]
-        blob = b"".join(struct.pack("<I", len(v)) + v for v in (t.encode() for t in values))
+        blob = (b"".join(struct.pack("<I", len(v)) + v for v in (t.encode() for t in values))
+                if binary else None)
     else:
         probabilities = np.stack([decode_array(result["probabilities"], (-1,), np.float32)
                                   for result in results])
         tensor = {"name": OUTPUT, "datatype": "FP32", "shape": list(probabilities.shape)}
-        values = probabilities.ravel().tolist()
-        blob = probabilities.astype("<f4").tobytes()
+        values = None if binary else probabilities.ravel().tolist()
+        blob = probabilities.astype("<f4").tobytes() if binary else None
     first = results[0]
     answer = {"model_name": name, "model_version": first["model_version"], "outputs": [tensor],
               # Where the time went, as /predict's headers say it (the first image's batch).

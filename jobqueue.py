@@ -169,8 +169,7 @@ def enqueue_jobs(redis, keys, jobs, max_length, max_bytes):
         depth = redis.eval(ENQUEUE, 1 + len(markers), keys.queue, *markers, max_length,
                            max_bytes, max(marker_ms, 1), *payloads)
     except REDIS_ERRORS:
-        for payload in payloads:
-            withdraw_job(redis, keys, payload)
+        withdraw_jobs(redis, keys, payloads)
         raise
     if depth <= 0:
         raise QueueFull(-depth, len(jobs))
@@ -179,11 +178,21 @@ def enqueue_jobs(redis, keys, jobs, max_length, max_bytes):
 
 def withdraw_job(redis, keys, payload):
     """Take a job off the queue if no worker has claimed it yet; True if it was there."""
+    return withdraw_jobs(redis, keys, [payload]) == 1
+
+
+def withdraw_jobs(redis, keys, payloads):
+    """Take jobs off the queue that no worker has claimed yet, in one round trip; how many were
+    there (0 if Redis cannot be asked)."""
+    pipe = redis.pipeline(transaction=False)
+    for payload in payloads:
+        pipe.lrem(keys.queue, 1, payload)
     try:
-        return redis.lrem(keys.queue, 1, payload) > 0
+        return sum(pipe.execute())
     except REDIS_ERRORS as exc:
-        log.warning("could not withdraw a job (Redis: %s); a worker may still compute it", exc)
-        return False
+        log.warning("could not withdraw %d jobs (Redis: %s); a worker may still compute them",
+                    len(payloads), exc)
+        return 0
 
 
 def wait_for_result(redis, keys, job_id, payload, deadline):

@@ -39,7 +39,7 @@ from api_docs import documented
 from helpers import Keys, ServiceError
 from inference import (WorkerView, admit_or_refuse, decode_upload, fresh_heartbeats, parse_top_k,
                        request_deadline, submit, timing_headers)
-from jobqueue import connect_redis
+from jobqueue import REDIS_ERRORS, connect_redis
 from rollout import run_model_process, run_reload, run_supervisor
 from webserver import DecodeBudget
 
@@ -93,8 +93,8 @@ def create_app(redis_client=None):
         results = [image_result(outcome) for outcome in outcomes]
         if all(isinstance(outcome, ServiceError) for outcome in outcomes):
             # Nothing classified: the request fails with the first image's status.
-            return jsonify(success=False, error=f"no image was classified; the first: "
-                           f"{outcomes[0].message}", results=results), outcomes[0].status
+            raise ServiceError(f"no image was classified; the first: {outcomes[0].message}",
+                               outcomes[0].status, body={"results": results})
         return jsonify(success=all(result["success"] for result in results), results=results)
 
     @app.get("/")
@@ -151,13 +151,16 @@ def create_app(redis_client=None):
 
     @app.errorhandler(ServiceError)
     def service_error(exc):
-        return error_answer(exc.message, exc.status, exc.headers)
+        return error_answer(exc.message, exc.status, exc.headers, exc.body)
 
-    @app.errorhandler(redis.RedisError)
     def redis_error(exc):
-        # Unreachable, out of memory, read-only after a failover, an ACL denial: all are 503.
+        # Unreachable, out of memory, read-only after a failover, an ACL denial, a cluster
+        # re-sharding: all are 503.
         log.warning("Redis failed on %s %s: %s", request.method, request.path, exc)
         return error_answer(f"the job queue (Redis) failed: {exc}", 503, {"Retry-After": "1"})
+
+    for kind in REDIS_ERRORS:
+        app.register_error_handler(kind, redis_error)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
@@ -175,7 +178,7 @@ def create_app(redis_client=None):
     @app.after_request
     def name_instance_and_count(response):
         response.headers["X-Served-By"] = settings.INSTANCE_NAME
-        if request.path == "/predict" or request.endpoint == "infer":
+        if request.endpoint in ("predict", "infer"):
             metrics.REQUESTS.labels(str(response.status_code)).inc()
             metrics.REQUEST_SECONDS.observe(time.perf_counter() - g.started)
         return response
@@ -183,12 +186,12 @@ def create_app(redis_client=None):
     return app
 
 
-def error_answer(message, status, headers=None):
+def error_answer(message, status, headers=None, body=None):
     """An error in the shape of the route's protocol: the tutorial's, or under /v2 the Open
     Inference Protocol's."""
     if request.path == "/v2" or request.path.startswith("/v2/"):
         return jsonify(error=message), status, headers or {}
-    return jsonify(success=False, error=message), status, headers or {}
+    return jsonify(success=False, error=message, **(body or {})), status, headers or {}
 
 
 def decode_or_refusal(budget, data, size, channels, deadline):

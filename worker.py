@@ -88,9 +88,9 @@ def process_batch(classifier, jobs, now, pass_s=0.0, clock=time.perf_counter):
 def served_elsewhere(classifier, job):
     """Why a job that names a model (or version) other than this worker's is not answered here;
     None if it may be (during a rollout, the job outlived the version it asked for)."""
-    name, version = job.get("model"), job.get("version")
-    if name is not None and name != model_name(classifier.name):
-        return f"model {name} is not served any more (now: {model_name(classifier.name)})"
+    name, version, served = job.get("model"), job.get("version"), model_name(classifier.name)
+    if name is not None and name != served:
+        return f"model {name} is not served any more (now: {served})"
     if version is not None and version != classifier.version:
         return f"version {version} of {name} is not served any more (now: {classifier.version})"
     return None

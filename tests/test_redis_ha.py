@@ -13,8 +13,8 @@ import requests
 from redis.cluster import RedisCluster
 
 import settings
-from conftest import (Processes, distinct_images, free_port, stop, tiny_direct, tiny_settings,
-                      wait_until, worker_stats)
+from conftest import (Processes, assert_own_predictions, distinct_images, free_port, stop,
+                      tiny_settings, wait_until, worker_stats)
 from helpers import Keys
 
 QUEUE = "ha_queue"
@@ -124,7 +124,7 @@ def test_sentinel_failover_under_load(sentinel_redis, tmp_path, tiny_model, fail
         assert status in (200, 503), (status, body)
         assert took <= settings.REQUEST_TIMEOUT_S + 1, (took, status, body)
         if status == 200:  # its own answer: no request gets another's result
-            assert_own(body, images[n], tiny_model)
+            assert_own_predictions(body["predictions"], images[n], tiny_model)
 
 
 # --- Redis Cluster ------------------------------------------------------------------------------
@@ -156,8 +156,10 @@ def test_the_service_on_a_redis_cluster(redis_cluster, tmp_path, tiny_model):
     worker's jobs, with every key of the queue in one slot."""
     client, keys = redis_cluster["client"], Keys(QUEUE)
     slot = client.keyslot(QUEUE)
-    assert {client.keyslot(key) for key in (keys.workers, keys.result("x"), keys.model,
-                                            keys.processing("w"), keys.heartbeat("w"))} == {slot}
+    every_key = [value for value in vars(keys).values()] + [
+        build("x") for build in (keys.result, keys.job, keys.processing, keys.heartbeat,
+                                 keys.refusals)]
+    assert {client.keyslot(key) for key in every_key} == {slot}
     processes = Processes(redis_cluster["url"], tmp_path, QUEUE)
     web = processes.web()
     images = distinct_images(8)
@@ -176,7 +178,7 @@ def test_the_service_on_a_redis_cluster(redis_cluster, tmp_path, tiny_model):
                            params={"top_k": 10}, timeout=60).json()
     for result, data in zip(answer["results"], images):
         assert result["batch_size"] == 8
-        assert_own(result, data, tiny_model)
+        assert_own_predictions(result["predictions"], data, tiny_model)
 
     # The re-queue: the victim is killed holding 6 claimed jobs; a new worker answers them.
     claims = keys.processing(worker_stats(client, keys)[str(victim.pid)]["id"])
@@ -192,14 +194,8 @@ def test_the_service_on_a_redis_cluster(redis_cluster, tmp_path, tiny_model):
         thread.join(settings.REQUEST_TIMEOUT_S + 15)
     for data, (_, _, status, body) in records:
         assert status == 200, body
-        assert_own(body, data, tiny_model)
+        assert_own_predictions(body["predictions"], data, tiny_model)
     wait_until(lambda: worker_stats(client, keys)[str(survivor.pid)]["requeued"] == "6",
                what="the survivor's heartbeat to count 6 re-queued jobs")
     assert client.llen(claims) == 0 and client.llen(QUEUE) == 0
 
-
-def assert_own(answer, data, tiny_model):
-    """The answer's probabilities are the tiny model's for this image."""
-    expected = tiny_direct(tiny_model, data)
-    for prediction in answer["predictions"]:
-        assert abs(prediction["probability"] - expected[int(prediction["label"][6:])]) <= 1e-5

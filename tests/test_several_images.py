@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 import settings
-from conftest import distinct_images, tiny_direct, tiny_settings, wait_until
+from conftest import assert_own_predictions, distinct_images, tiny_settings, wait_until
 
 
 def post_images(url, files, timeout=60, headers=None, **params):
@@ -17,10 +17,7 @@ def post_images(url, files, timeout=60, headers=None, **params):
 
 def assert_predicted(result, data, tiny_model):
     assert result["success"], result
-    expected = tiny_direct(tiny_model, data)
-    for prediction in result["predictions"]:
-        index = int(prediction["label"].split("_")[1])
-        assert abs(prediction["probability"] - expected[index]) <= 1e-5
+    assert_own_predictions(result["predictions"], data, tiny_model)
 
 
 def test_answers_in_order_and_a_full_request_is_one_batch(service, tiny_model):
