@@ -88,6 +88,19 @@ def fresh_heartbeats(store, keys):
         raise ServiceError(f"Redis is unreachable: {exc}", 503, {"Retry-After": "1"}) from exc
 
 
+def find_warm(beats):
+    """The heartbeats of the warm workers; 503 if none is."""
+    warm = [beat for beat in beats if beat.get("warm") == "1"]
+    if not warm:
+        raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
+    return warm
+
+
+def input_shape_of(beat):
+    """(height, width, channels) of the model a worker's heartbeat reports."""
+    return tuple(int(n) for n in beat["input_shape"].split(","))
+
+
 def parse_top_k(value):
     """The ?top_k= of a request (TOP_K when absent), checked: ASCII digits only."""
     if value is None:
@@ -197,9 +210,9 @@ class WorkerView:
     def input_shape(self):
         """(height, width, channels) of the workers' model: the last one reported (a moment
         without heartbeats, e.g. just after a Redis restart, keeps it), ResNet50's before any."""
-        shapes = [beat["input_shape"] for beat in self.heartbeats() if "input_shape" in beat]
+        shapes = [input_shape_of(beat) for beat in self.heartbeats() if "input_shape" in beat]
         if shapes:
-            self.shape = tuple(int(n) for n in shapes[-1].split(","))
+            self.shape = shapes[-1]
         return self.shape
 
     def capacity(self):

@@ -28,8 +28,8 @@ import api_docs
 import settings
 from api_docs import documented
 from helpers import ServiceError, decode_array, model_name
-from inference import (admit_or_refuse, decode_upload, fresh_heartbeats, request_deadline, submit,
-                       timing_headers)
+from inference import (admit_or_refuse, decode_upload, find_warm, fresh_heartbeats,
+                       input_shape_of, request_deadline, submit, timing_headers)
 from webserver import off_loop
 
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
@@ -95,7 +95,7 @@ def add_routes(app, store, keys, workers, budget):
         deadline = request_deadline(request.environ, request.headers)
         beat = find_model(workers.heartbeats(), name, version)
         admit_or_refuse(store, keys, workers, deadline)
-        height, width, channels = (int(n) for n in beat["input_shape"].split(","))
+        height, width, channels = input_shape_of(beat)
         header, input_name, items = parse_body(budget, request, (height, width, channels),
                                                deadline)
         wants_binary, classification = requested_output(header, int(beat["labels"]))
@@ -141,14 +141,6 @@ def served_name(beat):
     return model_name(beat["model"])
 
 
-def find_warm(beats):
-    """The heartbeats of the warm workers; 503 if none is."""
-    warm = [beat for beat in beats if beat.get("warm") == "1"]
-    if not warm:
-        raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
-    return warm
-
-
 def find_model(beats, name, version=None):
     """The heartbeat of a warm worker serving model `name` (at `version`, if given): 404 if none
     does, 503 if no worker is warm."""
@@ -165,9 +157,8 @@ def find_model(beats, name, version=None):
 def model_metadata(beats, name, version=None):
     """The protocol's model metadata of model `name`."""
     beat = find_model(beats, name, version)
-    height, width, channels = (int(n) for n in beat["input_shape"].split(","))
-    versions = sorted({b["version"] for b in beats if b.get("warm") == "1"
-                       and served_name(b) == name})
+    height, width, channels = input_shape_of(beat)
+    versions = sorted({b["version"] for b in find_warm(beats) if served_name(b) == name})
     return {"name": name, "versions": versions if version is None else [version],
             "platform": beat.get("runtime", "keras"),
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},

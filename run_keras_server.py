@@ -37,8 +37,8 @@ import metrics
 import settings
 from api_docs import documented
 from helpers import Keys, ServiceError
-from inference import (WorkerView, admit_or_refuse, decode_upload, fresh_heartbeats, parse_top_k,
-                       request_deadline, submit, timing_headers)
+from inference import (WorkerView, admit_or_refuse, decode_upload, find_warm, fresh_heartbeats,
+                       input_shape_of, parse_top_k, request_deadline, submit, timing_headers)
 from jobqueue import REDIS_ERRORS, connect_redis
 from rollout import run_model_process, run_reload, run_supervisor
 from webserver import DecodeBudget
@@ -130,9 +130,7 @@ def create_app(redis_client=None):
     @documented(**api_docs.MODEL)
     def model():
         """The model the warm workers serve, and the versions served now."""
-        warm = [beat for beat in fresh_heartbeats(store, keys) if beat.get("warm") == "1"]
-        if not warm:
-            raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
+        warm = find_warm(fresh_heartbeats(store, keys))
         return jsonify(success=True, model=describe_model(warm[-1]),
                        versions=sorted({beat["version"] for beat in warm}))
 
@@ -215,7 +213,7 @@ def image_result(outcome):
 def describe_model(beat):
     """GET /model's description of the model one worker serves, from its heartbeat."""
     return {"name": beat["model"], "version": beat["version"], "weights": beat["weights"],
-            "input_shape": [int(n) for n in beat["input_shape"].split(",")],
+            "input_shape": list(input_shape_of(beat)),
             "labels": int(beat["labels"]), "preprocess": beat["preprocess"],
             "batch_size": beat["batch_size"], "device": beat["device"],
             "runtime": beat.get("runtime", "keras")}
