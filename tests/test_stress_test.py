@@ -7,6 +7,7 @@ import time
 import pytest
 import requests
 
+import stress_test
 from conftest import ROOT, Processes, free_port, image_bytes, tiny_settings, wait_until
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,6 +87,17 @@ def test_a_folder_of_images_is_sent_in_turn(tiny_service, tmp_path):
     data = json.loads(report.read_text())
     assert data["settings"]["images"] == ["image0.jpeg", "image1.png", "image2.bmp"]
     assert data["summary"]["succeeded"] == 6
+
+
+def test_a_kept_alive_connection_the_server_closed_is_opened_again(tiny_service):
+    """gunicorn closes a connection idle for 5 s (keepalive); an open loop's client thread may sit
+    idle longer than that, and its next request must not fail for it."""
+    url, image = f"{tiny_service.url}/predict", ("a.jpg", image_bytes())
+    first = stress_test.send_one(url, image, 10, time.perf_counter())
+    time.sleep(6.5)
+    second = stress_test.send_one(url, image, 10, time.perf_counter())
+
+    assert first["ok"] and second["ok"], (first, second)
 
 
 FAILING_SERVERS = {
