@@ -10,8 +10,9 @@ the CPU:
       worker loads it, forward passes on preprocessed float32 batches of 1 to 32 images: images/s
       for each size, and batch-1 latency;
   (b) the whole service (`python run_keras_server.py`, RUNTIME set) over HTTP, closed loop at
-      concurrency 2 x BATCH_SIZE: images/s;
-  (c) the service at concurrency 1: median latency;
+      32 clients (2 x BATCH_SIZE if more; --concurrency): images/s;
+  (c) the service at concurrency 1: median latency, its requests alternating with (a)'s batch-1
+      passes so that both see the machine at the same moments;
   (d) the service under an open loop at twice the bare model's best rate (--overload-factor):
       images/s answered.
 Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(d) and the
@@ -46,6 +47,11 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 KNOBS = ("BATCH_SIZE", "BATCH_TIMEOUT_MS", "REQUEST_TIMEOUT_S", "MAX_QUEUE_LENGTH", "WEB_WORKERS",
          "WEB_CONNECTIONS", "MODEL_THREADS")
 READY_TIMEOUT_S = 300  # TensorFlow import, model build and warm-up on two busy cores
+# (b): the issue's load (32 clients), or two batches' worth if that is more. Only 2 x BATCH_SIZE
+# leaves a small batch no slack: each client's next image is still in the web tier when a batch
+# starts, and the model waits on the load generator rather than the other way round.
+SATURATION_CLIENTS = 32
+PAIR_PAUSE_S = 0.02  # (c): between a request and a bare pass
 
 
 # --- (a) The bare model, in a process of its own ------------------------------------------
@@ -67,9 +73,12 @@ def serve_bare_model(conn, runtime):
     for batch in batches.values():  # the first call at a new size traces the graph: not timed
         classifier.forward(batch)
     conn.send(classifier.runtime)
-    while (seconds := conn.recv()) is not None:  # the parent sends None after its last round
-        conn.send({n: time_batches(classifier.forward, batch, seconds)
-                   for n, batch in batches.items()})
+    while (order := conn.recv()) is not None:  # the parent sends None after its last round
+        if order == "once":  # one timed batch-1 pass
+            conn.send(time_batches(classifier.forward, batches[1], 0, min_calls=1)["batch_ms"])
+        else:  # seconds for all sizes
+            conn.send({n: time_batches(classifier.forward, batch, order)
+                       for n, batch in batches.items()})
 
 
 def time_batches(forward, batch, seconds, min_calls=2, max_calls=10_000):
@@ -100,6 +109,11 @@ class BareModel:
     def measure(self, seconds_per_size):
         self.conn.send(seconds_per_size)
         return self.receive(len(BATCH_SIZES) * (seconds_per_size + 60))
+
+    def one_pass(self):
+        """Milliseconds of one batch-1 forward pass."""
+        self.conn.send("once")
+        return self.receive(60)
 
     def receive(self, timeout_s):
         if not self.conn.poll(timeout_s):
@@ -173,6 +187,25 @@ def run_load(url, concurrency, seconds, workdir, plot="", rate=None):
     return json.loads(report.read_text())
 
 
+def run_paired_single(url, bare_model, seconds):
+    """(c): one client whose requests alternate with the bare model's batch-1 passes, a pause
+    between each (another process's threads may still spin a moment after its pass). Minute to
+    minute the machine's speed drifts by more than the overhead measured here; paired, both sides
+    see the same drift. Returns a load report with the bare passes' times in it."""
+    from stress_test import load_images, send_one, summarize
+
+    image = load_images(ROOT / "data" / "sample.jpg")[0]
+    origin = time.perf_counter()
+    records = []
+    while time.perf_counter() - origin < seconds:
+        record = send_one(f"{url}/predict", image, 120, origin)
+        time.sleep(PAIR_PAUSE_S)
+        record["bare_batch1_ms"] = bare_model.one_pass()
+        time.sleep(PAIR_PAUSE_S)
+        records.append(record)
+    return {"summary": summarize(records), "requests": records}
+
+
 # --- Figures (pure functions) -------------------------------------------------------------
 
 def completion_bursts(records):
@@ -216,7 +249,8 @@ def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s):
     under_overload = steady_throughput(answered, warmup_s, duration_s)
     c1 = latencies_after(single, warmup_s)
     c1_median = statistics.median(c1) if c1 else None
-    bare1 = bare[1]["batch_ms"]
+    paired = [r["bare_batch1_ms"] for r in single["requests"] if r["t_s"] >= warmup_s]
+    bare1 = statistics.median(paired) if paired else None
     return {
         "bare": bare, "bare_best_batch_size": best, "bare_best_img_per_s": bare[best]["img_per_s"],
         "bare_batch1_ms": bare1, "service_img_per_s": service,
@@ -229,7 +263,7 @@ def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s):
         "failed": saturated["summary"]["failed"] + single["summary"]["failed"],
         "ratio": service / bare[best]["img_per_s"] if service else None,
         "overload_ratio": under_overload / bare[best]["img_per_s"] if under_overload else None,
-        "latency_overhead_ms": c1_median - bare1 if c1_median is not None else None,
+        "latency_overhead_ms": c1_median - bare1 if c1 else None,
     }
 
 
@@ -284,7 +318,8 @@ def run_rounds(args, workdir):
             if heartbeat.get("runtime") != runtime:
                 raise RuntimeError(f"the service runs on {heartbeat.get('runtime')}, not {runtime}")
             used = settings_used(heartbeat)
-            used["concurrency"] = max(args.concurrency or 0, 2 * used["BATCH_SIZE"])
+            used["concurrency"] = args.concurrency or max(SATURATION_CLIENTS,
+                                                          2 * used["BATCH_SIZE"])
             setups[runtime] = bare_model, url, used
         duration = args.warmup_seconds + args.phase_seconds
         rounds = {runtime: [] for runtime in args.runtimes}
@@ -294,7 +329,7 @@ def run_rounds(args, workdir):
                 # The last saturation phase is drawn (after its load ends: it costs no figure).
                 plot = args.plot if number == args.rounds and runtime == args.runtimes[-1] else ""
                 saturated = run_load(url, used["concurrency"], duration, workdir, plot)
-                single = run_load(url, 1, duration, workdir)
+                single = run_paired_single(url, bare_model, duration)
                 best = max(entry["img_per_s"] for entry in bare.values())
                 overloaded = (run_load(url, None, duration, workdir,
                                        rate=args.overload_factor * best)
@@ -410,7 +445,8 @@ def print_summary(summaries, rounds, service_settings, args, machine):
             print(f"             {size:>5}  {img_per_s:6.1f}")
         per_round = " ".join(fmt(r["ratio"], ".3f") for r in rounds[runtime])
         print(f"(a) bare model, best                 {fmt(summary['bare_best_img_per_s'])} img/s\n"
-              f"(a) bare model, batch-1 latency      {fmt(summary['bare_batch1_ms'])} ms\n"
+              f"(a) bare model, batch-1 latency      {fmt(summary['bare_batch1_ms'])} ms (median "
+              f"of the passes paired with (c))\n"
               f"(b) service at concurrency {used['concurrency']:<9} "
               f"{fmt(summary['service_img_per_s'])} img/s (mean batch "
               f"{fmt(summary['service_mean_batch_size'])})\n"
@@ -465,8 +501,8 @@ def parse_args(argv):
                              "no (d), e.g. where one client process cannot send that many)")
     parser.add_argument("--batch-size", type=int, help="BATCH_SIZE of the service")
     parser.add_argument("--batch-timeout-ms", type=float, help="BATCH_TIMEOUT_MS of the service")
-    parser.add_argument("--concurrency", type=int, help="clients at saturation (at least "
-                        "2 x BATCH_SIZE; sweep: 2 x the largest batch size)")
+    parser.add_argument("--concurrency", type=int, help="clients at saturation (32, or "
+                        "2 x BATCH_SIZE if more; sweep: 2 x the largest batch size)")
     parser.add_argument("--out", help="JSON path (bench/results/<date>-<host>[-sweep].json)")
     parser.add_argument("--sweep", action="store_true", help="grid of BATCH_SIZE x "
                         "BATCH_TIMEOUT_MS instead of the efficiency benchmark")
@@ -510,7 +546,7 @@ def main(argv=None):
                 for k, o in zip(rounds["keras"], rounds["openvino"]) if o["service_img_per_s"])
         print_summary(summary, rounds, service_settings, args, result)
         print(f"plot of the last saturation phase: {args.plot}")
-        result.update(settings=service_settings, plot=Path(args.plot).name, rounds_run=len(rounds),
+        result.update(settings=service_settings, plot=Path(args.plot).name, rounds_run=args.rounds,
                       phase_seconds=args.phase_seconds, warmup_seconds=args.warmup_seconds,
                       summary=summary, rounds=rounds)
     write_json(args.out, result)

@@ -168,7 +168,9 @@ def test_round_figures_and_their_medians():
         return {"requests": records, "summary": {"failed": 0, "mean_batch_size": 8.0}}
 
     saturated = report(batches([(1.0 + k, 11) for k in range(8)]))  # 11 img/s
-    single = report([record(t, latency_ms=120.0) for t in (0.5, 6.0, 6.2, 6.4)])
+    # (c): each request paired with a bare batch-1 pass; the warm-up's pair does not count.
+    single = report([dict(record(t, latency_ms=120.0), bare_batch1_ms=ms)
+                     for t, ms in ((0.5, 300.0), (6.0, 95.0), (6.2, 100.0), (6.4, 130.0))])
     refused = [dict(record(1.0 + k / 10), ok=False, status=503) for k in range(30)]
     overloaded = report(batches([(1.0 + k, 10) for k in range(8)]) + refused)  # 10 img/s
     rounds = [round_figures(bare(scale), saturated, single, overloaded, 0.9, 20.0)
@@ -178,6 +180,7 @@ def test_round_figures_and_their_medians():
     assert rounds[0]["ratio"] == pytest.approx(11 / 12, rel=0.01)
     assert rounds[0]["overload_ratio"] == pytest.approx(10 / 12, rel=0.01)
     assert rounds[0]["overload_refused"] == 30 and rounds[0]["overload_other_failures"] == 0
+    assert rounds[0]["bare_batch1_ms"] == pytest.approx(100.0)  # paired, not (a)'s own
     assert rounds[0]["latency_overhead_ms"] == pytest.approx(20.0)
     summary = summarize_rounds(rounds)
     assert summary["bare_best_img_per_s"] == pytest.approx(12.0)
