@@ -322,7 +322,12 @@ def warm_up(classifier, batch_size, time_limit_s):
 # (AUTO_ROUNDS + 2) x AUTO_ROUND_S (two untimed passes per size first).
 AUTO_ROUNDS = 7
 AUTO_ROUND_S = 2.0
-AUTO_TOLERANCE = 0.03  # sizes this close to the best median throughput count as tied
+# Sizes this close to the best median throughput count as tied, and the largest of them wins. On
+# a flat curve, sizes of the same speed differ by 3-4% between runs (OpenVINO here: 28.8 img/s at
+# 4 and 27.9 at 8-32, all within 2% of each other in another timing), and the service gains from
+# the larger ones: each batch also costs the worker a claim and a store in Redis. 5% is what the
+# issue's check counts as a good size.
+AUTO_TOLERANCE = 0.05
 
 
 def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):

@@ -164,7 +164,7 @@ PREPROCESS = env_str("PREPROCESS", "", choices=("", "resnet50", "mobilenet_v2", 
 BATCH_SIZE = env_str("BATCH_SIZE", "auto")
 """Most images per forward pass, or `auto`: each worker times batch sizes 1, 2, 4, ... in 7
 interleaved rounds while warming up (sizes are added while a round takes under 2 s and a batch under
-REQUEST_TIMEOUT_S / 10) and keeps the largest whose median throughput is within 3% of the best."""
+REQUEST_TIMEOUT_S / 10) and keeps the largest whose median throughput is within 5% of the best."""
 if BATCH_SIZE != "auto":
     BATCH_SIZE = env_int("BATCH_SIZE", 32, minimum=1)
 
