@@ -192,9 +192,9 @@ def run_paired_single(url, bare_model, seconds):
     between each (another process's threads may still spin a moment after its pass). Minute to
     minute the machine's speed drifts by more than the overhead measured here; paired, both sides
     see the same drift. Returns a load report with the bare passes' times in it."""
-    from stress_test import load_images, send_one, summarize
+    from stress_test import DEFAULT_IMAGE, load_images, send_one, summarize
 
-    image = load_images(ROOT / "data" / "sample.jpg")[0]
+    image = load_images(DEFAULT_IMAGE)[0]
     origin = time.perf_counter()
     records = []
     while time.perf_counter() - origin < seconds:
