@@ -116,9 +116,9 @@ TOP_K = env_int("TOP_K", 5, minimum=1)
 # --- Redis ----------------------------------------------------------------------------------
 REDIS_URL = env_str("REDIS_URL", "")
 """Redis to use: redis://host:6379/0 (rediss:// for TLS, unix:// for a socket); Sentinel:
-redis+sentinel://[:password@]host:26379,host:26379/MASTER_NAME[/db]; Cluster:
-redis+cluster://[:password@]host:6379 (any node). Unset: `run_keras_server.py` starts a private
-one."""
+redis+sentinel://[user:password@]host:26379,host:26379/MASTER_NAME[/db]; Cluster:
+redis+cluster://[user:password@]host:6379[,host:6379...] (any nodes). Unset:
+`run_keras_server.py` starts a private one."""
 if REDIS_URL and not REDIS_URL.startswith(("redis://", "rediss://", "unix://",
                                            "redis+sentinel://", "redis+cluster://")):
     raise SettingsError(f"REDIS_URL={REDIS_URL!r}: must start with redis://, rediss://, unix://, "
