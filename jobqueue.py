@@ -244,13 +244,17 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
     processing list until store_results removes them.
     """
     processing = keys.processing(worker_id)
-    first = redis.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
-    if first is None:
-        return []
-    batch = [first]
-    while True:
-        batch += redis.eval(CLAIM_MORE, 2, keys.queue, processing, batch_size - len(batch),
-                            int(claim_ttl_s))
+    # The first claim of more is sent with the blocking move, in one round trip: Redis runs it as
+    # soon as the move is served (a client's commands run in order), so a lone job's worker does
+    # not wait for a second reply before it starts.
+    pipe = redis.pipeline(transaction=False)
+    pipe.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
+    # (execute_command: a cluster's pipeline has a method of its own named eval.)
+    pipe.execute_command("EVAL", CLAIM_MORE, 2, keys.queue, processing, batch_size - 1,
+                         int(claim_ttl_s))
+    first, more = pipe.execute()
+    batch = ([first] if first is not None else []) + more
+    while batch:
         remaining = time_to_fill(len(batch)) if len(batch) < batch_size else 0
         if remaining <= 0:
             return batch
@@ -264,6 +268,9 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
             batch += [job] if job is not None else []
         else:
             time.sleep(min(remaining, 0.001))
+        batch += redis.eval(CLAIM_MORE, 2, keys.queue, processing, batch_size - len(batch),
+                            int(claim_ttl_s))
+    return batch
 
 
 def claimed_jobs(redis, keys, worker_id):
