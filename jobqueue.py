@@ -114,6 +114,15 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return claimed
 """
 
+# Replaces each result list KEYS[i] by the one result ARGV[i + 1], kept ARGV[1] seconds.
+STORE_RESULTS = """
+for i, key in ipairs(KEYS) do
+  redis.call('DEL', key)
+  redis.call('RPUSH', key, ARGV[i + 1])
+  redis.call('EXPIRE', key, ARGV[1])
+end
+"""
+
 # Puts a dead worker's claimed jobs back at the head of the queue, in their order. It checks the
 # heartbeat inside the script so that a worker which is alive keeps its claim.
 REQUEUE_ORPHANS = """
@@ -279,16 +288,22 @@ def claimed_jobs(redis, keys, worker_id):
 
 
 def store_results(redis, keys, worker_id, results, payloads, ttl_s):
-    """Answer the jobs of one batch and release their claims, in one transaction.
+    """Answer the jobs of one batch, then release their claims, in one round trip.
 
-    Only this batch's payloads leave the processing list: a worker may hold another batch. Safe to
-    repeat when a reply is lost: each result list is replaced, not appended to.
+    The answers are one script, so no result is ever left without its expiry; the claims follow
+    in the same pipeline. Redis runs them in order and wakes each waiting handler as soon as the
+    script has run, before it has read the claims' payloads (200 kB an image). Only this batch's
+    payloads leave the processing list: a worker may hold another batch. Safe to repeat when a
+    reply is lost: each result list is replaced, not appended to, and a released claim is not
+    found again. (A worker that dies between the two leaves claims whose jobs are answered: they
+    are re-queued and answered once more, or dropped at their deadline.)
     """
-    pipe = redis.pipeline(transaction=True)
-    for job_id, result in results.items():
-        pipe.delete(keys.result(job_id))
-        pipe.rpush(keys.result(job_id), json.dumps(result))
-        pipe.expire(keys.result(job_id), ttl_s)
+    pipe = redis.pipeline(transaction=False)
+    if results:
+        # (execute_command: a cluster's pipeline has a method of its own named eval.)
+        pipe.execute_command("EVAL", STORE_RESULTS, len(results),
+                             *[keys.result(job_id) for job_id in results], int(ttl_s),
+                             *[json.dumps(result) for result in results.values()])
     for payload in payloads:
         pipe.lrem(keys.processing(worker_id), 1, payload)
     pipe.execute()
