@@ -32,7 +32,8 @@ def redis_process(tmp_path, name, *args):
 
 @pytest.fixture
 def sentinel_redis(tmp_path):
-    """A master, its replica and three sentinels (quorum 2, master down after 1 s)."""
+    """A master, its replica and three sentinels (quorum 2, master down after 1 s), and a
+    Processes for the service on them (stopped first at teardown)."""
     master_port, replica_port = free_port(), free_port()
     started = [redis_process(tmp_path, "master", "--port", master_port),
                redis_process(tmp_path, "replica", "--port", replica_port,
@@ -56,9 +57,11 @@ def sentinel_redis(tmp_path):
                         and len(s.sentinel_slaves(MASTER)) == 1 for s in sentinels))
 
     wait_until(in_sync, timeout=30, what="the replica and the sentinels to know each other")
-    yield {"master": started[0], "master_port": master_port, "sentinels": sentinels,
-           "url": f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in sentinel_ports)}"
-                  f"/{MASTER}/0"}
+    url = f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in sentinel_ports)}/{MASTER}/0"
+    processes = Processes(url, tmp_path, QUEUE)
+    yield {"master": started[0], "master_port": master_port, "sentinels": sentinels, "url": url,
+           "processes": processes}
+    processes.stop_all()  # the service's processes first, then the Redis they use
     for process in started:
         if process.poll() is None:
             process.send_signal(signal.SIGCONT)  # a master the test froze
@@ -79,12 +82,12 @@ def classify(url, data):
 
 @pytest.mark.parametrize("failure", [signal.SIGKILL, signal.SIGSTOP],
                          ids=["master killed", "master frozen"])
-def test_sentinel_failover_under_load(sentinel_redis, tmp_path, tiny_model, failure):
+def test_sentinel_failover_under_load(sentinel_redis, tiny_model, failure):
     """The master fails under a closed loop: killed (its connections reset), or frozen (they stay
     open and silent, as when a node is lost). The service answers again within 10 s of the
     promotion, with no restart; every request ends within its deadline with its own predictions
     or a 503."""
-    processes = Processes(sentinel_redis["url"], tmp_path, QUEUE)
+    processes = sentinel_redis["processes"]
     processes.worker(**tiny_settings(tiny_model))
     url = processes.web().url
     images = distinct_images(8)
@@ -131,7 +134,8 @@ def test_sentinel_failover_under_load(sentinel_redis, tmp_path, tiny_model, fail
 
 @pytest.fixture
 def redis_cluster(tmp_path):
-    """Three masters holding all 16384 slots (no replicas)."""
+    """Three masters holding all 16384 slots (no replicas), and a Processes for the service on
+    them (stopped first at teardown)."""
     ports = [free_port() for _ in range(3)]
     # (The cluster bus port is given: its default, the port + 10000, may not exist.)
     started = [redis_process(tmp_path, f"node-{port}", "--port", port, "--cluster-enabled", "yes",
@@ -145,13 +149,16 @@ def redis_cluster(tmp_path):
     client = RedisCluster(host="127.0.0.1", port=ports[0], decode_responses=True)
     wait_until(lambda: client.cluster_info()["cluster_state"] == "ok", timeout=30,
                what="the cluster to cover every slot")
-    yield {"url": f"redis+cluster://127.0.0.1:{ports[0]}", "client": client}
+    url = f"redis+cluster://127.0.0.1:{ports[0]}"
+    processes = Processes(url, tmp_path, QUEUE)
+    yield {"url": url, "client": client, "processes": processes}
+    processes.stop_all()  # the service's processes first, then the Redis they use
     client.close()
     for process in started:
         stop(process)
 
 
-def test_the_service_on_a_redis_cluster(redis_cluster, tmp_path, tiny_model):
+def test_the_service_on_a_redis_cluster(redis_cluster, tiny_model):
     """Enqueue, batch claims, results, the overload bound and the re-queue of a SIGKILLed
     worker's jobs, with every key of the queue in one slot."""
     client, keys = redis_cluster["client"], Keys(QUEUE)
@@ -160,7 +167,7 @@ def test_the_service_on_a_redis_cluster(redis_cluster, tmp_path, tiny_model):
         build("x") for build in (keys.result, keys.job, keys.processing, keys.heartbeat,
                                  keys.refusals)]
     assert {client.keyslot(key) for key in every_key} == {slot}
-    processes = Processes(redis_cluster["url"], tmp_path, QUEUE)
+    processes = redis_cluster["processes"]
     web = processes.web()
     images = distinct_images(8)
 
