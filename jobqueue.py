@@ -255,7 +255,9 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
     processing = keys.processing(worker_id)
     # The first claim of more is sent with the blocking move, in one round trip: Redis runs it as
     # soon as the move is served (a client's commands run in order), so a lone job's worker does
-    # not wait for a second reply before it starts.
+    # not wait for a second reply before it starts. (So it sees the queue as it was then: a job
+    # that comes while this worker is slow to read the reply is left to time_to_fill's claims
+    # below, or to the next batch.)
     pipe = redis.pipeline(transaction=False)
     pipe.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
     # (execute_command: a cluster's pipeline has a method of its own named eval.)
