@@ -253,6 +253,12 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
     processing list until store_results removes them.
     """
     processing = keys.processing(worker_id)
+
+    def claim_more(client, count):
+        # (execute_command: a cluster's pipeline has a method of its own named eval.)
+        return client.execute_command("EVAL", CLAIM_MORE, 2, keys.queue, processing, count,
+                                      int(claim_ttl_s))
+
     # The first claim of more is sent with the blocking move, in one round trip: Redis runs it as
     # soon as the move is served (a client's commands run in order), so a lone job's worker does
     # not wait for a second reply before it starts. (So it sees the queue as it was then: a job
@@ -260,9 +266,7 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
     # below, or to the next batch.)
     pipe = redis.pipeline(transaction=False)
     pipe.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
-    # (execute_command: a cluster's pipeline has a method of its own named eval.)
-    pipe.execute_command("EVAL", CLAIM_MORE, 2, keys.queue, processing, batch_size - 1,
-                         int(claim_ttl_s))
+    claim_more(pipe, batch_size - 1)
     first, more = pipe.execute()
     batch = ([first] if first is not None else []) + more
     while batch:
@@ -279,8 +283,7 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
             batch += [job] if job is not None else []
         else:
             time.sleep(min(remaining, 0.001))
-        batch += redis.eval(CLAIM_MORE, 2, keys.queue, processing, batch_size - len(batch),
-                            int(claim_ttl_s))
+        batch += claim_more(redis, batch_size - len(batch))
     return batch
 
 
