@@ -94,9 +94,9 @@ class Classifier:
 
 
 def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0, version="1",
-                    runtime="keras", cache_dir=""):
+                    runtime="keras", cache_dir="", lanes=1):
     """Load a named keras.applications model or a saved model file, ready to predict with
-    `runtime` (auto, keras or openvino)."""
+    `runtime` (auto, keras or openvino) from `lanes` threads at once."""
     if threads and keras_backend() == "tensorflow":
         import tensorflow as tf
 
@@ -113,7 +113,8 @@ def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0,
     classifier = Classifier(keras_model, load_labels(labels), preprocess, model, weights, version)
     if runtime == "openvino" or (runtime == "auto" and device_name() == "CPU"):
         key = cache_key(model, weights, seed, version)
-        use_openvino(classifier, key, threads, cache_dir, required=runtime == "openvino")
+        use_openvino(classifier, key, threads, cache_dir, required=runtime == "openvino",
+                     lanes=lanes)
     return classifier
 
 
@@ -197,15 +198,16 @@ def keras_backend():
     return keras.backend.backend()
 
 
-def use_openvino(classifier, key, threads, cache_dir, required):
+def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
     """Switch the classifier's forward pass to OpenVINO once the converted model matches Keras.
 
     If conversion or the check fails, RUNTIME=openvino refuses to serve (ModelLoadError), while
     RUNTIME=auto logs why and serves with Keras.
     """
     try:
-        forward = openvino_forward(classifier.model, key, threads, cache_dir)
-        check_agreement(classifier, forward)
+        forward = openvino_forward(classifier.model, key, threads, cache_dir, lanes)
+        for beside in (False, True):
+            check_agreement(classifier, lambda inputs: forward.run(inputs, beside))
     except Exception as exc:
         if required:
             raise ModelLoadError(f"RUNTIME=openvino cannot serve {classifier.name}: {exc}") from exc
@@ -215,8 +217,9 @@ def use_openvino(classifier, key, threads, cache_dir, required):
     classifier.model = None  # the Keras copy's memory is not needed any more
 
 
-def openvino_forward(keras_model, key, threads, cache_dir):
-    """An OpenVINO forward pass of a Keras model, converted once and cached as IR in cache_dir."""
+def openvino_forward(keras_model, key, threads, cache_dir, lanes=1):
+    """An OpenVINO forward pass of a Keras model for `lanes` threads, converted once and cached
+    as IR in cache_dir."""
     import openvino
 
     xml = os.path.join(cache_dir, f"{key}.xml")
@@ -235,19 +238,46 @@ def openvino_forward(keras_model, key, threads, cache_dir):
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    return OpenVINOForward(openvino.Core().compile_model(xml, "CPU", config))
+    core = openvino.Core()
+    alone = core.compile_model(xml, "CPU", config)
+    if lanes < 2 or 0 < threads < lanes:
+        return OpenVINOForward(alone, alone)
+    # One stream per lane, the threads split between them.
+    return OpenVINOForward(alone, core.compile_model(
+        xml, "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": lanes}))
 
 
 class OpenVINOForward:
-    """Calls a compiled OpenVINO model; each thread (batch lane) has its own infer request."""
+    """Runs each pass on one of two compiled copies of the model: `alone`, one stream on every
+    core, when no other pass is running; `beside`, one stream per lane, when one is.
 
-    def __init__(self, compiled):
-        self.compiled, self.local = compiled, threading.local()
+    Two passes of the one-stream copy would each run a thread on every core, and its threads
+    wait for each other after every layer: when a neighbour (the web tier, Redis) takes a core
+    from one thread, all of that pass's threads wait. With a stream per lane, it slows only the
+    thread it took the core from. A pass alone still uses every core, for the latency of light
+    load. Each thread (batch lane) has its own infer request on each copy.
+    """
+
+    def __init__(self, alone, beside):
+        self.compiled = {False: alone, True: beside}
+        self.local, self.lock, self.running = threading.local(), threading.Lock(), 0
 
     def __call__(self, inputs):
-        if not hasattr(self.local, "request"):
-            self.local.request = self.compiled.create_infer_request()
-        return self.local.request.infer([inputs])[0]
+        with self.lock:
+            beside = self.running > 0
+            self.running += 1
+        try:
+            return self.run(inputs, beside)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def run(self, inputs, beside):
+        """One pass on the copy for a pass alone, or on the one for a pass beside another."""
+        requests = self.local.__dict__.setdefault("requests", {})
+        if beside not in requests:
+            requests[beside] = self.compiled[beside].create_infer_request()
+        return requests[beside].infer([inputs])[0]
 
 
 def check_agreement(classifier, forward, images=4, seed=0):

@@ -52,7 +52,8 @@ def load_model(spec, runtime=None):
 
     return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
                            settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"],
-                           runtime or settings.RUNTIME, settings.OPENVINO_CACHE_DIR)
+                           runtime or settings.RUNTIME, settings.OPENVINO_CACHE_DIR,
+                           settings.BATCHES_IN_FLIGHT)
 
 
 # --- The supervisor -------------------------------------------------------------------------

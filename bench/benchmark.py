@@ -65,7 +65,8 @@ def serve_bare_model(conn, runtime):
 
     # The same loader and thread setting as the model worker, so threads and memory match.
     classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,
-                                 runtime=runtime, cache_dir=settings.OPENVINO_CACHE_DIR)
+                                 runtime=runtime, cache_dir=settings.OPENVINO_CACHE_DIR,
+                                 lanes=settings.BATCHES_IN_FLIGHT)
     shape = (classifier.size[1], classifier.size[0], classifier.channels)
     rng = np.random.default_rng(MODEL_SEED)
     batches = {n: classifier.preprocess(rng.integers(0, 256, (n, *shape), np.uint8)

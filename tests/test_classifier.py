@@ -36,6 +36,34 @@ def test_openvino_equals_keras_on_resnet50_with_seeded_weights(tmp_path):
     assert_same_answers(by_keras.predict_batch(pixels), again.predict_batch(pixels))
 
 
+def test_with_two_lanes_a_pass_beside_another_runs_on_a_stream_of_its_own_with_the_same_answers(
+        tmp_path):
+    by_keras = load_classifier("resnet50", "none", seed=1234, runtime="keras")
+    by_openvino = load_classifier("resnet50", "none", seed=1234, runtime="openvino",
+                                  cache_dir=str(tmp_path), lanes=2)
+    pixels = random_pixels(8, (224, 224, 3))
+    inputs = by_openvino.preprocess(pixels.astype(np.float32))
+    forward = by_openvino.forward
+
+    assert [forward.compiled[beside].get_property("NUM_STREAMS") for beside in (False, True)] \
+        == [1, 2]
+    assert_same_answers(by_keras.predict_batch(pixels), forward.run(inputs, beside=True))
+    assert_same_answers(by_keras.predict_batch(pixels), forward.run(inputs, beside=False))
+
+    chosen, run = [], forward.run
+
+    def run_and_start_another_pass_during_the_first(inputs, beside):
+        chosen.append(beside)
+        if len(chosen) == 1:
+            forward(inputs)
+        return run(inputs, beside)
+
+    forward.run = run_and_start_another_pass_during_the_first
+    forward(inputs)
+    forward(inputs)
+    assert chosen == [False, True, False]  # alone, beside the first, alone again
+
+
 def test_the_cache_tells_models_apart(tmp_path):
     one = load_classifier("mobilenet_v2", "none", seed=1, runtime="openvino",
                           cache_dir=str(tmp_path))
