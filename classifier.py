@@ -272,6 +272,18 @@ class OpenVINOForward:
             with self.lock:
                 self.running -= 1
 
+    def warm_beside(self, inputs):
+        """One pass on each stream of the copy for passes beside another: a stream's first pass
+        at a new shape builds its kernels (ResNet50 at 16: 1.5 s instead of 1.1)."""
+        if self.compiled[True] is self.compiled[False]:
+            return
+        requests = [self.compiled[True].create_infer_request()
+                    for _ in range(self.compiled[True].get_property("NUM_STREAMS"))]
+        for request in requests:  # started together, each takes a stream of its own
+            request.start_async([inputs])
+        for request in requests:
+            request.wait()
+
     def run(self, inputs, beside):
         """One pass on the copy for a pass alone, or on the one for a pass beside another."""
         requests = self.local.__dict__.setdefault("requests", {})
@@ -343,7 +355,10 @@ def warm_up(classifier, batch_size, time_limit_s):
     if batch_size == "auto":
         batch_size = choose_batch_size(classifier, shape, time_limit_s)
     for size in sorted({1, batch_size}):
-        classifier.predict_batch(np.zeros((size, *shape), np.uint8))
+        pixels = np.zeros((size, *shape), np.uint8)
+        classifier.predict_batch(pixels)
+        if isinstance(classifier.forward, OpenVINOForward):
+            classifier.forward.warm_beside(classifier.preprocess(pixels.astype(np.float32)))
     return batch_size
 
 
