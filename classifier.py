@@ -2,6 +2,7 @@
 
 Only the model worker imports this module: the web tier never pays for importing TensorFlow.
 """
+import functools
 import hashlib
 import json
 import logging
@@ -207,7 +208,7 @@ def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
     try:
         forward = openvino_forward(classifier.model, key, threads, cache_dir, lanes)
         for beside in forward.copies:
-            check_agreement(classifier, lambda inputs: forward.run(inputs, beside))
+            check_agreement(classifier, functools.partial(forward.run, beside=beside))
     except Exception as exc:
         if required:
             raise ModelLoadError(f"RUNTIME=openvino cannot serve {classifier.name}: {exc}") from exc
@@ -240,7 +241,7 @@ def openvino_forward(keras_model, key, threads, cache_dir, lanes=1):
         config["INFERENCE_NUM_THREADS"] = threads
     core = openvino.Core()
     alone = core.compile_model(xml, "CPU", config)
-    if lanes < 2 or 0 < threads < lanes:
+    if lanes < 2 or 0 < threads < lanes:  # one lane, or too few threads for a stream each
         return OpenVINOForward(alone, alone)
     # One stream per lane, the threads split between them.
     return OpenVINOForward(alone, core.compile_model(
