@@ -29,7 +29,7 @@ def choices(starts, workdir):
     chosen, runtime = [], None
     for number in range(1, starts + 1):
         started = time.monotonic()
-        with running_service({"BATCH_SIZE": "auto"}, workdir) as (_, heartbeat):
+        with running_service({"BATCH_SIZE": "auto"}, workdir) as (_, heartbeat, _):
             chosen.append(int(heartbeat["batch_size"]))
             runtime = heartbeat.get("runtime")
         print(f"start {number}: BATCH_SIZE=auto chose {chosen[-1]} ({runtime}; ready in "

@@ -15,6 +15,8 @@ the CPU:
       passes so that both see the machine at the same moments;
   (d) the service under an open loop at twice the bare model's best rate (--overload-factor):
       images/s answered.
+During (b) and (d) it also records where the CPU went: cores used by the service's model, web and
+Redis processes, by everything else (mostly the load generator), and left idle.
 Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(d) and the
 figures are medians over rounds; the ratios to (a) are taken within each round first.
 
@@ -32,10 +34,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,15 +87,18 @@ def serve_bare_model(conn, runtime):
 
 
 def time_batches(forward, batch, seconds, min_calls=2, max_calls=10_000):
-    """Call the forward pass for `seconds` (at least twice): images/s and median ms per batch."""
+    """Call the forward pass for `seconds` (at least twice): images/s, median ms per batch, and
+    the cores this process used meanwhile (its CPU seconds per second)."""
     times = []
-    deadline = time.perf_counter() + seconds
+    cpu_started, started_all = time.process_time(), time.perf_counter()
+    deadline = started_all + seconds
     while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < deadline):
         started = time.perf_counter()
         forward(batch)
         times.append(time.perf_counter() - started)
+    cores = (time.process_time() - cpu_started) / (time.perf_counter() - started_all)
     return {"img_per_s": len(batch) * len(times) / sum(times),
-            "batch_ms": statistics.median(times) * 1000, "calls": len(times)}
+            "batch_ms": statistics.median(times) * 1000, "calls": len(times), "cores": cores}
 
 
 class BareModel:
@@ -138,7 +145,7 @@ def free_port():
 
 @contextmanager
 def running_service(overrides, workdir):
-    """`python run_keras_server.py` (private Redis) on a free port; yields (url, heartbeat)."""
+    """`python run_keras_server.py` (private Redis) on a free port; yields (url, heartbeat, pid)."""
     port = free_port()
     env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
     env.update(PORT=str(port), HOST="127.0.0.1", MODEL=MODEL, MODEL_WEIGHTS="none",
@@ -149,7 +156,7 @@ def running_service(overrides, workdir):
                                    stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        yield url, wait_ready(url, process, log_path)
+        yield url, wait_ready(url, process, log_path), process.pid
     finally:
         process.terminate()  # run_keras_server.py stops its worker, web tier and Redis
         try:
@@ -205,6 +212,81 @@ def run_paired_single(url, bare_model, seconds):
         time.sleep(PAIR_PAUSE_S)
         records.append(record)
     return {"summary": summarize(records), "requests": records}
+
+
+# --- Where the CPU went during a load ------------------------------------------------------
+
+CPU_ROLES = ("model", "web", "redis")
+
+
+def process_role(name, cmdline):
+    """The service's part a process plays, from its name and command line (None: another)."""
+    if name.startswith("redis-server"):
+        return "redis"
+    args = cmdline[1:] if cmdline and Path(cmdline[0]).name.startswith("python") else cmdline
+    program, rest = (args[1:2], args[2:]) if args[:1] == ["-m"] else (args[:1], args[1:])
+    program = Path(program[0]).name if program else ""
+    if program == "gunicorn":
+        return "web"
+    if program == "run_keras_server.py" and rest[:1] in (["model"], ["model-process"]):
+        return "model"
+    return None
+
+
+def cpu_snapshot(root_pid):
+    """The machine's busy and idle CPU seconds so far, and the CPU seconds of each process of
+    the service started as root_pid (its role and user + system time, by pid)."""
+    machine = psutil.cpu_times()
+    processes = {}
+    try:
+        root = psutil.Process(root_pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        family = []
+    for process in family:
+        try:
+            with process.oneshot():
+                times = process.cpu_times()
+                processes[process.pid] = (process_role(process.name(), process.cmdline()),
+                                          times.user + times.system)
+        except psutil.Error:  # it ended meanwhile
+            continue
+    idle = machine.idle + getattr(machine, "iowait", 0.0)
+    busy = sum(machine) - idle - getattr(machine, "guest", 0.0) - getattr(
+        machine, "guest_nice", 0.0) - getattr(machine, "steal", 0.0)
+    return {"at": time.monotonic(), "busy": busy, "idle": idle, "processes": processes}
+
+
+def cores_between(first, last):
+    """Cores (CPU seconds per second) used between two snapshots by the service's model, web and
+    Redis processes, by everything else ("other": the load generator, this script, the launcher,
+    the kernel's own work) and left idle. A process that started in between counts from zero."""
+    seconds = last["at"] - first["at"]
+    used = dict.fromkeys(CPU_ROLES, 0.0)
+    for pid, (role, cpu_s) in last["processes"].items():
+        if role:
+            used[role] += cpu_s - first["processes"].get(pid, (role, 0.0))[1]
+    busy = last["busy"] - first["busy"]
+    cores = {role: used[role] / seconds for role in CPU_ROLES}
+    cores["other"] = max(0.0, busy - sum(used.values())) / seconds
+    cores["idle"] = (last["idle"] - first["idle"]) / seconds
+    return cores
+
+
+@contextmanager
+def cpu_split(root_pid, skip_s):
+    """Yields a dict that, when the block ends, holds cores_between() from skip_s into the block
+    (the load's warm-up left out) to its end; empty if the block ended sooner."""
+    split, first = {}, {}
+    timer = threading.Timer(skip_s, lambda: first.update(cpu_snapshot(root_pid)))
+    timer.start()
+    try:
+        yield split
+    finally:
+        timer.cancel()
+        timer.join()
+    if first:
+        split.update(cores_between(first, cpu_snapshot(root_pid)))
 
 
 # --- Figures (pure functions) -------------------------------------------------------------
@@ -269,7 +351,7 @@ def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s):
 
 
 def median_of(rounds, name):
-    values = [r[name] for r in rounds if r[name] is not None]
+    values = [r.get(name) for r in rounds if r.get(name) is not None]
     return statistics.median(values) if values else None
 
 
@@ -282,8 +364,13 @@ def summarize_rounds(rounds):
     sizes = rounds[0]["bare"].keys()
     summary["bare_img_per_s"] = {n: statistics.median(r["bare"][n]["img_per_s"] for r in rounds)
                                  for n in sizes}
+    summary["bare_cores"] = {n: median_of([r["bare"][n] for r in rounds], "cores") for n in sizes}
     summary["failed"] = sum(r["failed"] for r in rounds)
     summary["overload_other_failures"] = sum(r["overload_other_failures"] for r in rounds)
+    for phase in ("cpu_saturated", "cpu_overloaded"):
+        splits = [r[phase] for r in rounds if r.get(phase)]
+        summary[phase] = {part: statistics.median(split[part] for split in splits)
+                          for part in splits[0]} if splits else {}
     return summary
 
 
@@ -315,30 +402,36 @@ def run_rounds(args, workdir):
         for runtime in args.runtimes:
             bare_model = BareModel(runtime)
             stack.callback(bare_model.stop)
-            url, heartbeat = stack.enter_context(running_service({"RUNTIME": runtime}, workdir))
+            url, heartbeat, pid = stack.enter_context(running_service({"RUNTIME": runtime},
+                                                                      workdir))
             if heartbeat.get("runtime") != runtime:
                 raise RuntimeError(f"the service runs on {heartbeat.get('runtime')}, not {runtime}")
             used = settings_used(heartbeat)
             used["concurrency"] = args.concurrency or max(SATURATION_CLIENTS,
                                                           2 * used["BATCH_SIZE"])
-            setups[runtime] = bare_model, url, used
+            setups[runtime] = bare_model, url, pid, used
         duration = args.warmup_seconds + args.phase_seconds
         rounds = {runtime: [] for runtime in args.runtimes}
         for number in range(1, args.rounds + 1):
-            for runtime, (bare_model, url, used) in setups.items():
+            for runtime, (bare_model, url, pid, used) in setups.items():
                 bare = bare_model.measure(args.phase_seconds / len(BATCH_SIZES))
                 # The last saturation phase is drawn (after its load ends: it costs no figure).
                 plot = args.plot if number == args.rounds and runtime == args.runtimes[-1] else ""
-                saturated = run_load(url, used["concurrency"], duration, workdir, plot)
+                with cpu_split(pid, args.warmup_seconds) as saturated_cpu:
+                    saturated = run_load(url, used["concurrency"], duration, workdir, plot)
                 single = run_paired_single(url, bare_model, duration)
                 best = max(entry["img_per_s"] for entry in bare.values())
-                overloaded = (run_load(url, None, duration, workdir,
-                                       rate=args.overload_factor * best)
-                              if args.overload_factor else {"requests": []})
-                rounds[runtime].append(round_figures(bare, saturated, single, overloaded,
-                                                     args.warmup_seconds, duration))
+                overloaded, overloaded_cpu = {"requests": []}, {}
+                if args.overload_factor:
+                    with cpu_split(pid, args.warmup_seconds) as overloaded_cpu:
+                        overloaded = run_load(url, None, duration, workdir,
+                                              rate=args.overload_factor * best)
+                rounds[runtime].append({**round_figures(bare, saturated, single, overloaded,
+                                                        args.warmup_seconds, duration),
+                                        "cpu_saturated": saturated_cpu,
+                                        "cpu_overloaded": overloaded_cpu})
                 print_round(number, runtime, rounds[runtime][-1])
-    return rounds, {runtime: used for runtime, (_, _, used) in setups.items()}
+    return rounds, {runtime: used for runtime, (_, _, _, used) in setups.items()}
 
 
 def run_sweep(args, workdir):
@@ -351,7 +444,7 @@ def run_sweep(args, workdir):
     for batch_size in args.sweep_batch_sizes:
         for timeout_ms in args.sweep_timeouts_ms:
             overrides = {"BATCH_SIZE": str(batch_size), "BATCH_TIMEOUT_MS": str(timeout_ms)}
-            with running_service(overrides, workdir) as (url, _):
+            with running_service(overrides, workdir) as (url, _, _):
                 report = run_load(url, concurrency, duration, workdir)
             cells.append(cell_figures(batch_size, timeout_ms, report, args.warmup_seconds,
                                       duration))
@@ -441,9 +534,10 @@ def print_summary(summaries, rounds, service_settings, args, machine):
         summary, used = summaries[runtime], service_settings[runtime]
         knobs = " ".join(f"{name}={used[name]}" for name in KNOBS if name in used)
         print(f"\n== RUNTIME={runtime} on {used['device']}; service: {knobs}")
-        print("bare model   batch  img/s")
+        print("bare model   batch  img/s  cores")
         for size, img_per_s in summary["bare_img_per_s"].items():
-            print(f"             {size:>5}  {img_per_s:6.1f}")
+            cores = fmt(summary["bare_cores"][size], ".2f")
+            print(f"             {size:>5}  {img_per_s:6.1f}  {cores:>5}")
         per_round = " ".join(fmt(r["ratio"], ".3f") for r in rounds[runtime])
         print(f"(a) bare model, best                 {fmt(summary['bare_best_img_per_s'])} img/s\n"
               f"(a) bare model, batch-1 latency      {fmt(summary['bare_batch1_ms'])} ms (median "
@@ -458,6 +552,8 @@ def print_summary(summaries, rounds, service_settings, args, machine):
               f"(rounds: {per_round})\n"
               f"(d) / best (a)                       {fmt(summary['overload_ratio'], '.3f')}\n"
               f"(c) - bare batch-1 latency           {fmt(summary['latency_overhead_ms'])} ms\n"
+              f"cores used during (b)                {cpu_line(summary['cpu_saturated'])}\n"
+              f"cores used during (d)                {cpu_line(summary['cpu_overloaded'])}\n"
               f"failed requests                      {summary['failed']} (and "
               f"{summary['overload_other_failures']} under overload other than 503)")
     if "cross_runtime" in summaries:
@@ -465,6 +561,10 @@ def print_summary(summaries, rounds, service_settings, args, machine):
               f"{fmt(summaries['cross_runtime'], '.3f')}")
     if args.rounds < 3:
         print("note: fewer than 3 rounds; medians do not smooth out the machine's drift")
+
+
+def cpu_line(cores):
+    return ", ".join(f"{part} {value:.2f}" for part, value in cores.items()) or "n/a"
 
 
 def cell_line(cell):

@@ -139,7 +139,7 @@ def run_allocator(allocator, args, workdir, image):
 
 
 def measure_reloads(allocator, args, workdir, image, overrides):
-    with running_service(overrides, workdir) as (url, heartbeat):
+    with running_service(overrides, workdir) as (url, heartbeat, _):
         batch_size = int(heartbeat["batch_size"])
         full = capacity(url, 2 * batch_size, args.capacity_seconds, image)
         forward_s = float(heartbeat.get("batch_s") or 0)

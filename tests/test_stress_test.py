@@ -188,6 +188,33 @@ def test_round_figures_and_their_medians():
     assert summary["bare_img_per_s"] == {1: pytest.approx(10.0), 16: pytest.approx(12.0)}
 
 
+def test_the_cpu_split_names_each_part_of_the_service_and_counts_new_processes_from_zero():
+    from bench.benchmark import cores_between, process_role
+
+    python = "/srv/.venv/bin/python"
+    assert process_role("redis-server", ["redis-server *:6379"]) == "redis"
+    assert process_role("python", [python, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                                   "run_keras_server:app"]) == "web"
+    assert process_role("gunicorn", ["/srv/.venv/bin/gunicorn", "run_keras_server:app"]) == "web"
+    assert process_role("python", [python, "/srv/run_keras_server.py", "model"]) == "model"
+    assert process_role("python", [python, "/srv/run_keras_server.py", "model-process", "5"]) \
+        == "model"
+    assert process_role("python", [python, "/srv/run_keras_server.py"]) is None  # the launcher
+    assert process_role("python", [python, "stress_test.py", "--url", "gunicorn"]) is None
+
+    first = {"at": 100.0, "busy": 1000.0, "idle": 500.0,
+             "processes": {1: (None, 3.0), 2: ("model", 50.0), 3: ("web", 7.0),
+                           4: ("redis", 1.0)}}
+    last = {"at": 110.0, "busy": 1018.0, "idle": 502.0,
+            "processes": {1: (None, 3.1), 2: ("model", 65.0), 3: ("web", 8.0), 4: ("redis", 1.2),
+                          5: ("web", 0.6)}}  # a web process started in between
+
+    cores = cores_between(first, last)
+
+    assert cores == pytest.approx({"model": 1.5, "web": 0.16, "redis": 0.02, "other": 0.12,
+                                   "idle": 0.2})
+
+
 def test_recommend_picks_the_fastest_cell_under_the_p99_target():
     from bench.benchmark import recommend
 
