@@ -9,9 +9,10 @@ clients, then keeps a closed loop at about half of it: CLIENTS clients, each pau
 requests. After a steady phase, it runs `run_keras_server.py reload` 10 times one after another
 (versions 2, 3, ...), with a pause after each. For each reload it prints p99 and p999 latency of
 the requests sent from the reload's start until a second after it returned, as ratios to the
-steady phase's, the failed requests, and whether each worker's answers switched version exactly
-once. With --allocators default,jemalloc it does it all twice, the second time with jemalloc
-(LD_PRELOAD) in every process of the service.
+steady phase's, the failed requests, whether each worker's answers switched version exactly
+once, and the peak memory (PSS) of the model processes, steady and while two versions are loaded
+(sampled every second). With --allocators default,jemalloc it does it all twice, the second time
+with jemalloc (LD_PRELOAD) in every process of the service.
 """
 import argparse
 import json
@@ -24,10 +25,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import requests
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from benchmark import ROOT, machine_info, running_service, write_json  # noqa: E402
+from benchmark import (ROOT, machine_info, process_role, running_service,  # noqa: E402
+                       write_json)
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
 TARGET_RATIO = 1.2
@@ -76,6 +79,40 @@ class ClosedLoop:
         for thread in self.threads:
             thread.join()
         return self.records
+
+
+class ModelMemory:
+    """The peak memory (PSS, MB) of the service's model processes, sampled every second in a
+    thread, per phase ("steady", then "reloads"): what a container limit must hold."""
+
+    def __init__(self, root_pid):
+        self.root_pid, self.phase, self.peaks = root_pid, "start", {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def model_pss_mb(self):
+        total = 0
+        try:
+            family = psutil.Process(self.root_pid).children(recursive=True)
+        except psutil.Error:
+            return 0.0
+        for process in family:
+            try:
+                if process_role(process.name(), process.cmdline()) == "model":
+                    total += process.memory_full_info().pss
+            except psutil.Error:  # it ended meanwhile
+                continue
+        return total / 1e6
+
+    def sample(self):
+        while not self.done.wait(1.0):
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self.model_pss_mb())
+
+    def finish(self):
+        self.done.set()
+        self.thread.join()
+        return {phase: round(mb) for phase, mb in self.peaks.items()}
 
 
 def capacity(url, concurrency, seconds, image):
@@ -139,7 +176,8 @@ def run_allocator(allocator, args, workdir, image):
 
 
 def measure_reloads(allocator, args, workdir, image, overrides):
-    with running_service(overrides, workdir) as (url, heartbeat, _):
+    with running_service(overrides, workdir) as (url, heartbeat, pid):
+        memory = ModelMemory(pid)
         batch_size = int(heartbeat["batch_size"])
         full = capacity(url, 2 * batch_size, args.capacity_seconds, image)
         forward_s = float(heartbeat.get("batch_s") or 0)
@@ -151,9 +189,9 @@ def measure_reloads(allocator, args, workdir, image, overrides):
         loop.pause_s = max(0.0, cycle_s - latency_s)
         print(f"capacity {full:.1f} img/s at batch size {batch_size}; {args.clients} clients "
               f"pausing {loop.pause_s * 1000:.0f} ms (about {full / 2:.1f} req/s)", flush=True)
-        steady_from = time.monotonic()
+        steady_from, memory.phase = time.monotonic(), "steady"
         time.sleep(args.steady_seconds)
-        steady_to = time.monotonic()
+        steady_to, memory.phase = time.monotonic(), "reloads"
         env = {**os.environ, "REDIS_URL": overrides["REDIS_URL"]}
         windows = []
         for number in range(args.reloads):
@@ -164,6 +202,7 @@ def measure_reloads(allocator, args, workdir, image, overrides):
                   flush=True)
             time.sleep(args.pause_seconds)
         records = loop.finish()
+        peaks = memory.finish()
     raw = Path(workdir) / f"requests-{allocator}.json"
     raw.write_text(json.dumps({"records": records, "steady": [steady_from, steady_to],
                                "reloads": windows}))
@@ -172,6 +211,7 @@ def measure_reloads(allocator, args, workdir, image, overrides):
               "batch_size": batch_size, "capacity_img_per_s": full,
               "forward_s_at_start": forward_s, "clients": args.clients,
               "pause_ms": loop.pause_s * 1000, "steady": percentiles(steady),
+              "model_pss_mb": {"steady": peaks.get("steady"), "reloads": peaks.get("reloads")},
               "failed": sum(r[2] != 200 for r in records if r[0] >= steady_from),
               "switches_once_per_reload": switches_once_per_reload(
                   [r for r in records if r[0] >= steady_from]),
@@ -203,6 +243,9 @@ def print_table(result):
         print(f"{r['version']:6d}  {r['exit_status']:4d}  {r['seconds']:7.1f}  "
               f"{r.get('requests', 0):8d}  {r.get('p99_ms', 0):6.0f}  {r.get('p999_ms', 0):7.0f}"
               f"  {r.get('p99_ratio', 0):10.2f}  {r.get('p999_ratio', 0):11.2f}")
+    memory = result["model_pss_mb"]
+    print(f"model processes' memory (PSS), peak: {memory['steady']} MB steady, "
+          f"{memory['reloads']} MB during the reloads")
     worst = max(max(r.get("p99_ratio", 0), r.get("p999_ratio", 0)) for r in result["reloads"])
     print(f"worst ratio {worst:.2f} (target: at most {TARGET_RATIO})")
 
