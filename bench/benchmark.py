@@ -233,24 +233,31 @@ def process_role(name, cmdline):
     return None
 
 
+def service_processes(root_pid):
+    """(process, role) of the service started as root_pid and of every process under it."""
+    try:
+        root = psutil.Process(root_pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:  # the service has ended
+        return
+    for process in family:
+        try:
+            yield process, process_role(process.name(), process.cmdline())
+        except psutil.Error:  # it ended meanwhile
+            continue
+
+
 def cpu_snapshot(root_pid):
     """The machine's busy and idle CPU seconds so far, and the CPU seconds of each process of
     the service started as root_pid (its role and user + system time, by pid)."""
     machine = psutil.cpu_times()
     processes = {}
-    try:
-        root = psutil.Process(root_pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        family = []
-    for process in family:
+    for process, role in service_processes(root_pid):
         try:
-            with process.oneshot():
-                times = process.cpu_times()
-                processes[process.pid] = (process_role(process.name(), process.cmdline()),
-                                          times.user + times.system)
+            times = process.cpu_times()
         except psutil.Error:  # it ended meanwhile
             continue
+        processes[process.pid] = (role, times.user + times.system)
     idle = machine.idle + getattr(machine, "iowait", 0.0)
     busy = sum(machine) - idle - getattr(machine, "guest", 0.0) - getattr(
         machine, "guest_nice", 0.0) - getattr(machine, "steal", 0.0)

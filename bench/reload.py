@@ -29,7 +29,7 @@ import psutil
 import requests
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from benchmark import (ROOT, machine_info, process_role, running_service,  # noqa: E402
+from benchmark import (ROOT, machine_info, running_service, service_processes,  # noqa: E402
                        write_json)
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
@@ -93,14 +93,9 @@ class ModelMemory:
 
     def model_pss_mb(self):
         total = 0
-        try:
-            family = psutil.Process(self.root_pid).children(recursive=True)
-        except psutil.Error:
-            return 0.0
-        for process in family:
+        for process, role in service_processes(self.root_pid):
             try:
-                if process_role(process.name(), process.cmdline()) == "model":
-                    total += process.memory_full_info().pss
+                total += process.memory_full_info().pss if role == "model" else 0
             except psutil.Error:  # it ended meanwhile
                 continue
         return total / 1e6
