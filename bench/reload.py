@@ -94,8 +94,10 @@ class ModelMemory:
     def model_pss_mb(self):
         total = 0
         for process, role in service_processes(self.root_pid):
+            if role != "model":
+                continue
             try:
-                total += process.memory_full_info().pss if role == "model" else 0
+                total += process.memory_full_info().pss
             except psutil.Error:  # it ended meanwhile
                 continue
         return total / 1e6

@@ -56,6 +56,18 @@ def test_client_exits_non_zero_with_the_server_message(whole_service, tmp_path):
     assert "not an image in an accepted format" in result.stderr and "HTTP 400" in result.stderr
 
 
+def test_the_benchmark_tells_each_part_of_the_running_service_apart(whole_service):
+    """bench/benchmark.py splits the CPU (and bench/reload.py the memory) by these roles."""
+    from bench.benchmark import service_processes
+
+    process = whole_service[0]
+    roles = sorted(str(role) for _, role in service_processes(process.pid))
+
+    # The launcher; gunicorn's master and its one worker; the model supervisor and its model
+    # process; the private Redis.
+    assert roles == ["None", "model", "model", "redis", "web", "web"], roles
+
+
 def test_ctrl_c_under_load_stops_every_part_within_10_s_even_pressed_twice(whole_service):
     process, url, log = whole_service
     everything = [process.pid, *descendants(process.pid)]  # Redis, the worker, gunicorn's
