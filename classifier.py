@@ -207,8 +207,8 @@ def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
     """
     try:
         forward = openvino_forward(classifier.model, key, threads, cache_dir, lanes)
-        for beside in forward.copies:
-            check_agreement(classifier, functools.partial(forward.run, beside=beside))
+        for split in forward.copies:
+            check_agreement(classifier, functools.partial(forward.run, split=split))
     except Exception as exc:
         if required:
             raise ModelLoadError(f"RUNTIME=openvino cannot serve {classifier.name}: {exc}") from exc
@@ -250,48 +250,62 @@ def openvino_forward(keras_model, key, threads, cache_dir, lanes=1):
 
 class OpenVINOForward:
     """Runs each pass on one of two compiled copies of the model: `alone`, one stream on every
-    core, when no other pass is running; `beside`, one stream per lane, when one is.
+    core, for a single image when no other pass is running; `streams`, one stream per lane, for
+    every other pass, its batch split into one part per stream.
 
-    Two passes of the one-stream copy would each run a thread on every core, and its threads
-    wait for each other after every layer: when a neighbour (the web tier, Redis) takes a core
-    from one thread, all of that pass's threads wait. With a stream per lane, it slows only the
-    thread it took the core from. A pass alone still uses every core, for the latency of light
-    load. Each thread (batch lane) has its own infer request on each copy.
+    On the one-stream copy a pass runs a thread on every core, and its threads wait for each
+    other after every layer: when a neighbour (the web tier, Redis) takes a core from one thread,
+    all of that pass's threads wait, and two such passes at once would each want every core. On
+    the streams, each part is computed by its stream's threads alone, and the parts of passes in
+    two lanes queue for the streams: a stream that finishes its part takes the next one, so no
+    core waits for another pass to end. A single image alone still uses every core, for the
+    latency of light load. Each thread (batch lane) has its own infer requests.
     """
 
-    def __init__(self, alone, beside):
-        self.compiled = {False: alone, True: beside}
-        self.copies = (False, True) if beside is not alone else (False,)  # run()'s `beside`
+    def __init__(self, alone, streams):
+        self.compiled = {False: alone, True: streams}
+        self.streams = streams.get_property("NUM_STREAMS") if streams is not alone else 1
+        self.copies = (False, True) if self.streams > 1 else (False,)  # run()'s `split`
         self.local, self.lock, self.running = threading.local(), threading.Lock(), 0
 
     def __call__(self, inputs):
         with self.lock:
-            beside = self.running > 0
+            split = self.running > 0 or len(inputs) > 1
             self.running += 1
         try:
-            return self.run(inputs, beside)
+            return self.run(inputs, split and self.streams > 1)
         finally:
             with self.lock:
                 self.running -= 1
 
-    def warm_beside(self, inputs):
-        """One pass on each stream of the copy for passes beside another: a stream's first pass
-        at a new shape builds its kernels (ResNet50 at 16: 1.5 s instead of 1.1)."""
-        if True not in self.copies:
+    def warm_streams(self, inputs):
+        """A pass on every stream at once at the shape of this batch's parts: a stream's first
+        pass at a new shape builds its kernels (ResNet50 at 16: 1.5 s instead of 1.1)."""
+        if self.streams < 2:
             return
-        requests = [self.compiled[True].create_infer_request()
-                    for _ in range(self.compiled[True].get_property("NUM_STREAMS"))]
+        part = np.array_split(inputs, min(self.streams, len(inputs)))[0]
+        requests = [self.compiled[True].create_infer_request() for _ in range(self.streams)]
         for request in requests:  # started together, each takes a stream of its own
-            request.start_async([inputs])
+            request.start_async([part])
         for request in requests:
             request.wait()
 
-    def run(self, inputs, beside):
-        """One pass on the copy for a pass alone, or on the one for a pass beside another."""
+    def run(self, inputs, split):
+        """One pass on the one-stream copy, or split into a part per stream of the other."""
         requests = self.local.__dict__.setdefault("requests", {})
-        if beside not in requests:
-            requests[beside] = self.compiled[beside].create_infer_request()
-        return requests[beside].infer([inputs])[0]
+        if split not in requests:
+            requests[split] = [self.compiled[split].create_infer_request()
+                               for _ in range(self.streams if split else 1)]
+        if not split:
+            return requests[False][0].infer([inputs])[0]
+        parts = np.array_split(inputs, min(self.streams, len(inputs)))
+        for request, part in zip(requests[True], parts):
+            request.start_async([part])
+        outputs = []
+        for request, _ in zip(requests[True], parts):
+            request.wait()
+            outputs.append(request.get_output_tensor(0).data.copy())
+        return np.concatenate(outputs)
 
 
 def check_agreement(classifier, forward, images=4, seed=0):
@@ -360,7 +374,7 @@ def warm_up(classifier, batch_size, time_limit_s):
         pixels = np.zeros((size, *shape), np.uint8)
         classifier.predict_batch(pixels)
         if isinstance(classifier.forward, OpenVINOForward):
-            classifier.forward.warm_beside(classifier.preprocess(pixels.astype(np.float32)))
+            classifier.forward.warm_streams(classifier.preprocess(pixels.astype(np.float32)))
     return batch_size
 
 

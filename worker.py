@@ -306,7 +306,8 @@ class ModelWorker:
         """claim_batch's time_to_fill: how long a partial batch should wait for more jobs.
 
         While another lane's forward pass runs, it waits for that pass to end (started beside it,
-        it would take half the cores, and a backlog would be split into a full and a small batch).
+        it would share the cores with that pass, and a backlog would be split into a full and a
+        small batch).
         With the model idle, it waits out BATCH_TIMEOUT_MS only if the recent arrival rate makes
         another job likely within it: at light load a request never waits for company.
         """

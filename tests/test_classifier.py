@@ -36,32 +36,34 @@ def test_openvino_equals_keras_on_resnet50_with_seeded_weights(tmp_path):
     assert_same_answers(by_keras.predict_batch(pixels), again.predict_batch(pixels))
 
 
-def test_with_two_lanes_a_pass_beside_another_runs_on_a_stream_of_its_own_with_the_same_answers(
-        tmp_path):
+def test_with_two_lanes_a_batch_is_split_across_streams_with_the_same_answers(tmp_path):
     by_keras = load_classifier("resnet50", "none", seed=1234, runtime="keras")
     by_openvino = load_classifier("resnet50", "none", seed=1234, runtime="openvino",
                                   cache_dir=str(tmp_path), lanes=2)
-    pixels = random_pixels(8, (224, 224, 3))
+    pixels = random_pixels(9, (224, 224, 3))
     inputs = by_openvino.preprocess(pixels.astype(np.float32))
     forward = by_openvino.forward
 
-    assert [forward.compiled[beside].get_property("NUM_STREAMS") for beside in (False, True)] \
+    assert [forward.compiled[split].get_property("NUM_STREAMS") for split in (False, True)] \
         == [1, 2]
-    assert_same_answers(by_keras.predict_batch(pixels), forward.run(inputs, beside=True))
-    assert_same_answers(by_keras.predict_batch(pixels), forward.run(inputs, beside=False))
+    assert_same_answers(by_keras.predict_batch(pixels), forward.run(inputs, split=True))
+    assert_same_answers(by_keras.predict_batch(pixels), forward.run(inputs, split=False))
+    assert_same_answers(by_keras.predict_batch(pixels[:1]), forward.run(inputs[:1], split=True))
 
     chosen, run = [], forward.run
 
-    def run_and_start_another_pass_during_the_first(inputs, beside):
-        chosen.append(beside)
+    def run_and_start_another_pass_during_the_first(inputs, split):
+        chosen.append((len(inputs), split))
         if len(chosen) == 1:
             forward(inputs)
-        return run(inputs, beside)
+        return run(inputs, split)
 
     forward.run = run_and_start_another_pass_during_the_first
+    forward(inputs[:1])
+    forward(inputs[:1])
     forward(inputs)
-    forward(inputs)
-    assert chosen == [False, True, False]  # alone, beside the first, alone again
+    # One image alone on every core, one beside it on a stream, alone again, a batch split.
+    assert chosen == [(1, False), (1, True), (1, False), (9, True)]
 
 
 def test_the_cache_tells_models_apart(tmp_path):
