@@ -24,6 +24,9 @@ REQUESTS = Counter("keras_requests_total", "Answers of /predict and /v2 infer, b
                    ["status"])
 REQUEST_SECONDS = Histogram("keras_request_seconds", "Time to answer /predict or /v2 infer.",
                             buckets=LATENCY_BUCKETS)
+OVERLOAD_REFUSALS = Counter("keras_overload_refusals_total",
+                            "Requests refused because the queue was full: at 'admission', before "
+                            "the upload was decoded, or at 'enqueue', after.", ["stage"])
 QUEUE_WAIT_SECONDS = Histogram("keras_queue_wait_seconds",
                                "Time an answered job waited in the queue before its batch ran.",
                                buckets=LATENCY_BUCKETS)

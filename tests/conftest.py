@@ -3,6 +3,7 @@ instances started as the processes production runs (`run_keras_server.py model|w
 """
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -359,6 +360,12 @@ def tiny_model(tmp_path_factory):
 def tiny_settings(tiny_model):
     """Environment overrides that make a worker serve the tiny model."""
     return {name: tiny_model[name] for name in ("MODEL", "LABELS", "PREPROCESS")}
+
+
+def metric(text, name, labels=""):
+    """A sample's value in a Prometheus text page (None if absent)."""
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
 
 
 def post_image(url, data, filename="image.jpg", field="image", timeout=60, headers=None,

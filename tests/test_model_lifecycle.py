@@ -15,7 +15,7 @@ import pytest
 import requests
 
 import jobqueue
-from conftest import ROOT, free_port, post_image, stop, wait_until, worker_stats
+from conftest import ROOT, free_port, metric, post_image, stop, wait_until, worker_stats
 from helpers import prepare_image
 
 
@@ -48,11 +48,6 @@ def direct_probabilities(folder, images):
     model = keras.models.load_model(folder / "digits.keras", compile=False)
     pixels = np.stack([prepare_image(data, (8, 8), 1) for data in images])
     return np.asarray(model.predict_on_batch(pixels / 255.0))
-
-
-def metric(text, name, labels=""):
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else None
 
 
 @pytest.mark.parametrize("runtime", ["keras", "openvino"])
