@@ -14,9 +14,12 @@ the CPU:
   (c) the service at concurrency 1: median latency, its requests alternating with (a)'s batch-1
       passes so that both see the machine at the same moments;
   (d) the service under an open loop at twice the bare model's best rate (--overload-factor):
-      images/s answered.
-During (b) and (d) it also records where the CPU went: cores used by the service's model, web and
-Redis processes, by everything else (mostly the load generator), and left idle.
+      images/s answered in the load's first warm-up + phase seconds, mostly while the queue
+      fills (until it is full the web tier takes and decodes every request);
+  (e) the same load kept on to --overload-seconds: images/s answered after (d), once the queue is
+      full and the excess is refused at admission.
+During (b), (d) and (e) it also records where the CPU went: cores used by the service's model,
+web and Redis processes, by everything else (mostly the load generator), and left idle.
 Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(d) and the
 figures are medians over rounds; the ratios to (a) are taken within each round first.
 
@@ -281,19 +284,24 @@ def cores_between(first, last):
 
 
 @contextmanager
-def cpu_split(root_pid, skip_s):
+def cpu_split(root_pid, skip_s, until_s=None):
     """Yields a dict that, when the block ends, holds cores_between() from skip_s into the block
-    (the load's warm-up left out) to its end; empty if the block ended sooner."""
-    split, first = {}, {}
-    timer = threading.Timer(skip_s, lambda: first.update(cpu_snapshot(root_pid)))
-    timer.start()
+    (the load's warm-up left out) to until_s or its end; empty if the block ended sooner."""
+    split, snapshots = {}, {}
+    timers = [threading.Timer(at, lambda at=at: snapshots.update({at: cpu_snapshot(root_pid)}))
+              for at in (skip_s, until_s) if at is not None]
+    for timer in timers:
+        timer.start()
     try:
         yield split
     finally:
-        timer.cancel()
-        timer.join()
-    if first:
-        split.update(cores_between(first, cpu_snapshot(root_pid)))
+        for timer in timers:
+            timer.cancel()
+            timer.join()
+    if until_s is None and skip_s in snapshots:
+        snapshots[until_s] = cpu_snapshot(root_pid)
+    if skip_s in snapshots and until_s in snapshots:
+        split.update(cores_between(snapshots[skip_s], snapshots[until_s]))
 
 
 # --- Figures (pure functions) -------------------------------------------------------------
@@ -331,12 +339,15 @@ def latencies_after(report, warmup_s):
     return [r["latency_ms"] for r in report["requests"] if r["ok"] and r["t_s"] >= warmup_s]
 
 
-def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s):
-    """One round's figures of one runtime from the bare timings and the three load reports."""
+def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s, overload_s=None):
+    """One round's figures of one runtime from the bare timings and the three load reports; the
+    overload's from warmup_s to duration_s, and (queue full) from duration_s to overload_s."""
     best = max(bare, key=lambda n: bare[n]["img_per_s"])
     service = steady_throughput(saturated["requests"], warmup_s, duration_s)
     answered = [r for r in overloaded["requests"] if r["ok"]]
     under_overload = steady_throughput(answered, warmup_s, duration_s)
+    full = steady_throughput(answered, duration_s, overload_s) if overload_s else None
+    refusals = [r["t_s"] for r in overloaded["requests"] if r["status"] in (429, 503)]
     c1 = latencies_after(single, warmup_s)
     c1_median = statistics.median(c1) if c1 else None
     paired = [r["bare_batch1_ms"] for r in single["requests"] if r["t_s"] >= warmup_s]
@@ -346,13 +357,15 @@ def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s):
         "bare_batch1_ms": bare1, "service_img_per_s": service,
         "service_mean_batch_size": saturated["summary"]["mean_batch_size"],
         "service_c1_median_ms": c1_median,
-        "service_overload_img_per_s": under_overload,
+        "service_overload_img_per_s": under_overload, "service_full_img_per_s": full,
+        "overload_first_refusal_s": min(refusals, default=None),
         "overload_refused": sum(r["status"] in (429, 503) for r in overloaded["requests"]),
         "overload_other_failures": sum(not r["ok"] and r["status"] not in (429, 503)
                                        for r in overloaded["requests"]),
         "failed": saturated["summary"]["failed"] + single["summary"]["failed"],
         "ratio": service / bare[best]["img_per_s"] if service else None,
         "overload_ratio": under_overload / bare[best]["img_per_s"] if under_overload else None,
+        "full_ratio": full / bare[best]["img_per_s"] if full else None,
         "latency_overhead_ms": c1_median - bare1 if c1 else None,
     }
 
@@ -366,7 +379,8 @@ def summarize_rounds(rounds):
     """Medians over rounds of every figure; bare images/s per batch size too."""
     names = ("bare_best_img_per_s", "bare_batch1_ms", "service_img_per_s",
              "service_mean_batch_size", "service_c1_median_ms", "service_overload_img_per_s",
-             "ratio", "overload_ratio", "latency_overhead_ms")
+             "ratio", "overload_ratio", "latency_overhead_ms", "service_full_img_per_s",
+             "full_ratio", "overload_first_refusal_s")
     summary = {name: median_of(rounds, name) for name in names}
     sizes = rounds[0]["bare"].keys()
     summary["bare_img_per_s"] = {n: statistics.median(r["bare"][n]["img_per_s"] for r in rounds)
@@ -374,7 +388,7 @@ def summarize_rounds(rounds):
     summary["bare_cores"] = {n: median_of([r["bare"][n] for r in rounds], "cores") for n in sizes}
     summary["failed"] = sum(r["failed"] for r in rounds)
     summary["overload_other_failures"] = sum(r["overload_other_failures"] for r in rounds)
-    for phase in ("cpu_saturated", "cpu_overloaded"):
+    for phase in ("cpu_saturated", "cpu_overloaded", "cpu_full"):
         splits = [r[phase] for r in rounds if r.get(phase)]
         summary[phase] = {part: statistics.median(split[part] for split in splits)
                           for part in splits[0]} if splits else {}
@@ -428,15 +442,17 @@ def run_rounds(args, workdir):
                     saturated = run_load(url, used["concurrency"], duration, workdir, plot)
                 single = run_paired_single(url, bare_model, duration)
                 best = max(entry["img_per_s"] for entry in bare.values())
-                overloaded, overloaded_cpu = {"requests": []}, {}
+                overloaded, overloaded_cpu, full_cpu = {"requests": []}, {}, {}
+                overload_s = max(duration, args.overload_seconds)
                 if args.overload_factor:
-                    with cpu_split(pid, args.warmup_seconds) as overloaded_cpu:
-                        overloaded = run_load(url, None, duration, workdir,
+                    with cpu_split(pid, args.warmup_seconds, duration) as overloaded_cpu, \
+                            cpu_split(pid, duration, overload_s) as full_cpu:
+                        overloaded = run_load(url, None, overload_s, workdir,
                                               rate=args.overload_factor * best)
                 rounds[runtime].append({**round_figures(bare, saturated, single, overloaded,
-                                                        args.warmup_seconds, duration),
+                                                        args.warmup_seconds, duration, overload_s),
                                         "cpu_saturated": saturated_cpu,
-                                        "cpu_overloaded": overloaded_cpu})
+                                        "cpu_overloaded": overloaded_cpu, "cpu_full": full_cpu})
                 print_round(number, runtime, rounds[runtime][-1])
     return rounds, {runtime: used for runtime, (_, _, _, used) in setups.items()}
 
@@ -524,9 +540,10 @@ def print_round(number, runtime, r):
     print(f"round {number}, {runtime}: bare best {fmt(r['bare_best_img_per_s'])} img/s "
           f"(batch {r['bare_best_batch_size']}), batch 1 {fmt(r['bare_batch1_ms'])} ms | service "
           f"{fmt(r['service_img_per_s'])} img/s (mean batch {fmt(r['service_mean_batch_size'])}), "
-          f"2x overload {fmt(r['service_overload_img_per_s'])} img/s, c=1 "
-          f"{fmt(r['service_c1_median_ms'])} ms | ratios {fmt(r['ratio'], '.3f')} and "
-          f"{fmt(r['overload_ratio'], '.3f')}, +{fmt(r['latency_overhead_ms'])} ms, "
+          f"2x overload {fmt(r['service_overload_img_per_s'])} img/s, queue full "
+          f"{fmt(r['service_full_img_per_s'])} img/s, c=1 {fmt(r['service_c1_median_ms'])} ms | "
+          f"ratios {fmt(r['ratio'], '.3f')}, {fmt(r['overload_ratio'], '.3f')} and "
+          f"{fmt(r['full_ratio'], '.3f')}, +{fmt(r['latency_overhead_ms'])} ms, "
           f"{r['failed']} failed", flush=True)
 
 
@@ -554,13 +571,18 @@ def print_summary(summaries, rounds, service_settings, args, machine):
               f"{fmt(summary['service_mean_batch_size'])})\n"
               f"(c) service at concurrency 1, median {fmt(summary['service_c1_median_ms'])} ms\n"
               f"(d) service, open loop at 2x (a)     {fmt(summary['service_overload_img_per_s'])} "
-              f"img/s answered\n"
+              f"img/s answered, the first {args.warmup_seconds + args.phase_seconds:g} s\n"
+              f"(e) the same load, queue full        {fmt(summary['service_full_img_per_s'])} "
+              f"img/s answered after that (first refusal at "
+              f"{fmt(summary['overload_first_refusal_s'])} s)\n"
               f"(b) / best (a)                       {fmt(summary['ratio'], '.3f')} "
               f"(rounds: {per_round})\n"
               f"(d) / best (a)                       {fmt(summary['overload_ratio'], '.3f')}\n"
+              f"(e) / best (a)                       {fmt(summary['full_ratio'], '.3f')}\n"
               f"(c) - bare batch-1 latency           {fmt(summary['latency_overhead_ms'])} ms\n"
               f"cores used during (b)                {cpu_line(summary['cpu_saturated'])}\n"
               f"cores used during (d)                {cpu_line(summary['cpu_overloaded'])}\n"
+              f"cores used during (e)                {cpu_line(summary['cpu_full'])}\n"
               f"failed requests                      {summary['failed']} (and "
               f"{summary['overload_other_failures']} under overload other than 503)")
     if "cross_runtime" in summaries:
@@ -604,6 +626,8 @@ def parse_args(argv):
     parser.add_argument("--runtimes", type=lambda text: text.split(","),
                         default=["keras", "openvino"],
                         help="runtimes to measure, bare and served (keras,openvino)")
+    parser.add_argument("--overload-seconds", type=float, default=60.0,
+                        help="seconds of the overload load, (d) and then (e) (60)")
     parser.add_argument("--overload-factor", type=float, default=2.0,
                         help="(d)'s open-loop rate as a multiple of the bare model's best (2; 0: "
                              "no (d), e.g. where one client process cannot send that many)")
@@ -656,6 +680,7 @@ def main(argv=None):
         print(f"plot of the last saturation phase: {args.plot}")
         result.update(settings=service_settings, plot=Path(args.plot).name, rounds_run=args.rounds,
                       phase_seconds=args.phase_seconds, warmup_seconds=args.warmup_seconds,
+                      overload_seconds=args.overload_seconds,
                       summary=summary, rounds=rounds)
     write_json(args.out, result)
     print(f"service logs and raw load reports: {workdir}")

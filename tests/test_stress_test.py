@@ -172,13 +172,17 @@ def test_round_figures_and_their_medians():
     single = report([dict(record(t, latency_ms=120.0), bare_batch1_ms=ms)
                      for t, ms in ((0.5, 300.0), (6.0, 95.0), (6.2, 100.0), (6.4, 130.0))])
     refused = [dict(record(1.0 + k / 10), ok=False, status=503) for k in range(30)]
-    overloaded = report(batches([(1.0 + k, 10) for k in range(8)]) + refused)  # 10 img/s
-    rounds = [round_figures(bare(scale), saturated, single, overloaded, 0.9, 20.0)
+    # (d) 10 img/s until 20 s, (e) 11 img/s from 20 s to 40 s.
+    overloaded = report(batches([(1.0 + k, 10) for k in range(8)])
+                        + batches([(21.0 + k, 11) for k in range(8)]) + refused)
+    rounds = [round_figures(bare(scale), saturated, single, overloaded, 0.9, 20.0, 40.0)
               for scale in (1.0, 1.1, 0.9)]
 
     assert rounds[0]["bare_best_batch_size"] == 16
     assert rounds[0]["ratio"] == pytest.approx(11 / 12, rel=0.01)
     assert rounds[0]["overload_ratio"] == pytest.approx(10 / 12, rel=0.01)
+    assert rounds[0]["full_ratio"] == pytest.approx(11 / 12, rel=0.01)
+    assert rounds[0]["overload_first_refusal_s"] == pytest.approx(0.5)
     assert rounds[0]["overload_refused"] == 30 and rounds[0]["overload_other_failures"] == 0
     assert rounds[0]["bare_batch1_ms"] == pytest.approx(100.0)  # paired, not (a)'s own
     assert rounds[0]["latency_overhead_ms"] == pytest.approx(20.0)
