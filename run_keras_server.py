@@ -258,7 +258,7 @@ def start_private_redis(workdir):
             except redis.ConnectionError:
                 time.sleep(0.05)
         raise RuntimeError("the private redis-server did not start")
-    except BaseException:  # Ctrl-C while it starts, too: never leave it behind
+    except BaseException:  # never leave it behind
         process.kill()
         process.wait()
         raise
@@ -272,10 +272,19 @@ CTRL_C_STOP_S = 8
 
 def run_all():
     """The default command: the whole service on this machine; Ctrl-C stops every part."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # The handlers only note the signal: an exception raised by a second signal while the first
+    # is being handled (`timeout` and `pkill` at once, say) could cut the stop short in its first
+    # step and leave the private Redis running.
+    asked = []
+
+    def ask_to_stop(signum, _frame):
+        if not asked:
+            asked.append(signum)
+
+    signal.signal(signal.SIGTERM, ask_to_stop)
     # A shell that starts this in the background hands it SIGINT ignored, and Python then keeps
     # it so; Ctrl-C (or kill -INT) must stop everything wherever it was started.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, ask_to_stop)
     env = dict(os.environ)
     redis_processes, children = [], []
     grace_s = settings.REQUEST_TIMEOUT_S + 10
@@ -285,22 +294,20 @@ def run_all():
                 redis_process, env["REDIS_URL"] = start_private_redis(workdir)
                 redis_processes.append(redis_process)
                 log.info("started a private redis-server at %s", env["REDIS_URL"])
-            for command in ("model", "web"):
-                children.append(subprocess.Popen([sys.executable, __file__, command], env=env))
-            while all(child.poll() is None for child in children):
-                time.sleep(0.5)
-            return max(child.returncode or 0 for child in children if child.poll() is not None)
-        except KeyboardInterrupt:
-            log.info("stopping (Ctrl-C)")
-            grace_s = CTRL_C_STOP_S
-            return 0
-        except SystemExit:
-            log.info("stopping")
+            if not asked:
+                for command in ("model", "web"):
+                    children.append(subprocess.Popen([sys.executable, __file__, command], env=env))
+            while not asked and all(child.poll() is None for child in children):
+                time.sleep(0.1)
+            if not asked:
+                return max(child.returncode or 0 for child in children if child.poll() is not None)
+            if asked[0] == signal.SIGINT:
+                log.info("stopping (Ctrl-C)")
+                grace_s = CTRL_C_STOP_S
+            else:
+                log.info("stopping")
             return 0
         finally:
-            # A second Ctrl-C must not cut the stop short and leave processes behind.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop_processes(children, timeout_s=grace_s)
             stop_processes(redis_processes)
 

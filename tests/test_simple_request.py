@@ -12,7 +12,7 @@ import redis
 import requests
 
 from conftest import (ROOT, descendants, image_bytes, is_running, post_image, start_whole_service,
-                      stop_whole_service, wait_until)
+                      stop_whole_service, tiny_settings, wait_until)
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,22 @@ def test_ctrl_c_under_load_stops_every_part_within_10_s_even_pressed_twice(whole
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url).ping()
     assert "stopped after" in log.read_text()  # the worker left cleanly, not killed
+
+
+def test_sigterm_over_and_over_still_stops_every_part_redis_included(tmp_path, tiny_model):
+    process, _ = start_whole_service(tmp_path / "service.log", **tiny_settings(tiny_model))
+    everything = [process.pid, *descendants(process.pid)]
+    try:
+        # `timeout` and `pkill` at once, or a supervisor that repeats itself: the launcher gets
+        # SIGTERM again and again while it stops, and must still stop the rest.
+        storm_ends = time.monotonic() + 1.0
+        while time.monotonic() < storm_ends and process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+        wait_until(lambda: not any(is_running(pid) for pid in everything), timeout=45,
+                   interval=0.1, what="every process to exit")
+    finally:
+        stop_whole_service(process)
+        for pid in everything:  # what a failed stop left behind, no longer the launcher's
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert process.wait() == 0
