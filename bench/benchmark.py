@@ -20,7 +20,7 @@ the CPU:
       full and the excess is refused at admission.
 During (b), (d) and (e) it also records where the CPU went: cores used by the service's model,
 web and Redis processes, by everything else (mostly the load generator), and left idle.
-Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(d) and the
+Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(e) and the
 figures are medians over rounds; the ratios to (a) are taken within each round first.
 
 --sweep instead starts a fresh service for each BATCH_SIZE x BATCH_TIMEOUT_MS cell, loads it at one
@@ -298,10 +298,10 @@ def cpu_split(root_pid, skip_s, until_s=None):
         for timer in timers:
             timer.cancel()
             timer.join()
-    if until_s is None and skip_s in snapshots:
-        snapshots[until_s] = cpu_snapshot(root_pid)
-    if skip_s in snapshots and until_s in snapshots:
-        split.update(cores_between(snapshots[skip_s], snapshots[until_s]))
+    first = snapshots.get(skip_s)
+    last = cpu_snapshot(root_pid) if first and until_s is None else snapshots.get(until_s)
+    if first and last:
+        split.update(cores_between(first, last))
 
 
 # --- Figures (pure functions) -------------------------------------------------------------
