@@ -22,12 +22,6 @@ DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker report
 # this share of its time left: the rest absorbs the noise in that rate, so an admitted request is
 # answered, not timed out (see WorkerView.admissible_depth).
 ADMISSION_SHARE = 0.8
-# The check before an upload is decoded leaves this many seconds of the workers' work free below
-# the bound the enqueue applies, for requests admitted at about the same moment. In a sustained
-# overload the queue stays at the bound; without the margin, requests that passed the check a
-# job short of it were refused at the enqueue, their uploads decoded for nothing (26 of 460
-# refusals, OpenVINO at twice its rate; with it, none of 1661).
-ADMISSION_MARGIN_S = 1.0
 
 
 def submit(store, keys, workers, images, deadline, top_k, connection, **job_fields):
@@ -160,7 +154,7 @@ def admit_or_refuse(store, keys, workers, deadline):
     if time_left <= 0:
         raise ServiceError("the request waited longer than its deadline before the service could "
                            "look at it", 504)
-    bound = workers.admission_bound(time_left)
+    bound = workers.admissible_depth(time_left)
     # The queue is read only when this process last saw it half-way to the bound: a round trip
     # saved on every request in normal operation. (The enqueue checks the bound atomically anyway;
     # this check saves decoding an upload that would be refused.)
@@ -239,12 +233,6 @@ class WorkerView:
             return settings.MAX_QUEUE_LENGTH
         fits = math.floor((time_left * ADMISSION_SHARE - batch_s) * rate)
         return max(1, min(settings.MAX_QUEUE_LENGTH, fits))
-
-    def admission_bound(self, time_left):
-        """admissible_depth less ADMISSION_MARGIN_S of the workers' work, at least 1: the bound of
-        the check before decoding."""
-        rate, _ = self.capacity()
-        return max(1, self.admissible_depth(time_left) - math.ceil(rate * ADMISSION_MARGIN_S))
 
     def seconds_until_admitted(self, depth, count=1):
         """Whole seconds until the workers have drained `depth` queued jobs down to what a new

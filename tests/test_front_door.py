@@ -67,7 +67,7 @@ def assert_overload_is_refused_fast_and_capacity_kept(url):
         seen, {r["error"] for r in refused if not r["retry_after"]})
     assert served >= 0.9 * before, seen
     # The excess is refused before its upload is decoded, at the admission check, not after it at
-    # the enqueue: the check leaves room for the requests admitted at about the same moment.
+    # the enqueue.
     scrape = requests.get(f"{url}/metrics").text
     stages = {stage: metric(scrape, "keras_overload_refusals_total", f'{{stage="{stage}"}}') or 0
               for stage in ("admission", "enqueue")}
