@@ -22,6 +22,12 @@ DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker report
 # this share of its time left: the rest absorbs the noise in that rate, so an admitted request is
 # answered, not timed out (see WorkerView.admissible_depth).
 ADMISSION_SHARE = 0.8
+# The check before an upload is decoded leaves this many seconds of the workers' work free below
+# the bound the enqueue applies, for requests admitted at about the same moment: in a sustained
+# overload the queue stays at that bound, and a request that passed the check a job short of it
+# would be refused at the enqueue, its upload decoded for nothing. Taken from the time left, before
+# the MAX_QUEUE_LENGTH cap, so a queue bounded by the cap is not shortened.
+ADMISSION_MARGIN_S = 1.0
 
 
 def submit(store, keys, workers, images, deadline, top_k, connection, **job_fields):
@@ -154,7 +160,7 @@ def admit_or_refuse(store, keys, workers, deadline):
     if time_left <= 0:
         raise ServiceError("the request waited longer than its deadline before the service could "
                            "look at it", 504)
-    bound = workers.admissible_depth(time_left)
+    bound = workers.admissible_depth(time_left - ADMISSION_MARGIN_S / ADMISSION_SHARE)
     # The queue is read only when this process last saw it half-way to the bound: a round trip
     # saved on every request in normal operation. (The enqueue checks the bound atomically anyway;
     # this check saves decoding an upload that would be refused.)
