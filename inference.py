@@ -160,7 +160,7 @@ def admit_or_refuse(store, keys, workers, deadline):
     if time_left <= 0:
         raise ServiceError("the request waited longer than its deadline before the service could "
                            "look at it", 504)
-    bound = workers.admissible_depth(time_left - ADMISSION_MARGIN_S / ADMISSION_SHARE)
+    bound = workers.admission_depth(time_left)
     # The queue is read only when this process last saw it half-way to the bound: a round trip
     # saved on every request in normal operation. (The enqueue checks the bound atomically anyway;
     # this check saves decoding an upload that would be refused.)
@@ -240,11 +240,17 @@ class WorkerView:
         fits = math.floor((time_left * ADMISSION_SHARE - batch_s) * rate)
         return max(1, min(settings.MAX_QUEUE_LENGTH, fits))
 
+    def admission_depth(self, time_left):
+        """The bound of the check before decoding: admissible_depth, ADMISSION_MARGIN_S of the
+        workers' work shorter (taken from the time left, so before the MAX_QUEUE_LENGTH cap)."""
+        return self.admissible_depth(time_left - ADMISSION_MARGIN_S / ADMISSION_SHARE)
+
     def seconds_until_admitted(self, depth, count=1):
         """Whole seconds until the workers have drained `depth` queued jobs down to what a new
-        request of `count` images would be admitted behind (1 to REQUEST_TIMEOUT_S)."""
+        request of `count` images would pass the check before decoding behind (1 to
+        REQUEST_TIMEOUT_S)."""
         rate, _ = self.capacity()
         if rate <= 0:
             return 1
-        excess = depth - self.admissible_depth(settings.REQUEST_TIMEOUT_S) + count
+        excess = depth - self.admission_depth(settings.REQUEST_TIMEOUT_S) + count
         return max(1, min(math.ceil(excess / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))
