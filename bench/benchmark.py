@@ -286,7 +286,8 @@ def cores_between(first, last):
 @contextmanager
 def cpu_split(root_pid, skip_s, until_s=None):
     """Yields a dict that, when the block ends, holds cores_between() from skip_s into the block
-    (the load's warm-up left out) to until_s or its end; empty if the block ended sooner."""
+    (the load's warm-up left out) to until_s or its end; empty if the block ended sooner or the
+    span is empty (until_s == skip_s, e.g. --overload-seconds no longer than (d))."""
     split, snapshots = {}, {}
     timers = [threading.Timer(at, lambda at=at: snapshots.update({at: cpu_snapshot(root_pid)}))
               for at in (skip_s, until_s) if at is not None]
@@ -300,7 +301,7 @@ def cpu_split(root_pid, skip_s, until_s=None):
             timer.join()
     first = snapshots.get(skip_s)
     last = cpu_snapshot(root_pid) if first and until_s is None else snapshots.get(until_s)
-    if first and last:
+    if first and last and last["at"] > first["at"]:
         split.update(cores_between(first, last))
 
 

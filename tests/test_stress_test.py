@@ -1,5 +1,6 @@
 """stress_test.py against a real running service, and the benchmark's pure figure functions."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -217,6 +218,15 @@ def test_the_cpu_split_names_each_part_of_the_service_and_counts_new_processes_f
 
     assert cores == pytest.approx({"model": 1.5, "web": 0.16, "redis": 0.02, "other": 0.12,
                                    "idle": 0.2})
+
+
+def test_a_cpu_split_over_no_time_is_empty_rather_than_a_division_by_zero():
+    from bench.benchmark import cpu_split
+
+    # (e)'s split when --overload-seconds is no longer than (d): it starts where it ends.
+    with cpu_split(os.getpid(), 0.05, 0.05) as split:
+        time.sleep(0.5)
+    assert split == {}
 
 
 def test_recommend_picks_the_fastest_cell_under_the_p99_target():
