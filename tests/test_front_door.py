@@ -15,10 +15,12 @@ import pytest
 import requests
 from PIL import Image
 
+import jobqueue
 import settings
 import stress_test
 from conftest import (descendants, image_bytes, metric, post_image, start_whole_service,
                       stop_whole_service, tiny_settings, wait_until, warm_workers, worker_stats)
+from inference import WorkerView
 
 # ResNet50 on one core of two (one thread, one batch at a time): the model is the bottleneck, and
 # the other core is left to the web tier and the load generator, as on a separate model machine.
@@ -88,6 +90,26 @@ def test_overload_through_nginx_is_refused_at_once_and_capacity_is_kept(
     front = topology(models=1, webs=1, WEB_WORKERS=settings.WEB_WORKERS, **SLOW_RESNET)
     warm_workers(redis_client, keys, 1)
     assert_overload_is_refused_fast_and_capacity_kept(front.url)
+
+
+@pytest.mark.parametrize("rate, batch_s", [(11.0, 1.4), (35.0, 0.45), (900.0, 0.01)])
+def test_retry_after_is_the_first_second_at_which_the_check_before_decoding_admits_again(
+        redis_client, keys, rate, batch_s):
+    # The workers' rate as their heartbeats report it (two ResNet50s, and the digits CNN, whose
+    # queue the MAX_QUEUE_LENGTH cap bounds), and a queue that drains at that rate while the
+    # refused client waits: after Retry-After the check before decoding admits the retry, and not
+    # already a second earlier.
+    jobqueue.publish_heartbeat(redis_client, keys, "worker", {
+        "warm": "1", "rate": f"{rate:.2f}", "batch_s": f"{batch_s:.3f}"}, 60, 60)
+    workers = WorkerView(redis_client, keys)
+    bound = workers.admission_depth(settings.REQUEST_TIMEOUT_S)  # what a retry meets first
+    assert 1 <= bound <= settings.MAX_QUEUE_LENGTH
+    for depth in range(bound, bound + int(rate * settings.REQUEST_TIMEOUT_S / 2)):
+        for count in (1, 3):
+            wait = workers.seconds_until_admitted(depth, count)
+            left_after = lambda s: depth - rate * s  # noqa: E731 (jobs still queued after s)
+            assert left_after(wait) + count <= bound, (depth, count, wait, bound)
+            assert wait == 1 or left_after(wait - 1) + count > bound, (depth, count, wait, bound)
 
 
 def cmdline(pid):
