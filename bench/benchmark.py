@@ -439,7 +439,9 @@ def run_rounds(args, workdir):
                 bare = bare_model.measure(args.phase_seconds / len(BATCH_SIZES))
                 # The last saturation phase is drawn (after its load ends: it costs no figure).
                 plot = args.plot if number == args.rounds and runtime == args.runtimes[-1] else ""
-                with cpu_split(pid, args.warmup_seconds) as saturated_cpu:
+                # Each split ends while its load still runs (the load generator starts its clock
+                # after the block's), not with the last answers, computed after the load stops.
+                with cpu_split(pid, args.warmup_seconds, duration) as saturated_cpu:
                     saturated = run_load(url, used["concurrency"], duration, workdir, plot)
                 single = run_paired_single(url, bare_model, duration)
                 best = max(entry["img_per_s"] for entry in bare.values())
