@@ -108,11 +108,17 @@ def input_shape_of(beat):
     return tuple(int(n) for n in beat["input_shape"].split(","))
 
 
+def is_whole_number(text):
+    """Whether text is a whole number in ASCII digits that int() takes: at most 18 of them (over
+    4300, int() raises ValueError, a 500 had it reached the client)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def parse_top_k(value):
     """The ?top_k= of a request (TOP_K when absent), checked: ASCII digits only."""
     if value is None:
         return settings.TOP_K
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+    if not is_whole_number(value) or int(value) < 1:
         raise ServiceError("top_k must be a positive whole number", 400)
     return int(value)
 

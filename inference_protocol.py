@@ -29,7 +29,7 @@ import settings
 from api_docs import documented
 from helpers import ServiceError, decode_array, model_name
 from inference import (admit_or_refuse, decode_upload, find_warm, fresh_heartbeats,
-                       input_shape_of, request_deadline, submit, timing_headers)
+                       input_shape_of, is_whole_number, request_deadline, submit, timing_headers)
 from webserver import off_loop
 
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
@@ -184,7 +184,7 @@ def read_request(body, header_length):
     """The JSON header of an infer request, and the binary data after it."""
     split = len(body)
     if header_length is not None:
-        split = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
+        split = int(header_length) if is_whole_number(header_length) else -1
         if not 0 <= split <= len(body):
             raise ServiceError(f"{HEADER_LENGTH} must be a byte count within the body's "
                                f"{len(body)} bytes", 400)
