@@ -74,14 +74,17 @@ def process_batch(classifier, jobs, now, pass_s=0.0, clock=time.perf_counter):
         return BatchOutcome(results, expired, len(valid), clock() - started)
     forward_s = clock() - started
     for job, row in zip(valid, probabilities):
-        results[job["id"]] = {
-            "predictions": classifier.top_predictions(row, job["top_k"]),
-            "batch_size": len(valid),
-            "inference_ms": forward_s * 1000,
-            "queue_wait_ms": max(0.0, now - job["enqueued_at"]) * 1000,
-            "model_version": classifier.version,
-            **extra_outputs(classifier, job, row),
-        }
+        try:
+            results[job["id"]] = {
+                "predictions": classifier.top_predictions(row, job["top_k"]),
+                "batch_size": len(valid),
+                "inference_ms": forward_s * 1000,
+                "queue_wait_ms": max(0.0, now - job["enqueued_at"]) * 1000,
+                "model_version": classifier.version,
+                **extra_outputs(classifier, job, row),
+            }
+        except (TypeError, ValueError) as exc:  # an output asked for in a form nothing here writes
+            results[job["id"]] = {"error": f"the queued job is malformed: {exc}", "status": 400}
     return BatchOutcome(results, expired, 0, forward_s)
 
 
@@ -336,11 +339,13 @@ class ModelWorker:
         nobody waits for them.
         """
         jobs = parse_jobs(payloads)
-        metered = self.meter.start()
-        with self.loader_pause:
-            outcome = process_batch(self.classifier, jobs, time.time(), self.meter.batch_s())
-        answered = len(jobs) - len(outcome.expired)
-        self.meter.finish(metered, answered)
+        metered, answered = self.meter.start(), 0
+        try:  # a pass that raises must end too: a meter left running holds every partial batch
+            with self.loader_pause:
+                outcome = process_batch(self.classifier, jobs, time.time(), self.meter.batch_s())
+            answered = len(jobs) - len(outcome.expired)
+        finally:
+            self.meter.finish(metered, answered)
         self.account(outcome, answered)
         results = {job_id: {**result, "worker": self.id}
                    for job_id, result in outcome.results.items()}
@@ -382,14 +387,21 @@ class ModelWorker:
                         "evicted under memory pressure and their requests lost", policy)
 
 
+# What process_batch reads of every job (jobqueue.new_job writes them), and their JSON types.
+JOB_FIELDS = {"id": str, "image": str, "shape": list, "deadline": (int, float),
+              "enqueued_at": (int, float), "top_k": int}
+
+
 def parse_jobs(payloads):
     """The claimed payloads as job dicts; one that is not a job is logged and left out."""
     jobs = []
     for payload in payloads:
         try:
             job = json.loads(payload)
-            if not {"id", "image", "shape", "deadline", "top_k"} <= job.keys():
-                raise ValueError(f"missing fields: {sorted(job)}")
+            wrong = [name for name, kind in JOB_FIELDS.items()
+                     if not isinstance(job.get(name), kind) or isinstance(job.get(name), bool)]
+            if wrong or job["top_k"] < 1:
+                raise ValueError(f"missing or malformed fields: {wrong or ['top_k']}")
         except (ValueError, AttributeError) as exc:
             log.error("dropping a queued item that is not a job (%s): %.80r", exc, payload)
             continue

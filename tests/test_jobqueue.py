@@ -6,7 +6,7 @@ import time
 import pytest
 
 import jobqueue
-from helpers import ServiceError
+from helpers import ServiceError, encode_array, prepare_image
 from conftest import QUEUE, image_bytes, post_image, tiny_settings, wait_until
 
 
@@ -92,6 +92,25 @@ def test_a_result_that_takes_longer_than_redis_default_socket_timeout_arrives(
     response = post_image(web.url, image_bytes())
     assert response.status_code == 200, response.text
     assert time.monotonic() - started > 6.5
+
+
+@pytest.mark.parametrize("damage", [{"enqueued_at": None}, {"top_k": "5"}, {"deadline": "soon"},
+                                    {"shape": None}])
+def test_a_malformed_job_is_dropped_and_the_worker_answers_the_next_request_at_once(
+        service, tiny_model, redis_client, keys, damage):
+    # A job that another program wrote with a field missing or of the wrong type is logged and
+    # dropped: it must not fail its batch over and over until its deadline, nor leave the worker's
+    # forward pass counted as running (then every later batch would wait to be full).
+    worker = service.worker(**tiny_settings(tiny_model))
+    web = service.web()
+    pixels = encode_array(prepare_image(image_bytes(), (32, 32)))
+    job = {**jobqueue.new_job(pixels, (32, 32, 3), time.time() + 30, 5), **damage}
+    redis_client.rpush(keys.queue, json.dumps({k: v for k, v in job.items() if v is not None}))
+    wait_until(lambda: "not a job" in worker.log_path.read_text(), timeout=10,
+               what="the worker to drop the malformed job")
+    response = post_image(web.url, image_bytes(), headers={"X-Request-Timeout-S": "10"})
+    assert response.status_code == 200, response.text
+    assert redis_client.llen(keys.queue) == 0
 
 
 def test_a_job_lost_by_a_failover_gets_503_not_a_wait_to_its_deadline(redis_client, keys):

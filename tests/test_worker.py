@@ -74,6 +74,17 @@ def test_process_batch_answers_an_undecodable_job_with_400_and_the_rest_normally
         assert "cannot decode" in outcome.results[job["id"]]["error"]
 
 
+def test_process_batch_answers_a_job_asking_for_a_malformed_output_with_400_and_the_rest_normally(
+        tiny):
+    # No producer here writes such a job; one that another program wrote must not fail the batch.
+    good, malformed = jobs_for(distinct_images(2))
+    malformed["classification"] = "two"
+    outcome = process_batch(tiny, [good, malformed], NOW)
+    assert outcome.results[good["id"]]["batch_size"] == 2
+    assert outcome.results[malformed["id"]]["status"] == 400
+    assert "malformed" in outcome.results[malformed["id"]]["error"]
+
+
 def test_process_batch_answers_what_a_job_asks_for_and_only_for_its_model(tiny, tiny_model):
     plain, full, top, other_model, other_version = jobs_for(distinct_images(5))
     full["probabilities"] = True
