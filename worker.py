@@ -273,19 +273,18 @@ class ModelWorker:
         processing list holds and no lane has (a failed claim may have moved jobs; a failed
         batch left its jobs there).
         """
-        payloads = []
+        payloads, failed = [], True
         try:
             payloads = self.claim()
             if payloads:
                 self.answer(payloads)
-            return True
+            failed = False
         except Exception as exc:
             log.warning("batch lane: %s: %s", type(exc).__name__, exc,
                         exc_info=not isinstance(exc, REDIS_ERRORS))
-            self.claims_unsure = True
-            return False
         finally:
-            self.release(payloads)
+            self.release(payloads, failed)
+        return not failed
 
     def claim(self):
         """This lane's next batch: jobs that a failed claim left unheld, else new ones."""
@@ -326,11 +325,13 @@ class ModelWorker:
             return window_end - time.monotonic()
         return time_to_fill
 
-    def release(self, payloads):
-        """Forget a batch that was answered (or will be recovered from the processing list)."""
-        if payloads:
-            with self.claim_lock:
-                self.held.difference_update(payloads)
+    def release(self, payloads, failed=False):
+        """Forget a batch that was answered, or that failed: then the next claim recovers what
+        the processing list holds and no lane has. Both in one step, or another lane's claim in
+        between would see the failed batch still held and recover nothing."""
+        with self.claim_lock:
+            self.held.difference_update(payloads)
+            self.claims_unsure = self.claims_unsure or failed
 
     def answer(self, payloads):
         """Process one claimed batch and store every job's result.
