@@ -140,7 +140,8 @@ if "{" in IMAGE_QUEUE or "}" in IMAGE_QUEUE:
 
 RESULT_TTL_S = env_int("RESULT_TTL_S", 60, minimum=1)
 """Seconds a result lives in Redis after a worker stores it (a handler collects it at once; about
-0.5 kB each), and a worker's claim list after its last claim."""
+0.5 kB each), and a worker's claim list after its last claim. Keep it at least REQUEST_TIMEOUT_S:
+a request of several images collects their results one after another."""
 
 # --- Model worker ---------------------------------------------------------------------------
 MODEL = env_str("MODEL", "resnet50")
