@@ -82,7 +82,7 @@ def connect_cluster(nodes, username, password, options, patience_s=60):
 # The part of a batch window that claim_batch polls rather than blocks (see there).
 FILL_POLL_S = 0.1
 
-# Pushes a request's jobs (ARGV[3] on), all or none: none if they would take the queue past ARGV[1]
+# Pushes a request's jobs (ARGV[4] on), all or none: none if they would take the queue past ARGV[1]
 # jobs or ARGV[2] bytes (every job of one model has the same size, so length x this job's size is
 # the queue's size). An empty queue takes any request, so one larger than the bound is not refused
 # for ever. Checking and pushing in one script keeps the bound exact with many web processes.
