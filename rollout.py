@@ -86,6 +86,7 @@ class ModelProcess:
         self.channel = Channel(ours)
         self.spec, self.rollout = spec, rollout
         self.batch_size = self.input_shape = None  # known once it is warm
+        self.gone = False  # set before its "gone" is queued: a message dropped while handing over
         self.channel.send(**order)
         threading.Thread(target=self.relay, args=(events,), daemon=True).start()
 
@@ -94,6 +95,7 @@ class ModelProcess:
         while (message := self.channel.receive()) is not None:
             events.put((self, message))
         self.process.wait()  # reaped here, whether it is still serving or long replaced
+        self.gone = True
         events.put((self, {"state": "gone"}))
 
     def note_warm(self, message):
@@ -135,7 +137,7 @@ class Supervisor:
         """Serve until SIGTERM, following reloads; the exit status (2: no model would load)."""
         try:
             if not self.start_serving():
-                return 2
+                return 0 if self.stopping.is_set() else 2
             while not self.stopping.is_set():
                 self.follow_wanted()
                 try:
@@ -144,7 +146,7 @@ class Supervisor:
                     continue
                 if child is self.candidate:
                     self.candidate_says(message)
-                elif child is self.serving and message["state"] == "gone":
+                if self.serving.gone:  # (its "gone" may have come while handing over)
                     log.error("worker %s: %s", self.id, self.serving.exit_reason())
                     return 1
             return 0
@@ -168,6 +170,9 @@ class Supervisor:
             tried.add(spec_text(spec))
             child = self.start(spec, rollout, low_priority=False, batch_size=settings.BATCH_SIZE)
             state, reason = self.wait_until_warm(child)
+            if state == "stopped":  # not a refusal: stop_children stops it with the others
+                self.candidate = child
+                return False
             if state == "warm":
                 child.serve()
                 self.serving = child
@@ -251,15 +256,16 @@ class Supervisor:
         """Wait until `child` says one of `states` (other messages are dropped: while handing
         over nothing else happens); on a timeout, kill it."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not child.gone:  # its "gone" may be dropped already
             try:
                 sender, message = self.events.get(timeout=1)
             except queue.Empty:
                 continue
             if sender is child and message["state"] in states:
                 return
-        log.warning("version %s did not answer in time; killed", child.spec["version"])
-        child.process.kill()
+        if not child.gone:
+            log.warning("version %s did not answer in time; killed", child.spec["version"])
+            child.process.kill()
 
     def start(self, spec, rollout, low_priority, batch_size, input_shape=None):
         self.started += 1
@@ -356,8 +362,9 @@ def run_model_process(fd):
 
 def follow_supervisor(channel, worker, may_leave):
     """Messages from the supervisor while serving: a new version loads (hold it during forward
-    passes), hand over (stop claiming, finish the batches in hand), then leave. A supervisor that was killed leaves its children: they die too, as
-    abruptly (their claims are re-queued by the other workers), rather than serve unwatched."""
+    passes), hand over (stop claiming, finish the batches in hand), then leave. A supervisor that
+    was killed leaves its children: they die too, as abruptly (their claims are re-queued by the
+    other workers), rather than serve unwatched."""
     while (message := channel.receive()) is not None:
         if message["state"] == "loader":  # a new version loads beside this one: hold it
             worker.loader_pause.follow(message["pid"])

@@ -1,14 +1,17 @@
 """The core path: /predict -> Redis list -> batching model worker -> result, with real processes."""
 import json
 import re
+import signal
 import time
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import (QUEUE, ROOT, assert_own_answers, distinct_images, image_bytes, post_concurrently,
-                      post_image, tiny_direct, tiny_settings, wait_until, worker_stats)
+import jobqueue
+from conftest import (QUEUE, ROOT, assert_own_answers, children_of, distinct_images, image_bytes,
+                      is_running, post_concurrently, post_image, tiny_direct, tiny_settings,
+                      wait_until, worker_stats)
 from helpers import prepare_image
 
 RESNET_SEED = 1234
@@ -208,6 +211,19 @@ def test_unloadable_model_stops_the_worker_at_start_saying_how_to_fix_it(service
     assert worker.wait(120) == 2
     log = worker.log_path.read_text()
     assert "ERROR" in log and ("MODEL_WEIGHTS" in log or "MODEL=" in log or "weights from" in log)
+
+
+def test_sigterm_while_the_first_version_loads_stops_its_process_and_exits_0(
+        service, tiny_model, redis_client, keys):
+    worker = service.worker(wait=False, **tiny_settings(tiny_model))
+    wait_until(lambda: children_of(worker.pid), what="the worker's first model process to start")
+    loading = children_of(worker.pid)
+    assert not jobqueue.live_workers(redis_client, keys), "it was to be stopped while loading"
+    worker.send_signal(signal.SIGTERM)
+
+    assert worker.wait(60) == 0  # stopped as asked: neither "no model would load" (2) nor a crash
+    assert not [pid for pid in loading if is_running(pid)]  # not left loading for nobody
+    assert "refuses" not in worker.log_path.read_text()
 
 
 def test_weights_file_is_loaded_into_the_named_model(service, tmp_path):
