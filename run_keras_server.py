@@ -282,6 +282,7 @@ def run_all():
             asked.append(signum)
 
     signal.signal(signal.SIGTERM, ask_to_stop)
+    signal.signal(signal.SIGHUP, ask_to_stop)  # its terminal closed: gunicorn would stay, reloaded
     # A shell that starts this in the background hands it SIGINT ignored, and Python then keeps
     # it so; Ctrl-C (or kill -INT) must stop everything wherever it was started.
     signal.signal(signal.SIGINT, ask_to_stop)

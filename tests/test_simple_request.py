@@ -120,3 +120,21 @@ def test_sigterm_over_and_over_still_stops_every_part_redis_included(tmp_path, t
             if is_running(pid):
                 os.kill(pid, signal.SIGKILL)
     assert process.wait() == 0
+
+
+def test_closing_the_terminal_stops_every_part_redis_included(tmp_path, tiny_model):
+    process, _ = start_whole_service(tmp_path / "service.log", **tiny_settings(tiny_model))
+    everything = [process.pid, *descendants(process.pid)]
+    try:
+        # A closing terminal sends SIGHUP to its foreground processes: the launcher, gunicorn
+        # (which takes it as "reload") and the model worker; the private Redis has a session of
+        # its own and gets nothing. The launcher must stop them all, as on Ctrl-C.
+        os.killpg(process.pid, signal.SIGHUP)
+        wait_until(lambda: not any(is_running(pid) for pid in everything), timeout=45,
+                   interval=0.1, what="every process to exit")
+    finally:
+        stop_whole_service(process)
+        for pid in everything:
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert process.wait() == 0
