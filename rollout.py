@@ -453,6 +453,8 @@ def run_reload(args):
     # Checking loads the model beside the serving workers: at the lowest priority (for good:
     # this process ends soon).
     idle_every_thread()
+    # SIGTERM as an exception, as Ctrl-C is: a proposal made by now is taken back (roll_out).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     store, keys = connect_redis(), Keys(settings.IMAGE_QUEUE)
     try:
         if args.rollback:
@@ -498,7 +500,14 @@ def roll_out(store, keys, spec, timeout_s, rollback=False):
     rollout = jobqueue.propose_model(store, keys, spec)
     log.info("rollout %d: asked every worker on %s to serve version %s", rollout,
              settings.IMAGE_QUEUE, spec["version"])
-    failure = wait_for_rollout(store, keys, rollout, spec, time.monotonic() + timeout_s)
+    try:
+        failure = wait_for_rollout(store, keys, rollout, spec, time.monotonic() + timeout_s)
+    except BaseException:  # Ctrl-C, SIGTERM, Redis gone: no proposal is left open
+        try:
+            take_back(store, keys, rollout)
+        except REDIS_ERRORS as exc:
+            log.error("rollout %d stays proposed: %s", rollout, exc)
+        raise
     if failure is None:
         if rollback:
             jobqueue.forget_newest_model(store, keys)
@@ -510,13 +519,16 @@ def roll_out(store, keys, spec, timeout_s, rollback=False):
     raise RolloutFailed(f"version {spec['version']}: {failure}")
 
 
-def take_back(store, keys, rollout, deadline):
-    """Return the workers to the last accepted version after a failed rollout."""
+def take_back(store, keys, rollout, deadline=None):
+    """Return the workers to the last accepted version after a failed rollout; wait for them
+    until `deadline` (None: an interrupted reload does not wait)."""
     history = jobqueue.accepted_models(store, keys)
     previous = history[-1] if history else None
     restored = jobqueue.restore_model(store, keys, rollout, previous)
     if restored:
         log.info("rollout %d: workers return to version %s", restored, previous["version"])
+        if deadline is None:
+            return
         failure = wait_for_rollout(store, keys, restored, previous, deadline)
         if failure:
             log.error("returning to version %s: %s", previous["version"], failure)

@@ -1,8 +1,10 @@
 """Observability and model lifecycle: Prometheus metrics, /model, a real trained model (digits)
 served end to end, and a hot reload under load."""
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -302,3 +304,25 @@ def test_overlapping_reloads_end_with_the_last_one_everywhere(service, digits, r
     assert jobqueue.accepted_models(redis_client, keys)[-1]["version"] == "3"
     time.sleep(2)  # and it stays so: no late switch to version 2
     assert versions_served(redis_client, keys) == {str(w.pid): "3" for w in workers}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_reload_takes_its_proposal_back(service, digits, redis_client, keys, sig):
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
+    # Its supervisor, frozen, starts no new version: the reload waits until it is interrupted.
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        reloading = subprocess.Popen(
+            [sys.executable, "run_keras_server.py", "reload", *reload_args(digits["v2"], "2")],
+            cwd=ROOT, env=service.env({}), stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: (jobqueue.wanted_model(redis_client, keys)[0] or {}).get("version")
+                   == "2", timeout=60, what="the reload to propose version 2")
+        reloading.send_signal(sig)
+        log = reloading.communicate(timeout=60)[1]
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+
+    assert reloading.returncode != 0, log
+    assert jobqueue.wanted_model(redis_client, keys)[0]["version"] == "1", log
+    assert [spec["version"] for spec in jobqueue.accepted_models(redis_client, keys)] == ["1"]
+    assert versions_served(redis_client, keys) == {str(worker.pid): "1"}
