@@ -176,7 +176,8 @@ class Supervisor:
             if state == "warm":
                 child.serve()
                 self.serving = child
-                self.record(jobqueue.accept_first_model, spec)
+                if rollout == 0:  # (a proposal a reload has not accepted yet is not recorded)
+                    self.record(jobqueue.accept_first_model, spec)
                 return True
             self.refuse(child, reason)
         return False
@@ -497,6 +498,11 @@ def check_model(store, keys, spec):
 def roll_out(store, keys, spec, timeout_s, rollback=False):
     """Propose `spec`, wait until every live worker serves it, and accept it; on a refusal or a
     timeout take it back and raise RolloutFailed."""
+    # With no accepted version (Redis lost its history), a failure returns to the one every live
+    # worker serves; without it, the workers that had switched would stay switched.
+    served = {beat.get("spec") for beat in jobqueue.live_workers(store, keys)}
+    if len(served) == 1 and None not in served:
+        jobqueue.accept_first_model(store, keys, json.loads(served.pop()))
     rollout = jobqueue.propose_model(store, keys, spec)
     log.info("rollout %d: asked every worker on %s to serve version %s", rollout,
              settings.IMAGE_QUEUE, spec["version"])

@@ -326,3 +326,29 @@ def test_an_interrupted_reload_takes_its_proposal_back(service, digits, redis_cl
     assert jobqueue.wanted_model(redis_client, keys)[0]["version"] == "1", log
     assert [spec["version"] for spec in jobqueue.accepted_models(redis_client, keys)] == ["1"]
     assert versions_served(redis_client, keys) == {str(worker.pid): "1"}
+
+
+def test_a_refused_reload_after_redis_lost_the_history_returns_to_the_version_served(
+        service, digits, tiny_model, redis_client, keys, tmp_path):
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
+    redis_client.delete(keys.model, keys.model_history)  # as a Redis restart without its data
+    refused = next(spec for spec in bad_specs(digits, tiny_model, tmp_path)
+                   if spec[0] == "refused by the worker")
+    status, log = reload(service, *refused[1], cwd=refused[2])
+
+    assert status == 1 and "refused by worker" in log, log
+    # What every worker returns to: the version they served (else any that had switched stays).
+    assert jobqueue.wanted_model(redis_client, keys)[0]["version"] == "1", log
+    assert [spec["version"] for spec in jobqueue.accepted_models(redis_client, keys)] == ["1"]
+    assert versions_served(redis_client, keys) == {str(worker.pid): "1"}
+
+
+def test_a_worker_started_during_a_reload_does_not_record_the_proposal_as_accepted(
+        service, digits, redis_client, keys):
+    spec = {"model": str(digits["v2"] / "digits.keras"), "weights": "none",
+            "labels": str(digits["v2"] / "labels.txt"), "preprocess": "scale_0_1", "version": "2"}
+    jobqueue.propose_model(redis_client, keys, spec)  # a reload waiting for the workers
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
+
+    assert versions_served(redis_client, keys) == {str(worker.pid): "2"}  # it follows the reload
+    assert jobqueue.accepted_models(redis_client, keys) == []  # which alone may accept it
