@@ -144,7 +144,7 @@ def sentinel_address(url):
     redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]; ValueError if bad."""
     nodes, path, username, password = nodes_url(url)
     master, db = (path + ["0"])[:2] if path else (None, None)
-    if not master or len(path) > 2 or not db.isdigit():
+    if not master or len(path) > 2 or not (db.isascii() and db.isdigit()):
         raise ValueError("expected redis+sentinel://host:port[,host:port...]/MASTER_NAME[/db]")
     return nodes, master, int(db), username, password
 
@@ -166,7 +166,7 @@ def nodes_url(url):
     nodes = []
     for address in parts.netloc.rpartition("@")[2].split(","):
         host, colon, port = address.rpartition(":")
-        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(f"{address!r} is not host:port")
         nodes.append((host.strip("[]"), int(port)))
     path = [unquote(part) for part in parts.path.split("/") if part]

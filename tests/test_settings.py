@@ -15,6 +15,8 @@ from conftest import ROOT
                                          ("PREPROCESS", "magic"), ("ALLOWED_FORMATS", "JPG"),
                                          ("ALLOWED_FORMATS", " , "),
                                          ("REDIS_URL", "localhost:6379"),
+                                         ("REDIS_URL", "redis+cluster://127.0.0.1:٦٣٧٩"),
+                                         ("REDIS_URL", "redis+sentinel://127.0.0.1:26379/m/١"),
                                          ("WEB_CONNECTIONS", "500"),
                                          ("DECODE_BUDGET_BYTES", "1000"),
                                          ("MAX_IMAGES_PER_REQUEST", "1001")])
