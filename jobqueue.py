@@ -412,10 +412,16 @@ def accept_model(redis, keys, spec):
     pipe.execute()
 
 
+# Pushes ARGV[1] onto KEYS[1] if that list does not exist: checked and pushed in one step.
+PUSH_IF_EMPTY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+"""
+
+
 def accept_first_model(redis, keys, spec):
-    """Record `spec` as accepted if nothing is: the version the first worker started with."""
-    if not redis.exists(keys.model_history):
-        accept_model(redis, keys, spec)
+    """Record `spec` as accepted if nothing is: the version the first worker started with (once,
+    however many workers start together)."""
+    redis.eval(PUSH_IF_EMPTY, 1, keys.model_history, json.dumps(spec, sort_keys=True))
 
 
 def forget_newest_model(redis, keys):

@@ -113,6 +113,20 @@ def test_a_malformed_job_is_dropped_and_the_worker_answers_the_next_request_at_o
     assert redis_client.llen(keys.queue) == 0
 
 
+def test_workers_starting_together_record_the_first_accepted_model_once(redis_client, keys):
+    ready = threading.Barrier(16)
+
+    def start(n):
+        ready.wait()
+        jobqueue.accept_first_model(redis_client, keys, {"model": "m", "version": str(n)})
+    threads = [threading.Thread(target=start, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(jobqueue.accepted_models(redis_client, keys)) == 1
+
+
 def test_a_job_lost_by_a_failover_gets_503_not_a_wait_to_its_deadline(redis_client, keys):
     """A failover can lose a job (replication is asynchronous): its marker, written with it, is
     lost with it. Simulated here by deleting both; the waiting handler answers within a slice."""
