@@ -139,12 +139,18 @@ def model_name(model):
     return os.path.splitext(os.path.basename(model))[0]
 
 
+def is_whole_number(text):
+    """Whether text is a whole number in ASCII digits that int() takes: at most 18 of them (str's
+    isdigit() alone takes "٣" and "²", and int() refuses over 4300 digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
+
+
 def sentinel_address(url):
     """(sentinels [(host, port)], master name, db, username, password) of a URL
     redis+sentinel://[user:password@]host:port[,host:port...]/MASTER[/db]; ValueError if bad."""
     nodes, path, username, password = nodes_url(url)
     master, db = (path + ["0"])[:2] if path else (None, None)
-    if not master or len(path) > 2 or not (db.isascii() and db.isdigit()):
+    if not master or len(path) > 2 or not is_whole_number(db):
         raise ValueError("expected redis+sentinel://host:port[,host:port...]/MASTER_NAME[/db]")
     return nodes, master, int(db), username, password
 
@@ -166,7 +172,7 @@ def nodes_url(url):
     nodes = []
     for address in parts.netloc.rpartition("@")[2].split(","):
         host, colon, port = address.rpartition(":")
-        if not (colon and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        if not (colon and host and is_whole_number(port) and 0 < int(port) < 65536):
             raise ValueError(f"{address!r} is not host:port")
         nodes.append((host.strip("[]"), int(port)))
     path = [unquote(part) for part in parts.path.split("/") if part]

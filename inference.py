@@ -12,7 +12,8 @@ import time
 import jobqueue
 import metrics
 import settings
-from helpers import ServiceError, decode_image, decoding_bytes, encode_array, open_image
+from helpers import (ServiceError, decode_image, decoding_bytes, encode_array, is_whole_number,
+                     open_image)
 from jobqueue import REDIS_ERRORS
 from webserver import ARRIVED_AT, ClientGone, client_watch, off_loop
 
@@ -106,12 +107,6 @@ def find_warm(beats):
 def input_shape_of(beat):
     """(height, width, channels) of the model a worker's heartbeat reports."""
     return tuple(int(n) for n in beat["input_shape"].split(","))
-
-
-def is_whole_number(text):
-    """Whether text is a whole number in ASCII digits that int() takes: at most 18 of them (over
-    4300, int() raises ValueError, a 500 had it reached the client)."""
-    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def parse_top_k(value):

@@ -27,9 +27,9 @@ from flask import Response, jsonify, request
 import api_docs
 import settings
 from api_docs import documented
-from helpers import ServiceError, decode_array, model_name
+from helpers import ServiceError, decode_array, is_whole_number, model_name
 from inference import (admit_or_refuse, decode_upload, find_warm, fresh_heartbeats,
-                       input_shape_of, is_whole_number, request_deadline, submit, timing_headers)
+                       input_shape_of, request_deadline, submit, timing_headers)
 from webserver import off_loop
 
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}

@@ -325,7 +325,7 @@ class ModelWorker:
             return window_end - time.monotonic()
         return time_to_fill
 
-    def release(self, payloads, failed=False):
+    def release(self, payloads, failed):
         """Forget a batch that was answered, or that failed: then the next claim recovers what
         the processing list holds and no lane has. Both in one step, or another lane's claim in
         between would see the failed batch still held and recover nothing."""

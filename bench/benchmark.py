@@ -439,8 +439,8 @@ def run_rounds(args, workdir):
                 bare = bare_model.measure(args.phase_seconds / len(BATCH_SIZES))
                 # The last saturation phase is drawn (after its load ends: it costs no figure).
                 plot = args.plot if number == args.rounds and runtime == args.runtimes[-1] else ""
-                # Each split ends while its load still runs (the load generator starts its clock
-                # after the block's), not with the last answers, computed after the load stops.
+                # The split ends at `duration` into the block, while the load still runs (the load
+                # generator starts its clock later), not with the last answers after it stops.
                 with cpu_split(pid, args.warmup_seconds, duration) as saturated_cpu:
                     saturated = run_load(url, used["concurrency"], duration, workdir, plot)
                 single = run_paired_single(url, bare_model, duration)
