@@ -16,6 +16,13 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# One GPU holds more than one process here: a reload loads the new version beside the serving one,
+# and `reload` checks the model where it runs. TensorFlow and JAX would each take most of the GPU's
+# memory when they start, leaving the next too little; they take it as needed instead, unless the
+# environment says otherwise. Set before either is imported (every import of Keras is below).
+os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 IMAGENET_CLASS_INDEX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
                                     "imagenet_class_index.json")
 
