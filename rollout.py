@@ -6,7 +6,8 @@ model from a child process (`run_keras_server.py model-process`). When `reload` 
 model, the supervisor loads it in a second child at the lowest CPU priority (SCHED_IDLE); once
 that one is warm and back at normal priority, the old child stops claiming and finishes the
 batches it holds, the new one takes over the queue, and the old one exits. Old and new never share
-a heap, and loading never competes with serving on equal terms for the CPU.
+a heap, and loading competes with serving on equal terms for the CPU only when it would otherwise
+starve (LOADER_WINDOW_S).
 
 `run_keras_server.py reload` checks the model where it runs, proposes it under a new rollout
 number, and waits until every live worker serves it or one refuses. A refusal or a timeout takes
@@ -25,6 +26,8 @@ import threading
 import time
 import uuid
 
+import psutil
+
 import jobqueue
 import settings
 from helpers import Keys
@@ -33,6 +36,13 @@ from jobqueue import REDIS_ERRORS, connect_redis
 log = logging.getLogger("keras_server.rollout")
 
 RUN_KERAS_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_keras_server.py")
+
+# A new version loads at the lowest priority, held during forward passes, as long as it gets on. One
+# that used less than LOADER_MIN_SHARE of a core over LOADER_WINDOW_S (a busy worker leaves it next
+# to nothing) is held no more; if it still gets too little, it returns to normal priority. Slower
+# answers for a while, rather than a reload that takes longer than any reload waits.
+LOADER_WINDOW_S = 30.0
+LOADER_MIN_SHARE = 0.1
 
 
 def spec_from_settings():
@@ -129,6 +139,7 @@ class Supervisor:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.events = queue.Queue()
         self.serving = self.candidate = None
+        self.loader_mark = None  # the candidate's (when, CPU seconds, held) at its last check
         self.refused = set()  # rollout numbers this worker refused: not tried again
         self.started = 0
         self.stopping = threading.Event()
@@ -140,6 +151,7 @@ class Supervisor:
                 return 0 if self.stopping.is_set() else 2
             while not self.stopping.is_set():
                 self.follow_wanted()
+                self.spur_starving_candidate()
                 try:
                     child, message = self.events.get(timeout=settings.HEARTBEAT_INTERVAL_S)
                 except queue.Empty:
@@ -219,6 +231,39 @@ class Supervisor:
                                     batch_size=self.serving.batch_size,
                                     input_shape=self.serving.input_shape)
         self.serving.tell("loader", pid=self.candidate.process.pid)
+        self.loader_mark = (time.monotonic(), 0.0, True)
+
+    def spur_starving_candidate(self):
+        """A candidate that got less than LOADER_MIN_SHARE of a core over the last
+        LOADER_WINDOW_S goes on unheld; if it still gets too little, at normal priority."""
+        if not (self.candidate and self.loader_mark):
+            return
+        since, cpu_then, held = self.loader_mark
+        now, pid = time.monotonic(), self.candidate.process.pid
+        if now - since < LOADER_WINDOW_S:
+            return
+        try:
+            cpu = sum(psutil.Process(pid).cpu_times()[:2])  # user and system
+        except psutil.Error:
+            return  # it has ended: its "gone" is on the way
+        share = (cpu - cpu_then) / (now - since)
+        if share >= LOADER_MIN_SHARE:
+            self.loader_mark = (now, cpu, held)
+            return
+        self.loader_mark = (now, cpu, False) if held else None  # the next step is the last
+        version = self.candidate.spec["version"]
+        log.warning("version %s got %.2f of a core in the last %.0f s of loading: it loads on %s "
+                    "(requests served meanwhile may slow)", version, share, now - since,
+                    "unheld during forward passes" if held else "at normal priority")
+        self.serving.tell("loader", pid=0)  # the serving process holds it no more
+        try:
+            os.kill(pid, signal.SIGCONT)
+            if not held:
+                restore_priority(os.getpriority(os.PRIO_PROCESS, 0), pid)
+        except ProcessLookupError:
+            pass  # it has ended: its "gone" is on the way
+        except PermissionError as exc:  # (it could return itself, which is all the kernel asks)
+            log.warning("cannot return version %s to normal priority: %s", version, exc)
 
     def candidate_says(self, message):
         """A message from the candidate: warm (take over), refused, or gone."""
@@ -341,14 +386,15 @@ def run_model_process(fd):
     channel.send(state="warm", batch_size=batch_size, input_shape=list(classifier.input_shape))
     if (channel.receive() or {}).get("state") != "serve":
         return 0  # the supervisor is gone, or took another version
+    device = device_name()
     worker = ModelWorker(connect_redis(), classifier, batch_size,
-                         {**order["identity"], "model_pid": os.getpid(), "device": device_name()})
+                         {**order["identity"], "model_pid": os.getpid(), "device": device})
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop())
     worker.start_beating()
     channel.send(state="serving")  # its heartbeat is out: the one it replaces may leave
     may_leave = threading.Event()
-    threading.Thread(target=follow_supervisor, args=(channel, worker, may_leave),
+    threading.Thread(target=follow_supervisor, args=(channel, worker, may_leave, device == "CPU"),
                      daemon=True).start()
     worker.run()
     if worker.handing_over:  # stay registered (and the service ready) until the successor beats
@@ -361,14 +407,14 @@ def run_model_process(fd):
     os._exit(0)
 
 
-def follow_supervisor(channel, worker, may_leave):
+def follow_supervisor(channel, worker, may_leave, hold_loaders):
     """Messages from the supervisor while serving: a new version loads (hold it during forward
-    passes), hand over (stop claiming, finish the batches in hand), then leave. A supervisor that
-    was killed leaves its children: they die too, as abruptly (their claims are re-queued by the
-    other workers), rather than serve unwatched."""
+    passes on a CPU; a GPU's passes leave the cores to it), hand over (stop claiming, finish the
+    batches in hand), then leave. A supervisor that was killed leaves its children: they die too,
+    as abruptly (their claims are re-queued by the other workers), rather than serve unwatched."""
     while (message := channel.receive()) is not None:
-        if message["state"] == "loader":  # a new version loads beside this one: hold it
-            worker.loader_pause.follow(message["pid"])
+        if message["state"] == "loader":  # a new version loads beside this one
+            worker.loader_pause.follow(message["pid"] if hold_loaders else None)
         elif message["state"] == "hand-over":
             worker.stop(successor=True)
         elif message["state"] == "leave":
@@ -417,17 +463,21 @@ def idle_every_thread():
                                                              os.sched_param(0)))
 
 
-def restore_priority(niceness):
-    """Return every thread of this process, the runtime's thread pools too, to normal CPU
-    scheduling at the supervisor's niceness."""
+def restore_priority(niceness, pid="self"):
+    """Return every thread of a process (this one by default), the runtime's thread pools too, to
+    normal CPU scheduling at the supervisor's niceness."""
     def restore(thread_id):
         os.sched_setscheduler(thread_id, os.SCHED_OTHER, os.sched_param(0))
         os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
-    for_every_thread(restore)
+    for_every_thread(restore, pid)
 
 
-def for_every_thread(change):
-    for thread_id in os.listdir("/proc/self/task"):
+def for_every_thread(change, pid="self"):
+    try:
+        thread_ids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return  # the process has ended
+    for thread_id in thread_ids:
         try:
             change(int(thread_id))
         except ProcessLookupError:

@@ -13,12 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import requests
 
 import jobqueue
 from conftest import ROOT, free_port, metric, post_image, stop, wait_until, worker_stats
 from helpers import prepare_image
+from rollout import LOADER_WINDOW_S
 
 
 def train_digits(folder, seed, epochs):
@@ -326,6 +328,36 @@ def test_an_interrupted_reload_takes_its_proposal_back(service, digits, redis_cl
     assert jobqueue.wanted_model(redis_client, keys)[0]["version"] == "1", log
     assert [spec["version"] for spec in jobqueue.accepted_models(redis_client, keys)] == ["1"]
     assert versions_served(redis_client, keys) == {str(worker.pid): "1"}
+
+
+def test_a_new_version_that_gets_no_cpu_goes_on_unheld_then_at_normal_priority(
+        service, digits, redis_client, keys):
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
+    serving = {child.pid for child in psutil.Process(worker.pid).children()}
+    reloading = subprocess.Popen(
+        [sys.executable, "run_keras_server.py", "reload", *reload_args(digits["v2"], "2")],
+        cwd=ROOT, env=service.env({}), stderr=subprocess.PIPE, text=True)
+    try:
+        # The new version's process is stopped as it starts, long before its imports end, and
+        # again as soon as the first step lets it go on: it stands in for one that a busy worker
+        # leaves no CPU, held or not, at the lowest priority.
+        candidate = wait_until(lambda: [child for child in psutil.Process(worker.pid).children()
+                                        if child.pid not in serving], timeout=60, interval=0.01,
+                               what="the new version's process")[0]
+        candidate.suspend()
+        stopped_at = time.monotonic()
+        wait_until(lambda: "loads on unheld" in worker.log_path.read_text(),
+                   timeout=LOADER_WINDOW_S + 30, interval=0.01, what="the first step")
+        candidate.suspend()
+        log = reloading.communicate(timeout=LOADER_WINDOW_S + 120)[1]
+    finally:
+        reloading.kill()
+    took_s = time.monotonic() - stopped_at
+
+    assert reloading.returncode == 0, log
+    assert versions_served(redis_client, keys) == {str(worker.pid): "2"}
+    assert "it loads on at normal priority" in worker.log_path.read_text()
+    assert took_s >= 2 * LOADER_WINDOW_S  # a window at each step
 
 
 def test_a_refused_reload_after_redis_lost_the_history_returns_to_the_version_served(
