@@ -404,10 +404,14 @@ def accepted_models(redis, keys):
     return [json.loads(item) for item in redis.lrange(keys.model_history, 0, -1)]
 
 
+def history_entry(spec):
+    return json.dumps(spec, sort_keys=True)
+
+
 def accept_model(redis, keys, spec):
     """Record `spec` as the newest accepted model (kept: the last HISTORY_LENGTH)."""
     pipe = redis.pipeline(transaction=True)
-    pipe.rpush(keys.model_history, json.dumps(spec, sort_keys=True))
+    pipe.rpush(keys.model_history, history_entry(spec))
     pipe.ltrim(keys.model_history, -HISTORY_LENGTH, -1)
     pipe.execute()
 
@@ -421,7 +425,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('RPUSH', KEYS[1], ARGV[1])
 def accept_first_model(redis, keys, spec):
     """Record `spec` as accepted if nothing is: the version the first worker started with (once,
     however many workers start together)."""
-    redis.eval(PUSH_IF_EMPTY, 1, keys.model_history, json.dumps(spec, sort_keys=True))
+    redis.eval(PUSH_IF_EMPTY, 1, keys.model_history, history_entry(spec))
 
 
 def forget_newest_model(redis, keys):

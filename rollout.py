@@ -255,7 +255,8 @@ class Supervisor:
         log.warning("version %s got %.2f of a core in the last %.0f s of loading: it loads on %s "
                     "(requests served meanwhile may slow)", version, share, now - since,
                     "unheld during forward passes" if held else "at normal priority")
-        self.serving.tell("loader", pid=0)  # the serving process holds it no more
+        if held:
+            self.serving.tell("loader", pid=0)  # the serving process holds it no more
         try:
             os.kill(pid, signal.SIGCONT)
             if not held:
