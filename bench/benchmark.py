@@ -23,6 +23,10 @@ web and Redis processes, by everything else (mostly the load generator), and lef
 Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(e) and the
 figures are medians over rounds; the ratios to (a) are taken within each round first.
 
+--model-cores N pins the model, bare and served, to N cores (MODEL_THREADS=N) and everything else
+(the web tier, Redis, the load generator, this script) to the other cores: the ratios then measure
+what serving costs the model on its own cores, without the web tier's share of them.
+
 --sweep instead starts a fresh service for each BATCH_SIZE x BATCH_TIMEOUT_MS cell, loads it at one
 concurrency, and recommends the fastest cell whose p99 latency is under --p99-target-ms.
 """
@@ -63,8 +67,10 @@ PAIR_PAUSE_S = 0.02  # (c): between a request and a bare pass
 
 # --- (a) The bare model, in a process of its own ------------------------------------------
 
-def serve_bare_model(conn, runtime):
+def serve_bare_model(conn, runtime, cores=None):
     """Child process: build the worker's model, then time every batch size each time asked."""
+    if cores:
+        os.sched_setaffinity(0, cores)  # before any runtime starts its threads
     import numpy as np
 
     import settings
@@ -107,10 +113,10 @@ def time_batches(forward, batch, seconds, min_calls=2, max_calls=10_000):
 class BareModel:
     """The bare model's process, started once and driven one phase at a time through a pipe."""
 
-    def __init__(self, runtime):
+    def __init__(self, runtime, cores=None):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter, like the worker's
         self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=serve_bare_model, args=(child_end, runtime),
+        self.process = context.Process(target=serve_bare_model, args=(child_end, runtime, cores),
                                        daemon=True)
         self.process.start()
         self.runtime = self.receive(READY_TIMEOUT_S)
@@ -147,19 +153,27 @@ def free_port():
 
 
 @contextmanager
-def running_service(overrides, workdir):
-    """`python run_keras_server.py` (private Redis) on a free port; yields (url, heartbeat, pid)."""
+def running_service(overrides, workdir, model_cores=None):
+    """`python run_keras_server.py` (private Redis) on a free port; yields (url, heartbeat, pid).
+    With model_cores, it starts there, and once it is ready all but its model processes move to
+    this script's cores. (Not the other way round: OpenVINO pins its threads to the cores its
+    process had when it loaded the model.)"""
     port = free_port()
     env = {name: value for name, value in os.environ.items() if name != "REDIS_URL"}
     env.update(PORT=str(port), HOST="127.0.0.1", MODEL=MODEL, MODEL_WEIGHTS="none",
                MODEL_SEED=str(MODEL_SEED), PYTHONUNBUFFERED="1", **overrides)
     log_path = Path(workdir) / f"service-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "run_keras_server.py"], cwd=ROOT, env=env,
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "run_keras_server.py"], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: os.sched_setaffinity(0, model_cores)) if model_cores else None)
     url = f"http://127.0.0.1:{port}"
     try:
-        yield url, wait_ready(url, process, log_path), process.pid
+        heartbeat = wait_ready(url, process, log_path)
+        if model_cores:
+            move_all_but_the_model(process.pid, os.sched_getaffinity(0))
+        yield url, heartbeat, process.pid
     finally:
         process.terminate()  # run_keras_server.py stops its worker, web tier and Redis
         try:
@@ -167,6 +181,15 @@ def running_service(overrides, workdir):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def move_all_but_the_model(root_pid, cores):
+    """Every thread of the service's processes but the model's onto `cores` (threads they start
+    later inherit it)."""
+    for process, role in service_processes(root_pid):
+        if role != "model":
+            for thread in process.threads():
+                os.sched_setaffinity(thread.id, cores)
 
 
 def wait_ready(url, process, log_path):
@@ -310,18 +333,21 @@ def cpu_split(root_pid, skip_s, until_s=None):
 def completion_bursts(records):
     """(time, images) of each answered batch, found from the answers' completion times.
 
-    All answers of one batch reach their clients within a few ms, while the next batch ends at
-    least one forward pass (X-Inference-Ms) later; a gap over half of one starts a new batch.
+    All answers of one batch reach their clients within a few ms and report the same pass
+    (X-Inference-Ms, X-Batch-Size); a gap over half of that pass, or another pass, starts a new
+    batch. (A pass may include a wait for another lane's pass on the same cores: then batches end
+    every half pass or so, and only the pass tells them apart.)
     """
-    done = sorted((r["t_s"] + r["latency_ms"] / 1000, r["inference_ms"] or 0.0)
+    done = sorted((r["t_s"] + r["latency_ms"] / 1000, r["inference_ms"] or 0.0, r["batch_size"])
                   for r in records if r["ok"])
-    bursts = []  # [first completion, answers, last completion]
-    for end, inference_ms in done:
-        if bursts and end - bursts[-1][2] <= inference_ms / 2000:
-            bursts[-1][1:] = [bursts[-1][1] + 1, end]
+    bursts = []  # [first completion, answers, last completion, pass]
+    for end, inference_ms, size in done:
+        if bursts and bursts[-1][3] == (inference_ms, size) and \
+                end - bursts[-1][2] <= inference_ms / 2000:
+            bursts[-1][1:3] = [bursts[-1][1] + 1, end]
         else:
-            bursts.append([end, 1, end])
-    return [(first, count) for first, count, _ in bursts]
+            bursts.append([end, 1, end, (inference_ms, size)])
+    return [(first, count) for first, count, _, _ in bursts]
 
 
 def steady_throughput(records, from_s, to_s):
@@ -422,10 +448,10 @@ def run_rounds(args, workdir):
     with ExitStack() as stack:
         setups = {}
         for runtime in args.runtimes:
-            bare_model = BareModel(runtime)
+            bare_model = BareModel(runtime, args.model_cores)
             stack.callback(bare_model.stop)
-            url, heartbeat, pid = stack.enter_context(running_service({"RUNTIME": runtime},
-                                                                      workdir))
+            url, heartbeat, pid = stack.enter_context(running_service(
+                {"RUNTIME": runtime}, workdir, args.model_cores))
             if heartbeat.get("runtime") != runtime:
                 raise RuntimeError(f"the service runs on {heartbeat.get('runtime')}, not {runtime}")
             used = settings_used(heartbeat)
@@ -470,7 +496,7 @@ def run_sweep(args, workdir):
     for batch_size in args.sweep_batch_sizes:
         for timeout_ms in args.sweep_timeouts_ms:
             overrides = {"BATCH_SIZE": str(batch_size), "BATCH_TIMEOUT_MS": str(timeout_ms)}
-            with running_service(overrides, workdir) as (url, _, _):
+            with running_service(overrides, workdir, args.model_cores) as (url, _, _):
                 report = run_load(url, concurrency, duration, workdir)
             cells.append(cell_figures(batch_size, timeout_ms, report, args.warmup_seconds,
                                       duration))
@@ -557,6 +583,9 @@ def print_summary(summaries, rounds, service_settings, args, machine):
           f"{machine['cpu_model']}; {' '.join(machine['vector_flags'])}), {machine['cores']} cores"
           f"; keras {machine['keras']} ({machine['keras_backend']}), tensorflow "
           f"{machine['tensorflow']}, openvino {machine['openvino']}")
+    if machine["model_cores"]:
+        print(f"pinned: the model (bare and served) on cores {machine['model_cores']}, "
+              "everything else on the others")
     for runtime in rounds:
         summary, used = summaries[runtime], service_settings[runtime]
         knobs = " ".join(f"{name}={used[name]}" for name in KNOBS if name in used)
@@ -638,6 +667,9 @@ def parse_args(argv):
     parser.add_argument("--batch-timeout-ms", type=float, help="BATCH_TIMEOUT_MS of the service")
     parser.add_argument("--concurrency", type=int, help="clients at saturation (32, or "
                         "2 x BATCH_SIZE if more; sweep: 2 x the largest batch size)")
+    parser.add_argument("--model-cores", type=int, default=0,
+                        help="pin the model, bare and served, to this many cores and the rest "
+                             "(web tier, Redis, load generator) to the others (0: no pinning)")
     parser.add_argument("--out", help="JSON path (bench/results/<date>-<host>[-sweep].json)")
     parser.add_argument("--sweep", action="store_true", help="grid of BATCH_SIZE x "
                         "BATCH_TIMEOUT_MS instead of the efficiency benchmark")
@@ -648,6 +680,10 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.phase_seconds <= 0 or args.warmup_seconds < 0:
         parser.error("--rounds must be at least 1 and --phase-seconds above 0")
+    cores = sorted(os.sched_getaffinity(0))
+    if not 0 <= args.model_cores < len(cores):
+        parser.error(f"--model-cores must leave at least one of the {len(cores)} cores")
+    args.model_cores, args.other_cores = cores[:args.model_cores] or None, cores[args.model_cores:]
     stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}" + ("-sweep" if args.sweep else "")
     args.out = args.out or str(ROOT / "bench" / "results" / f"{stem}.json")
     args.plot = str(Path(args.out).with_suffix(".png"))
@@ -659,11 +695,15 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Set here, they reach the service and the record of settings alike.
     for name, value in (("BATCH_SIZE", args.batch_size),
-                        ("BATCH_TIMEOUT_MS", args.batch_timeout_ms)):
+                        ("BATCH_TIMEOUT_MS", args.batch_timeout_ms),
+                        ("MODEL_THREADS", args.model_cores and len(args.model_cores))):
         if value is not None:
             os.environ[name] = str(value)
+    if args.model_cores:  # this script and the load generator; the web tier and Redis move here
+        os.sched_setaffinity(0, args.other_cores)
     workdir = tempfile.mkdtemp(prefix="benchmark-")
     result = machine_info()
+    result["model_cores"] = args.model_cores  # None: the model shares every core
     if args.sweep:
         cells, concurrency = run_sweep(args, workdir)
         best = recommend(cells, args.p99_target_ms)

@@ -147,6 +147,17 @@ def test_completion_bursts_group_the_answers_of_one_batch():
     assert [t for t, _ in bursts] == pytest.approx([1.0, 2.0, 3.0])
 
 
+def test_completion_bursts_tell_apart_batches_whose_passes_queued_behind_each_other():
+    from bench.benchmark import completion_bursts
+
+    # Two lanes on one core: each pass reports 1 s (half of it waiting for the other lane's),
+    # and a batch ends every 0.5 s.
+    records = [dict(record(0.5 * k + i * 0.004, inference_ms=1000.0 + k), batch_size=4)
+               for k in range(6) for i in range(4)]
+
+    assert [n for _, n in completion_bursts(records)] == [4] * 6
+
+
 def test_steady_throughput_measures_from_batch_end_to_batch_end():
     from bench.benchmark import steady_throughput
 
@@ -240,3 +251,15 @@ def test_recommend_picks_the_fastest_cell_under_the_p99_target():
     assert recommend(cells, 2000.0)["batch_size"] == 8
     assert recommend(cells, None)["batch_size"] == 16
     assert recommend(cells, 500.0) is None
+
+
+def test_the_benchmark_pins_the_model_only_where_a_core_is_left_for_the_rest():
+    from bench.benchmark import parse_args
+
+    cores = sorted(os.sched_getaffinity(0))
+    with pytest.raises(SystemExit):
+        parse_args(["--model-cores", str(len(cores))])
+    assert parse_args([]).model_cores is None
+    if len(cores) > 1:
+        args = parse_args(["--model-cores", "1"])
+        assert (args.model_cores, args.other_cores) == (cores[:1], cores[1:])
