@@ -314,9 +314,11 @@ def test_an_interrupted_reload_takes_its_proposal_back(service, digits, redis_cl
     # Its supervisor, frozen, starts no new version: the reload waits until it is interrupted.
     os.kill(worker.pid, signal.SIGSTOP)
     try:
+        # Started as a shell starts a job in the background: with SIGINT ignored.
         reloading = subprocess.Popen(
             [sys.executable, "run_keras_server.py", "reload", *reload_args(digits["v2"], "2")],
-            cwd=ROOT, env=service.env({}), stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env=service.env({}), stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         wait_until(lambda: (jobqueue.wanted_model(redis_client, keys)[0] or {}).get("version")
                    == "2", timeout=60, what="the reload to propose version 2")
         reloading.send_signal(sig)
