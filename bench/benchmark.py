@@ -186,10 +186,11 @@ def running_service(overrides, workdir, model_cores=None):
 def move_all_but_the_model(root_pid, cores):
     """Every thread of the service's processes but the model's onto `cores` (threads they start
     later inherit it)."""
+    from rollout import for_every_thread  # (imports settings: not before main() sets its knobs)
+
     for process, role in service_processes(root_pid):
         if role != "model":
-            for thread in process.threads():
-                os.sched_setaffinity(thread.id, cores)
+            for_every_thread(lambda thread_id: os.sched_setaffinity(thread_id, cores), process.pid)
 
 
 def wait_ready(url, process, log_path):
@@ -696,7 +697,7 @@ def main(argv=None):
     # Set here, they reach the service and the record of settings alike.
     for name, value in (("BATCH_SIZE", args.batch_size),
                         ("BATCH_TIMEOUT_MS", args.batch_timeout_ms),
-                        ("MODEL_THREADS", args.model_cores and len(args.model_cores))):
+                        ("MODEL_THREADS", len(args.model_cores) if args.model_cores else None)):
         if value is not None:
             os.environ[name] = str(value)
     if args.model_cores:  # this script and the load generator; the web tier and Redis move here
