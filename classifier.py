@@ -43,34 +43,39 @@ class ModelLoadError(RuntimeError):
     """The model, its weights or its labels cannot be loaded; the message says how to fix it."""
 
 
-def preprocessing(name):
-    """The batch preprocessing function called `name`, taking and returning float32 arrays."""
-    from keras.applications import mobilenet_v2, resnet50
-
-    functions = {
-        "resnet50": resnet50.preprocess_input,
-        "mobilenet_v2": mobilenet_v2.preprocess_input,
-        "scale_0_1": lambda x: x / 255.0,
-        "none": lambda x: x,
-    }
-    return functions[name]
+# Each preprocessing as (reverse the channels?, mean, scale): the model takes (pixels - mean) / scale,
+# in float32, of its uint8 pixels (with their channels' order reversed first, RGB to BGR). The
+# named models' are keras.applications' own: ResNet50's "caffe" mode, MobileNetV2's "tf" mode.
+PREPROCESSING = {
+    "resnet50": (True, (103.939, 116.779, 123.68), 1.0),
+    "mobilenet_v2": (False, 127.5, 127.5),
+    "scale_0_1": (False, 0.0, 255.0),
+    "none": (False, 0.0, 1.0),
+}
 
 
 class Classifier:
-    """A loaded model with its labels and preprocessing; predicts whole batches."""
+    """A loaded model with its labels and preprocessing; predicts whole batches of uint8 pixels.
+
+    The preprocessing runs inside the runtime, as part of the model (Keras layers, OpenVINO's
+    PrePostProcessor): the worker hands over the pixels as the queue carried them, a quarter of
+    float32's bytes, and does no work per pixel itself.
+    """
 
     def __init__(self, model, labels, preprocess, name, weights, version="1"):
         _, height, width, channels = model.input_shape
         if model.output_shape[-1] != len(labels):
             raise ModelLoadError(f"the model has {model.output_shape[-1]} outputs but "
                                  f"{len(labels)} labels were given")
-        self.model = model
-        self.forward = model.predict_on_batch  # float32 batch in, probabilities out
+        self.model = model  # float32 in, preprocessed: what OpenVINO converts
+        self.serving = with_preprocessing(model, preprocess)  # uint8 pixels in
+        self.forward = self.serving.predict_on_batch  # uint8 batch in, probabilities out
         if keras_backend() == "jax":
-            self.forward = padded_in_turns(self.forward)
+            import jax
+
+            self.forward = padded_in_turns(self.forward, jax.device_put)
         self.runtime = "keras"
         self.labels = labels
-        self.preprocess = preprocessing(preprocess)
         self.preprocess_name = preprocess
         self.name = name
         self.weights = weights
@@ -81,8 +86,7 @@ class Classifier:
 
     def predict_batch(self, pixels):
         """Class probabilities for a uint8 batch of shape (n, height, width, channels)."""
-        inputs = self.preprocess(pixels.astype(np.float32))
-        probabilities = np.asarray(self.forward(inputs))
+        probabilities = np.asarray(self.forward(pixels))
         if probabilities.shape != (len(pixels), len(self.labels)):
             raise RuntimeError(f"model returned shape {probabilities.shape} for "
                                f"{len(pixels)} inputs")
@@ -124,6 +128,22 @@ def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0,
         use_openvino(classifier, key, threads, cache_dir, required=runtime == "openvino",
                      lanes=lanes)
     return classifier
+
+
+def with_preprocessing(model, preprocess):
+    """A Keras model of `model` with its preprocessing (PREPROCESSING) in front: uint8 pixels in."""
+    import keras
+
+    reverse, mean, scale = PREPROCESSING[preprocess]
+    pixels = keras.Input(model.input_shape[1:], dtype="uint8")
+    inputs = keras.ops.cast(pixels, "float32")
+    if reverse:
+        inputs = keras.ops.flip(inputs, axis=-1)
+    if np.any(mean):
+        inputs = inputs - np.asarray(mean, np.float32)
+    if scale != 1:
+        inputs = inputs / np.float32(scale)
+    return keras.Model(pixels, model(inputs))
 
 
 def build_application(name, weights, seed):
@@ -182,20 +202,23 @@ def load_labels(path):
     return [entry[-1] if isinstance(entry, list) else str(entry) for entry in entries]
 
 
-def padded_in_turns(forward):
+def padded_in_turns(forward, to_device=lambda batch: batch):
     """A forward pass fit for Keras on JAX: batches padded to a power of two, one at a time.
 
     JAX compiles the model again for every new batch size (seconds each): padded, a worker meets a
     handful of sizes, all compiled while it warms up. And Keras on JAX swaps the model's state
-    arrays during a call: two lanes calling at once fail ("Array has been deleted").
+    arrays during a call: two lanes calling at once fail ("Array has been deleted"). A batch is
+    sent to the device (to_device, jax.device_put) before it waits for its turn, so that its
+    transfer overlaps the other lane's pass.
     """
     turns = threading.Lock()
 
     def padded_forward(inputs):
         size = 1 << (len(inputs) - 1).bit_length()
         padding = np.zeros((size - len(inputs), *inputs.shape[1:]), inputs.dtype)
+        batch = to_device(np.concatenate([inputs, padding]))
         with turns:
-            return np.asarray(forward(np.concatenate([inputs, padding])))[:len(inputs)]
+            return np.asarray(forward(batch))[:len(inputs)]
     return padded_forward
 
 
@@ -213,7 +236,8 @@ def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
     RUNTIME=auto logs why and serves with Keras.
     """
     try:
-        forward = openvino_forward(classifier.model, key, threads, cache_dir, lanes)
+        forward = openvino_forward(classifier.model, classifier.preprocess_name, key, threads,
+                                   cache_dir, lanes)
         for split in forward.copies:
             check_agreement(classifier, functools.partial(forward.run, split=split))
     except Exception as exc:
@@ -222,12 +246,12 @@ def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
         log.warning("serving %s with Keras, not OpenVINO: %s", classifier.name, exc)
         return
     classifier.forward, classifier.runtime = forward, "openvino"
-    classifier.model = None  # the Keras copy's memory is not needed any more
+    classifier.model = classifier.serving = None  # the Keras copy's memory is not needed any more
 
 
-def openvino_forward(keras_model, key, threads, cache_dir, lanes=1):
-    """An OpenVINO forward pass of a Keras model for `lanes` threads, converted once and cached
-    as IR in cache_dir."""
+def openvino_forward(keras_model, preprocess, key, threads, cache_dir, lanes=1):
+    """An OpenVINO forward pass of a Keras model for `lanes` threads, uint8 pixels in: converted
+    once and cached as IR in cache_dir, its preprocessing put in front as it is compiled."""
     import openvino
 
     xml = os.path.join(cache_dir, f"{key}.xml")
@@ -247,12 +271,33 @@ def openvino_forward(keras_model, key, threads, cache_dir, lanes=1):
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     core = openvino.Core()
-    alone = core.compile_model(xml, "CPU", config)
+    model = with_openvino_preprocessing(core.read_model(xml), preprocess)
+    alone = core.compile_model(model, "CPU", config)
     if lanes < 2 or 0 < threads < lanes:  # one lane, or too few threads for a stream each
         return OpenVINOForward(alone, alone)
     # One stream per lane, the threads split between them.
     return OpenVINOForward(alone, core.compile_model(
-        xml, "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": lanes}))
+        model, "CPU", {**config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": lanes}))
+
+
+def with_openvino_preprocessing(model, preprocess):
+    """An OpenVINO model with its preprocessing (PREPROCESSING) in front, by OpenVINO's
+    PrePostProcessor: uint8 pixels in, channels last."""
+    import openvino
+    from openvino.preprocess import PrePostProcessor
+
+    reverse, mean, scale = PREPROCESSING[preprocess]
+    steps = PrePostProcessor(model)
+    steps.input().tensor().set_element_type(openvino.Type.u8).set_layout(openvino.Layout("NHWC"))
+    steps.input().model().set_layout(openvino.Layout("NHWC"))
+    steps.input().preprocess().convert_element_type(openvino.Type.f32)
+    if reverse:
+        steps.input().preprocess().reverse_channels()
+    if np.any(mean):
+        steps.input().preprocess().mean(list(mean) if isinstance(mean, tuple) else float(mean))
+    if scale != 1:
+        steps.input().preprocess().scale(float(scale))
+    return steps.build()
 
 
 class OpenVINOForward:
@@ -293,7 +338,7 @@ class OpenVINOForward:
         part = np.array_split(inputs, min(self.streams, len(inputs)))[0]
         requests = [self.compiled[True].create_infer_request() for _ in range(self.streams)]
         for request in requests:  # started together, each takes a stream of its own
-            request.start_async([part])
+            request.start_async([part], share_inputs=True)
         for request in requests:
             request.wait()
 
@@ -303,11 +348,13 @@ class OpenVINOForward:
         if split not in requests:
             requests[split] = [self.compiled[split].create_infer_request()
                                for _ in range(self.streams if split else 1)]
+        # The runtime reads the batch where it lies (share_inputs): the caller does not change
+        # it until the pass has ended.
         if not split:
-            return requests[False][0].infer([inputs])[0]
+            return requests[False][0].infer([inputs], share_inputs=True)[0]
         parts = np.array_split(inputs, min(self.streams, len(inputs)))
         for request, part in zip(requests[True], parts):
-            request.start_async([part])
+            request.start_async([part], share_inputs=True)
         outputs = []
         for request, _ in zip(requests[True], parts):
             request.wait()
@@ -319,9 +366,8 @@ def check_agreement(classifier, forward, images=4, seed=0):
     """Raise if `forward` disagrees with the Keras model on a seeded batch of random images."""
     pixels = np.random.default_rng(seed).integers(
         0, 256, (images, classifier.size[1], classifier.size[0], classifier.channels), np.uint8)
-    inputs = classifier.preprocess(pixels.astype(np.float32))
-    expected = np.asarray(classifier.model.predict_on_batch(inputs))
-    got = np.asarray(forward(inputs))
+    expected = np.asarray(classifier.serving.predict_on_batch(pixels))
+    got = np.asarray(forward(pixels))
     if got.shape != expected.shape:
         raise ModelLoadError(f"the converted model returns shape {got.shape}, not "
                              f"{expected.shape}")
@@ -381,7 +427,7 @@ def warm_up(classifier, batch_size, time_limit_s):
         pixels = np.zeros((size, *shape), np.uint8)
         classifier.predict_batch(pixels)
         if isinstance(classifier.forward, OpenVINOForward):
-            classifier.forward.warm_streams(classifier.preprocess(pixels.astype(np.float32)))
+            classifier.forward.warm_streams(pixels)
     return batch_size
 
 

@@ -1,12 +1,16 @@
 """Pure helpers shared by the web tier, the model worker and the tests.
 
-Image bytes to pixels, pixels to and from base64, Redis key names, and the service's one error
-type. Nothing here imports Flask or Keras.
+Image bytes to pixels (and what decoding them costs), a memory budget, arrays to and from base64,
+Redis key names, and the service's one error type. Nothing here imports Flask or Keras.
 """
+import contextlib
 import io
 import os
+import threading
+import time
 from urllib.parse import unquote, urlsplit
 
+import cv2
 import numpy as np
 import pybase64
 from PIL import Image, ImageOps
@@ -17,6 +21,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+ORIENTATION = 0x0112  # EXIF: 5 to 8 turn the picture by a quarter
 
 
 class ServiceError(Exception):
@@ -30,16 +35,49 @@ class ServiceError(Exception):
         self.body = body or {}  # more fields of the error's JSON body
 
 
-def prepare_image(data, size, channels=3, max_pixels=None, formats=None):
+class MemoryBudget:
+    """Bytes that work in this process may hold at once (decoding images, parsing bodies), held
+    under a total."""
+
+    def __init__(self, total_bytes):
+        self.total = self.free = total_bytes
+        self.changed = threading.Condition()  # gevent's in a monkey-patched web process
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes, deadline):
+        """Hold nbytes of the budget for the body: 413 if more than all of it, 503 if not free
+        before the deadline (time.time())."""
+        if nbytes > self.total:
+            raise ServiceError(f"decoding this image takes about {nbytes >> 20} MiB, more than the "
+                               f"{self.total >> 20} MiB a process may spend (DECODE_BUDGET_BYTES)",
+                               413)
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.free >= nbytes, deadline - time.time()):
+                raise ServiceError("the service is busy decoding other images; retry shortly", 503,
+                                   {"Retry-After": "1"})
+            self.free -= nbytes
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.free += nbytes
+                self.changed.notify_all()
+
+
+def prepare_image(data, size, channels=3, max_pixels=None, formats=None, out=None):
     """Decode image bytes into a uint8 array of shape (height, width, channels) for the model.
 
-    `size` is (width, height). Raises ServiceError(400/413) for anything that is not a usable image.
+    `size` is (width, height). `out`, if given, is filled instead of a new array. Raises
+    ServiceError(400/413) for anything that is not a usable image.
     """
-    return decode_image(open_image(data, size, channels, max_pixels, formats), size, channels)
+    image = open_image(data, max_pixels, formats)
+    decode_reduced(image, size, channels)
+    return decode_image(image, size, channels, out)
 
 
-def open_image(data, size, channels=3, max_pixels=None, formats=None):
-    """Read an image's header (no pixels yet), refusing bombs; JPEGs are set to decode reduced."""
+def open_image(data, max_pixels=None, formats=None):
+    """Read an image's header (no pixels yet): 400 unless it is an image in an accepted format,
+    413 if it has more than max_pixels (decompression bombs)."""
     if not data:
         raise ServiceError("the uploaded file is empty", 400)
     try:
@@ -53,51 +91,86 @@ def open_image(data, size, channels=3, max_pixels=None, formats=None):
         raise ServiceError(
             f"image is {image.width}x{image.height} pixels, more than the {max_pixels} allowed", 413
         )
-    try:
-        # JPEG can decode at 1/2, 1/4 or 1/8 scale straight from the DCT: far cheaper for photos.
-        image.draft("RGB" if channels == 3 else "L", (max(size), max(size)))
-    except Exception as exc:
-        raise ServiceError(f"cannot read the image header: {exc}", 400) from exc
     return image
 
 
+def decode_reduced(image, size, channels):
+    """Set a JPEG to decode at 1/2, 1/4 or 1/8 scale straight from the DCT, no smaller than `size`
+    (far cheaper for photos); returns decoding_bytes of what decoding it then takes."""
+    full_size = image.size
+    try:
+        image.draft("RGB" if channels == 3 else "L", tuple(size))
+    except Exception as exc:
+        raise ServiceError(f"cannot read the image header: {exc}", 400) from exc
+    return decoding_bytes(image, full_size)
+
+
 # Peak bytes per pixel while an image decodes. Pillow holds a multi-band pixel in 4 bytes, and
-# decoding makes up to four such copies at full size: measured 15.2 for WebP (its decoder's own
-# buffers), 8.6 for palette images with transparency, 7.7 for RGBA, 4 for RGB.
+# decoding makes up to four such copies at full size (measured most for WebP, its decoder's own
+# buffers). A JPEG is decoded row by row into one such image, at the scale set by decode_reduced,
+# except a progressive one (below).
 DECODING_BYTES_PER_PIXEL = 16
+JPEG_BYTES_PER_PIXEL = 8
 
 
-def decoding_bytes(image):
-    """Peak bytes that decoding an image opened by open_image takes, estimated from its header."""
-    return image.width * image.height * DECODING_BYTES_PER_PIXEL
+def decoding_bytes(image, full_size=None):
+    """Peak bytes that decoding an image opened by open_image takes, estimated from its header.
+    full_size: its size before decode_reduced (None: not set to decode reduced)."""
+    full_size = full_size or image.size
+    if image.format != "JPEG":
+        return full_size[0] * full_size[1] * DECODING_BYTES_PER_PIXEL
+    cost = image.width * image.height * JPEG_BYTES_PER_PIXEL
+    if image.info.get("progressive") or image.info.get("progression"):
+        cost += jpeg_coefficient_bytes(image, full_size)
+    return cost
 
 
-def decode_image(image, size, channels=3):
+def jpeg_coefficient_bytes(image, full_size):
+    """Bytes of a progressive JPEG's DCT coefficients: libjpeg holds those of the whole image, at
+    full size whatever the scale it outputs (2 bytes a coefficient, 64 per 8 x 8 block of each
+    component, in whole MCUs)."""
+    layers = getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())
+    h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+    mcu_columns = -(-full_size[0] // (8 * h_max))
+    mcu_rows = -(-full_size[1] // (8 * v_max))
+    blocks = sum(mcu_columns * h * mcu_rows * v for _, h, v, _ in layers)
+    return blocks * 64 * 2
+
+
+def decode_image(image, size, channels=3, out=None):
     """Decode an image opened by open_image into the model's input (see prepare_image)."""
     try:
-        return _decode(image, size, channels)
+        return _decode(image, size, channels, out)
     except Exception as exc:  # truncated or corrupt data surfaces only while decoding
         raise ServiceError(f"cannot decode the image: {exc}", 400) from exc
 
 
-def _decode(image, size, channels):
+def _decode(image, size, channels, out):
     image.load()
-    # Reduce by a whole factor first (a box average), so that the conversions below touch a small
-    # image, and the bilinear resize still sees at least twice the target. Palette, bilevel and
-    # 16-bit pixels cannot be averaged as they are: they are widened or narrowed first.
+    # Reduce each side by a whole factor first (a box average), to between once and twice the
+    # target: the conversions below then touch a small image, and the bilinear resize, which
+    # reads two pixels along each side, still sees every pixel. Palette, bilevel and 16-bit
+    # pixels cannot be averaged as they are: they are widened or narrowed first.
     if image.mode in ("P", "1"):
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode in SIXTEEN_BIT_MODES:
         image = to_mode(image, "L")
-    factor = min(image.size) // (2 * max(size))
-    if factor > 1:
+    width, height = size
+    upright = (height, width) if image.getexif().get(ORIENTATION) in (5, 6, 7, 8) else size
+    factor = (max(1, image.width // upright[0]), max(1, image.height // upright[1]))
+    if factor != (1, 1):
         image = image.reduce(factor)
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)
     image = to_mode(image, "RGB" if channels == 3 else "L")
-    if image.size != tuple(size):
-        image = image.resize(tuple(size), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8)
-    return pixels.reshape(pixels.shape[0], pixels.shape[1], channels)
+    if out is None:
+        out = np.empty((height, width, channels), np.uint8)
+    target = out.reshape(height, width) if channels == 1 else out
+    if pixels.shape[:2] == (height, width):
+        target[...] = pixels
+    else:
+        cv2.resize(pixels, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def to_mode(image, mode):
@@ -114,14 +187,12 @@ def to_mode(image, mode):
     return image if image.mode == mode else image.convert(mode)
 
 
-# Every image crosses base64 twice on its way to the model. pybase64's SIMD codec takes about
-# 0.01 ms each way for ResNet50's 150 kB of pixels, where the standard library's took 0.38 ms to
-# encode and 0.49 ms to decode them, in the path of every request. (Its decoder is fast only when
-# validating: text that is not strict base64 raises binascii.Error.)
+# Arrays cross JSON as base64 (a result's probabilities for the Open Inference Protocol): pybase64's
+# SIMD codec, whose decoder is fast only when validating (text that is not strict base64 raises
+# binascii.Error).
 
 def encode_array(array, dtype=np.uint8):
-    """Serialize an array as base64 text of its little-endian bytes (JSON-safe). Pixels travel as
-    uint8: a quarter of float32's bytes."""
+    """Serialize an array as base64 text of its little-endian bytes (JSON-safe)."""
     little = np.dtype(dtype).newbyteorder("<")
     return pybase64.b64encode_as_string(np.ascontiguousarray(array, dtype=little))
 
@@ -192,6 +263,8 @@ class Keys:
         self.queue = queue
         self.tag = f"{{{queue}}}"
         self.workers = f"{self.tag}:workers"
+        self.job_prefix = f"{self.tag}:job:"
+        self.queued_bytes = f"{self.tag}:queued_bytes"  # of the bodies of the jobs in the queue
         # The model rollouts (see rollout.py): the model every worker should serve, the
         # accepted versions (newest last, for start-ups and --rollback), the rollouts' counter,
         # and each rollout's refusals by worker.
@@ -206,8 +279,8 @@ class Keys:
         return f"{self.tag}:result:{job_id}"
 
     def job(self, job_id):
-        """A queued job's marker: it exists until the job's deadline (see jobqueue.ENQUEUE)."""
-        return f"{self.tag}:job:{job_id}"
+        """A job's body: it lives until the job is answered, or its deadline (see jobqueue)."""
+        return f"{self.job_prefix}{job_id}"
 
     def processing(self, worker_id):
         return f"{self.tag}:processing:{worker_id}"

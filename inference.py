@@ -1,24 +1,26 @@
 """The web tier's part of classifying images, shared by /predict and the Open Inference
-Protocol's /v2 infer: a request's deadline, its admission against the queue, decoding uploads,
-and submitting a request's images as jobs, all or none, then collecting their results in order.
+Protocol's /v2 infer: a request's deadline, its admission against the queue, reading and checking
+uploads, and submitting a request's images as jobs, all or none, then collecting their results in
+order.
 
-What the web tier knows of the model workers (their input shape, their measured rate) comes from
-their heartbeats (WorkerView).
+The web tier decodes no image: it reads each upload's header (format, size, what decoding it
+would cost) and enqueues the upload as it came; the model worker decodes it (worker.ImageReader).
+What the web tier knows of the model workers (their input shape, their measured rate, the job
+format they read) comes from their heartbeats (WorkerView).
 """
 import logging
 import math
+import threading
 import time
 
 import jobqueue
 import metrics
 import settings
-from helpers import (ServiceError, decode_image, decoding_bytes, encode_array, is_whole_number,
-                     open_image)
+from helpers import ServiceError, decoding_bytes, is_whole_number, open_image
 from jobqueue import REDIS_ERRORS
-from webserver import ARRIVED_AT, ClientGone, client_watch, off_loop
+from webserver import ARRIVED_AT, ClientGone, client_watch
 
 log = logging.getLogger("keras_server.web")
-DEFAULT_INPUT = (224, 224, 3)  # (height, width, channels) until a worker reports its model's
 # A job is admitted only if the work queued ahead of it, at the workers' measured rate, ends within
 # this share of its time left: the rest absorbs the noise in that rate, so an admitted request is
 # answered, not timed out (see WorkerView.admissible_depth).
@@ -31,49 +33,48 @@ ADMISSION_SHARE = 0.8
 ADMISSION_MARGIN_S = 1.0
 
 
-def submit(store, keys, workers, images, deadline, top_k, connection, **job_fields):
-    """Classify a request's images: one job each, enqueued all or none, answered in order.
+def submit(store, keys, workers, jobs, deadline, connection):
+    """Classify a request's images: its jobs (jobqueue.new_job), enqueued all or none, answered
+    in order.
 
-    images: uint8 pixel arrays. job_fields: see jobqueue.new_job. Returns one item per image, its
-    result record or the ServiceError it got (504: no result in time; a worker's 4xx or 5xx).
-    Raises 499 if the client hung up first (its jobs withdrawn if still queued), and
-    OVERLOAD_STATUS, enqueuing nothing, if the queue has no room for all of them.
+    Returns one item per job, its result record or the ServiceError it got (504: no result in
+    time; a worker's 4xx or 5xx). Raises 499 if the client hung up first (its jobs withdrawn if
+    still queued), and OVERLOAD_STATUS, enqueuing nothing, if the queue has no room for all of
+    them.
     """
-    jobs = [jobqueue.new_job(encode_array(pixels), pixels.shape, deadline, top_k, **job_fields)
-            for pixels in images]
+    workers.check_job_format()
     try:
-        payloads, workers.depth_seen = jobqueue.enqueue_jobs(
+        workers.depth_seen = jobqueue.enqueue_jobs(
             store, keys, jobs, workers.admissible_depth(deadline - time.time()),
             settings.MAX_QUEUE_BYTES)
     except jobqueue.QueueFull as full:
         workers.depth_seen = full.depth
         metrics.OVERLOAD_REFUSALS.labels("enqueue").inc()
         raise overload(full, full.depth, workers, len(jobs)) from full
-    ids = [job["id"] for job in jobs]
-    del jobs  # their pixels, in base64, live on in the payloads (to withdraw a job by value)
+    jobs = [job._replace(body=None) for job in jobs]  # queued: only the ids are needed now
     results = []
     try:
         with client_watch(connection):
-            for job_id, payload in zip(ids, payloads):
-                results.append(collect(store, keys, job_id, payload, deadline))
+            for job in jobs:
+                results.append(collect(store, keys, job, deadline))
     except ClientGone:
-        withdrawn = jobqueue.withdraw_jobs(store, keys, payloads[len(results):])
-        log.info("job %s: its client hung up; %d of %d jobs withdrawn from the queue", ids[0],
-                 withdrawn, len(ids) - len(results))
+        withdrawn = jobqueue.withdraw_jobs(store, keys, jobs[len(results):])
+        log.info("job %s: its client hung up; %d of %d jobs withdrawn from the queue", jobs[0].id,
+                 withdrawn, len(jobs) - len(results))
         raise ServiceError("the client closed its connection", 499) from None
     return results
 
 
-def collect(store, keys, job_id, payload, deadline):
+def collect(store, keys, job, deadline):
     """One job's result record, or the ServiceError it ended with."""
     try:
-        result = jobqueue.wait_for_result(store, keys, job_id, payload, deadline)
+        result = jobqueue.wait_for_result(store, keys, job, deadline)
     except ServiceError as refusal:
         return refusal
     if "error" in result:
         return ServiceError(result["error"], result.get("status", 500))
     metrics.QUEUE_WAIT_SECONDS.observe(result["queue_wait_ms"] / 1000)
-    return {**result, "id": job_id}
+    return {**result, "id": job.id}
 
 
 def timing_headers(result):
@@ -118,16 +119,16 @@ def parse_top_k(value):
     return int(value)
 
 
-def request_deadline(environ, headers):
+def request_deadline(environ):
     """When this request's answer is due: REQUEST_TIMEOUT_S (or the client's shorter
     X-Request-Timeout-S) after it arrived. It arrived when nginx received it (X-Request-Start,
     which nginx sets) or, without nginx, when the web server accepted its connection; the earlier
     of the two counts, so the header can only shorten a deadline."""
     arrived = environ.get(ARRIVED_AT) or time.time()
-    started = parse_request_start(headers.get("X-Request-Start"))
+    started = parse_request_start(environ.get("HTTP_X_REQUEST_START"))
     if started is not None:
         arrived = min(arrived, started)
-    return arrived + parse_timeout(headers.get("X-Request-Timeout-S"))
+    return arrived + parse_timeout(environ.get("HTTP_X_REQUEST_TIMEOUT_S"))
 
 
 def parse_request_start(value):
@@ -181,20 +182,16 @@ def overload(reason, depth, workers, count=1):
                         {"Retry-After": str(retry_after)})
 
 
-# Images that decode within this many bytes (about 500,000 pixels once a JPEG is set to decode
-# reduced: a typical photo) take a few milliseconds, less than handing them to a thread and back.
-INLINE_DECODE_BYTES = 8 * 1024 * 1024
-
-
-def decode_upload(budget, data, size, channels, deadline):
-    """The upload's pixels for the model, decoded within the memory budget; large images off the
-    event loop."""
-    image = open_image(data, size, channels, settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
+def check_upload(data):
+    """Refuse an upload the model worker would: not an image in ALLOWED_FORMATS (400), more than
+    MAX_IMAGE_PIXELS (413), or decoding it would need more than DECODE_BUDGET_BYTES (413: the
+    estimate at full size, the most it may cost). Only its header is read."""
+    image = open_image(data, settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
     cost = decoding_bytes(image)
-    with budget.reserve(cost, deadline):
-        if cost <= INLINE_DECODE_BYTES:
-            return decode_image(image, size, channels)
-        return off_loop(decode_image, image, size, channels)
+    if cost > settings.DECODE_BUDGET_BYTES:
+        raise ServiceError(f"decoding this image takes about {cost >> 20} MiB, more than the "
+                           f"{settings.DECODE_BUDGET_BYTES >> 20} MiB a process may spend "
+                           "(DECODE_BUDGET_BYTES)", 413)
 
 
 class WorkerView:
@@ -207,22 +204,32 @@ class WorkerView:
     def __init__(self, store, keys, max_age_s=2.0):
         self.store, self.keys, self.max_age_s = store, keys, max_age_s
         self.beats, self.read_at = [], float("-inf")
-        self.shape = DEFAULT_INPUT
+        self.reading = threading.Lock()  # gevent's, once monkey-patched
         self.depth_seen = 0  # the queue's length when this process last enqueued or looked
 
     def heartbeats(self):
+        """The heartbeats, read again once they are max_age_s old: by one request, while the
+        others that come meanwhile go on with the ones read before (if any)."""
         if time.monotonic() - self.read_at > self.max_age_s:
-            self.beats = fresh_heartbeats(self.store, self.keys)
-            self.read_at = time.monotonic()
+            if self.reading.acquire(blocking=self.read_at == float("-inf")):
+                try:
+                    if time.monotonic() - self.read_at > self.max_age_s:
+                        self.beats = fresh_heartbeats(self.store, self.keys)
+                        self.read_at = time.monotonic()
+                finally:
+                    self.reading.release()
         return self.beats
 
-    def input_shape(self):
-        """(height, width, channels) of the workers' model: the last one reported (a moment
-        without heartbeats, e.g. just after a Redis restart, keeps it), ResNet50's before any."""
-        shapes = [input_shape_of(beat) for beat in self.heartbeats() if "input_shape" in beat]
-        if shapes:
-            self.shape = shapes[-1]
-        return self.shape
+    def check_job_format(self):
+        """503 while a warm worker of an older version of the service runs: it cannot read the
+        jobs this web tier writes (it would drop them, and their clients would wait for nothing).
+        Upgrade the model workers first: they read the jobs of older web tiers too."""
+        older = [beat.get("id", "?") for beat in self.heartbeats()
+                 if beat.get("warm") == "1" and jobqueue.JOB_FORMAT_FIELD not in beat]
+        if older:
+            raise ServiceError(f"model workers of an older version of the service are running "
+                               f"({', '.join(older)}): upgrade the model workers before the web "
+                               "tier", 503, {"Retry-After": "5"})
 
     def capacity(self):
         """(images per second, seconds of one batch) of the warm workers together, measured."""

@@ -2,8 +2,8 @@
 the same queue, batches, deadlines, admission and metrics as /predict.
 
 The model takes one input tensor per request, either of:
-- `image`: BYTES [N], encoded image files, decoded and resized as /predict's uploads are
-  (in JSON, each element is the file in base64, since JSON strings cannot carry binary);
+- `image`: BYTES [N], encoded image files, checked, queued, decoded and resized as /predict's
+  uploads are (in JSON, each element is the file in base64, since JSON strings cannot carry binary);
 - `pixels`: UINT8 [N, height, width, channels] at the model's input size.
 It has one output, `probabilities`: FP32 [N, classes]; or, with the classification extension's
 parameter `classification: K`, BYTES [N, K] of "value:index:label", most probable first.
@@ -28,8 +28,9 @@ import api_docs
 import settings
 from api_docs import documented
 from helpers import ServiceError, decode_array, is_whole_number, model_name
-from inference import (admit_or_refuse, decode_upload, find_warm, fresh_heartbeats,
-                       input_shape_of, request_deadline, submit, timing_headers)
+from inference import (admit_or_refuse, check_upload, find_warm, fresh_heartbeats, input_shape_of,
+                       request_deadline, submit, timing_headers)
+from jobqueue import new_job
 from webserver import off_loop
 
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
@@ -92,21 +93,23 @@ def add_routes(app, store, keys, workers, budget):
         "value:index:label" with the parameter classification: K. A body may use the binary
         tensor data extension (header Inference-Header-Content-Length).
         """
-        deadline = request_deadline(request.environ, request.headers)
+        deadline = request_deadline(request.environ)
         beat = find_model(workers.heartbeats(), name, version)
         admit_or_refuse(store, keys, workers, deadline)
         height, width, channels = input_shape_of(beat)
         header, input_name, items = parse_body(budget, request, (height, width, channels),
                                                deadline)
         wants_binary, classification = requested_output(header, int(beat["labels"]))
-        images = items if input_name == "pixels" else [
-            decode_element(budget, n, file, (width, height), channels, deadline)
-            for n, file in enumerate(items)]
-        target = {"model": name, **({"version": version} if version else {})}
-        results = submit(store, keys, workers, images, deadline, 1,
-                         request.environ.get("gunicorn.socket"),
-                         probabilities=not classification, classification=classification,
-                         **target)
+        if input_name == "image":
+            for n, file in enumerate(items):
+                check_element(n, file)
+        shape = (height, width, channels) if input_name == "pixels" else None
+        outputs = {"probabilities": not classification, "classification": classification,
+                   "model": name, **({"version": version} if version else {})}
+        jobs = [new_job(item, deadline, 1, shape, **outputs) for item in items]
+        del items
+        results = submit(store, keys, workers, jobs, deadline,
+                         request.environ.get("gunicorn.socket"))
         for result in results:
             if isinstance(result, ServiceError):
                 raise result
@@ -125,10 +128,10 @@ def parse_body(budget, request, input_shape, deadline):
         return read_images(body, length, input_shape)
 
 
-def decode_element(budget, n, data, size, channels, deadline):
-    """Element n of an `image` input, decoded as /predict decodes an upload."""
+def check_element(n, data):
+    """Refuse element n of an `image` input as /predict refuses an upload (check_upload)."""
     try:
-        return decode_upload(budget, data, size, channels, deadline)
+        check_upload(data)
     except ServiceError as refusal:
         raise ServiceError(f"input 'image' element {n}: {refusal.message}", refusal.status,
                            refusal.headers) from refusal

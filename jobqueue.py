@@ -1,19 +1,29 @@
 """The Redis protocol between web handlers and model workers.
 
-A job is one JSON string on the IMAGE_QUEUE list. A worker claims jobs by moving them atomically
-into its own processing list (so a job is never in two places, and a worker that dies leaves its
-jobs where another worker can re-queue them), and answers each job by pushing its result onto a
-per-job list that the waiting handler pops with a blocking call: nobody sleeps on a timer.
+A job is a body under a key of its own, {IMAGE_QUEUE}:job:<id>: one line of JSON (deadline, top_k,
+what the answer carries) and then the image, as uploaded (the model worker decodes it) or as raw
+uint8 pixels. The IMAGE_QUEUE list holds only each job's entry, "<id>:<bytes of its body>", so
+that every step after the enqueue moves a few dozen bytes, not the image: a worker claims entries
+by moving them atomically into its own processing list (a job is never in two places, and a worker
+that dies leaves its entries where another worker can re-queue them), gets their bodies in the same
+script, and answers each job by pushing its result onto a per-job list that the waiting handler
+pops with a blocking call: nobody sleeps on a timer.
+
+Every script is sent once and then run by its SHA1 (Script). The client reads replies as bytes:
+nothing an image passes through is decoded to text.
 """
+import base64
+import hashlib
 import json
 import logging
+import os
 import time
-import uuid
+from typing import NamedTuple
 
 import redis as redis_py
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -29,10 +39,14 @@ REDIS_ERRORS = (redis_py.RedisError, RedisClusterException)
 # No call blocks in Redis longer than this (a handler's wait is cut in such slices), so every reply
 # is due within SOCKET_TIMEOUT_S: a Redis that stops answering (a node lost, a partition) is
 # noticed in seconds, not at a request's deadline. Each slice costs a waiting handler two round
-# trips: under overload, with the queue REQUEST_TIMEOUT_S long, slices of 1 s took a tenth of the
-# model's CPU on two cores.
+# trips, so slices are not shorter than they need to be.
 WAIT_SLICE_S = 3.0
 SOCKET_TIMEOUT_S = WAIT_SLICE_S + 2
+
+# The version of the job format that workers announce in their heartbeats (JOB_FORMAT_FIELD): a
+# web tier enqueues jobs only where every warm worker reads them (see inference.WorkerView).
+JOB_FORMAT = 2
+JOB_FORMAT_FIELD = "job_format"
 
 
 def connect_redis(url=None):
@@ -46,7 +60,7 @@ def connect_redis(url=None):
     sentinels for the master: after a failover, clients reach the promoted replica by themselves.
     """
     url = url or settings.REDIS_URL or "redis://localhost:6379/0"
-    options = dict(decode_responses=True, socket_connect_timeout=2,
+    options = dict(decode_responses=False, socket_connect_timeout=2,
                    socket_timeout=SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
                    max_connections=settings.WEB_CONNECTIONS + 16)
     if url.startswith("redis+sentinel://"):
@@ -79,79 +93,221 @@ def connect_cluster(nodes, username, password, options, patience_s=60):
             delay = min(delay * 2, 5)
 
 
-# The part of a batch window that claim_batch polls rather than blocks (see there).
-FILL_POLL_S = 0.1
+def text(value):
+    """A reply as str (the client reads bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
 
-# Pushes a request's jobs (ARGV[4] on), all or none: none if they would take the queue past ARGV[1]
-# jobs or ARGV[2] bytes (every job of one model has the same size, so length x this job's size is
-# the queue's size). An empty queue takes any request, so one larger than the bound is not refused
-# for ever. Checking and pushing in one script keeps the bound exact with many web processes.
-# Returns the depth, negative if full.
-# Each job also gets a marker (KEYS[2] on) living ARGV[3] ms, to its deadline: written with the
-# job, in one script, a marker is lost with it when a Redis failover loses the last writes
-# (replication is asynchronous). A waiting handler that finds no marker knows its job is gone.
-ENQUEUE = """
+
+def text_hash(record):
+    """A hash's reply as {str: str}."""
+    return {text(name): text(value) for name, value in record.items()}
+
+
+class Script:
+    """A Lua script that Redis runs by its SHA1 (EVALSHA). Redis forgets scripts when it restarts
+    or fails over: then it is sent whole once more (EVAL caches it again). A script that was not
+    found did not run, so that is safe."""
+
+    def __init__(self, source):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, client, keys, args):
+        try:
+            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.execute_command("EVAL", self.source, len(keys), *keys, *args)
+
+    def queue(self, pipe, keys, args):
+        """Add a call to a pipeline (by SHA1: see claim_batch for a script Redis lacks)."""
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+# Pushes a request's jobs, all or none: none if they would take the queue past ARGV[1] jobs or its
+# bodies past ARGV[2] bytes (KEYS[2] counts the bytes of the queued bodies). An empty queue takes
+# any request, so one larger than the bound is not refused for ever. Checking and pushing in one
+# script keeps the bounds exact with many web processes. Returns the depth, negative if full.
+# Each body (KEYS[3] on) lives ARGV[3] ms, to its deadline: written with its entry, in one script,
+# a body is lost with it when a Redis failover loses the last writes (replication is
+# asynchronous), and a waiting handler that finds it gone knows its job is gone.
+ENQUEUE = Script("""
+local n = #KEYS - 2
 local depth = redis.call('LLEN', KEYS[1])
-local after = depth + #ARGV - 3
-if depth > 0 and (after > tonumber(ARGV[1]) or after * string.len(ARGV[4]) > tonumber(ARGV[2])) then
+local queued = 0
+if depth > 0 then queued = tonumber(redis.call('GET', KEYS[2]) or 0) end
+local size = 0
+for i = 1, n do size = size + string.len(ARGV[3 + n + i]) end
+if depth > 0 and (depth + n > tonumber(ARGV[1]) or queued + size > tonumber(ARGV[2])) then
   return -depth
 end
-for i = 2, #KEYS do redis.call('SET', KEYS[i], 1, 'PX', ARGV[3]) end
-return redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+for i = 1, n do redis.call('SET', KEYS[2 + i], ARGV[3 + n + i], 'PX', ARGV[3]) end
+redis.call('SET', KEYS[2], queued + size)
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 4, 3 + n))
+""")
+
+# Takes `size` bytes of bodies that leave the queue out of its count; the count goes when the queue
+# is empty (an empty queue holds no bytes: a count that drifted heals there).
+FORGET_BYTES = """
+local function forget_bytes(queue, count, size)
+  if redis.call('LLEN', queue) == 0 then
+    redis.call('DEL', count)
+  elseif size > 0 then
+    redis.call('DECRBY', count, size)
+  end
+end
 """
 
-# Moves up to ARGV[1] jobs from the queue into a processing list in one atomic step, so two
-# workers can never claim the same job and a claimed job is always somewhere in Redis. It (re)sets
-# the processing list's expiry: claim_batch's last call is always this script.
-CLAIM_MORE = """
-local claimed = {}
+# Moves up to ARGV[1] entries from the queue into a processing list in one atomic step, so two
+# workers can never claim the same job and a claimed job is always somewhere in Redis, and returns
+# each moved entry with its body, after those of the entries ARGV[4] on (already moved, by the
+# blocking move that starts a claim). The bodies' keys are made here from the prefix ARGV[3]: the
+# ids are known only once the entries are moved (each is in the queue's slot, on a Cluster too).
+# An entry of the format before this one is the whole job: its body is nil. It (re)sets the
+# processing list's expiry: claim_batch's last call is always this script.
+TAKE = Script(FORGET_BYTES + """
+local entries = {unpack(ARGV, 4)}
 for i = 1, tonumber(ARGV[1]) do
-  local job = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-  if not job then break end
-  claimed[#claimed + 1] = job
+  local entry = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not entry then break end
+  entries[#entries + 1] = entry
 end
+local reply, taken = {}, 0
+for _, entry in ipairs(entries) do
+  local id, size = string.match(entry, '^(%x+):(%d+)$')
+  reply[#reply + 1] = entry
+  if id then
+    reply[#reply + 1] = redis.call('GET', ARGV[3] .. id)
+    taken = taken + tonumber(size)
+  else
+    reply[#reply + 1] = false
+  end
+end
+forget_bytes(KEYS[1], KEYS[3], taken)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return claimed
-"""
+return reply
+""")
 
-# Replaces each result list KEYS[i] by the one result ARGV[i + 1], kept ARGV[1] seconds.
-STORE_RESULTS = """
-for i, key in ipairs(KEYS) do
-  redis.call('DEL', key)
-  redis.call('RPUSH', key, ARGV[i + 1])
-  redis.call('EXPIRE', key, ARGV[1])
+# Answers a batch and releases its claims: replaces each result list KEYS[1 + i] by the one result
+# ARGV[2 + i] (ARGV[2] of them), kept ARGV[1] seconds, then takes the batch's entries (the rest of
+# ARGV) out of the processing list KEYS[1] and deletes their bodies (the rest of KEYS). One
+# script: no result is ever left without its expiry, and the waiting handlers wake as it ends.
+ANSWER = Script("""
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  redis.call('DEL', KEYS[1 + i])
+  redis.call('RPUSH', KEYS[1 + i], ARGV[2 + i])
+  redis.call('EXPIRE', KEYS[1 + i], ARGV[1])
 end
-"""
+for i = n + 3, #ARGV do redis.call('LREM', KEYS[1], 1, ARGV[i]) end
+for i = n + 2, #KEYS do redis.call('DEL', KEYS[i]) end
+""")
 
-# Puts a dead worker's claimed jobs back at the head of the queue, in their order. It checks the
-# heartbeat inside the script so that a worker which is alive keeps its claim.
-REQUEUE_ORPHANS = """
+# Takes entries (ARGV) off the queue KEYS[1] that no worker has claimed yet, with their bodies
+# (KEYS[3] on) and their bytes in the count KEYS[2]; returns how many were there.
+WITHDRAW = Script(FORGET_BYTES + """
+local removed, freed = 0, 0
+for i, entry in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[1], 1, entry) > 0 then
+    removed = removed + 1
+    freed = freed + tonumber(string.match(entry, ':(%d+)$') or 0)
+    redis.call('DEL', KEYS[2 + i])
+  end
+end
+forget_bytes(KEYS[1], KEYS[2], freed)
+return removed
+""")
+
+# Puts a dead worker's claimed entries (KEYS[2]) back at the head of the queue (KEYS[3]), in their
+# order, and their bytes back in the count (KEYS[5]). It checks the heartbeat (KEYS[1]) inside the
+# script so that a worker which is alive keeps its claim.
+REQUEUE_ORPHANS = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-local moved = 0
-while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT') do moved = moved + 1 end
+local moved, size = 0, 0
+while true do
+  local entry = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
+  if not entry then break end
+  moved = moved + 1
+  size = size + tonumber(string.match(entry, '^%x+:(%d+)$') or 0)
+end
+if size > 0 then redis.call('INCRBY', KEYS[5], size) end
 redis.call('SREM', KEYS[4], ARGV[1])
 return moved
-"""
+""")
 
 
-def new_job(pixels_b64, shape, deadline, top_k, **outputs):
-    """A job record: what a worker needs to classify one image and answer its handler.
+# --- Jobs -----------------------------------------------------------------------------------
+
+class Job(NamedTuple):
+    id: str
+    entry: bytes  # what the queue holds: b"<id>:<bytes of the body>"
+    body: bytes  # the header line, b"\n", the image
+    deadline: float
+
+
+def new_job(data, deadline, top_k, shape=None, **outputs):
+    """A job for one image: `data` is the uploaded file, or with `shape` (height, width, channels)
+    raw uint8 pixels (any object with the buffer protocol, e.g. a numpy array).
 
     outputs: what the answer carries beyond the top_k predictions (see worker.process_batch):
     probabilities=True, the whole probability vector; classification=K, the top K as the Open
     Inference Protocol's "value:index:label" strings. model=NAME (and version=V): only a worker
     serving that model (at that version) may answer it.
     """
-    return {"id": str(uuid.uuid4()), "image": pixels_b64, "shape": list(shape),
-            "enqueued_at": time.time(), "deadline": deadline, "top_k": top_k, **outputs}
+    job_id = os.urandom(16).hex()
+    header = {"deadline": deadline, "enqueued_at": time.time(), "top_k": top_k, **outputs}
+    if shape is not None:
+        header["shape"] = list(shape)
+    body = b"".join((json.dumps(header, separators=(",", ":")).encode(), b"\n", data))
+    return Job(job_id, f"{job_id}:{len(body)}".encode(), body, deadline)
 
 
-def job_payload(job):
-    """json.dumps(job), its base64 image spliced in unscanned: base64 needs no escaping, and the
-    encoder's scan of those 200 kB was a tenth of a request's CPU in the web tier."""
-    rest = json.dumps({name: value for name, value in job.items() if name != "image"})
-    return f'{rest[:-1]}, "image": "{job["image"]}"}}'
+# What every job's header holds (new_job writes them), and their JSON types; "shape", when there,
+# is a list of three whole numbers.
+JOB_FIELDS = {"deadline": (int, float), "enqueued_at": (int, float), "top_k": int}
 
+
+def read_job(entry, body):
+    """A claimed job as a dict: its header's fields, "id", and "data" (the file, or with "shape"
+    the pixels). None if its body is gone (its deadline has passed); ValueError if it is not a job
+    this worker can read."""
+    if entry.startswith(b"{"):
+        return read_old_job(entry)
+    if body is None:
+        return None
+    line = body.find(b"\n")
+    job = json.loads(body[:line]) if line > 0 else None
+    check_fields(job)
+    job["id"] = entry.split(b":", 1)[0].decode()
+    job["data"] = memoryview(body)[line + 1:]
+    return job
+
+
+def read_old_job(payload):
+    """A job of the format before this one (the whole job on the queue, JSON, with its pixels in
+    base64), as read_job returns jobs: during an upgrade, old web processes still enqueue them."""
+    job = json.loads(payload)
+    check_fields(job)
+    if not isinstance(job.get("id"), str) or not isinstance(job.get("image"), str):
+        raise ValueError("missing or malformed fields: ['id', 'image']")
+    job["data"] = base64.b64decode(job.pop("image"), validate=True)
+    return job
+
+
+def check_fields(job):
+    """ValueError unless `job` is a dict with every header field of the right type."""
+    if not isinstance(job, dict):
+        raise ValueError("its header is not a JSON object")
+    wrong = [name for name, kind in JOB_FIELDS.items()
+             if not isinstance(job.get(name), kind) or isinstance(job.get(name), bool)]
+    shape = job.get("shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3 and all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        wrong.append("shape")
+    if wrong or job["top_k"] < 1:
+        raise ValueError(f"missing or malformed fields: {wrong or ['top_k']}")
+
+
+# --- The web tier's side --------------------------------------------------------------------
 
 class QueueFull(Exception):
     """The queue is at MAX_QUEUE_LENGTH or MAX_QUEUE_BYTES; `depth` jobs are waiting."""
@@ -167,62 +323,51 @@ def queue_depth(redis, keys):
     return redis.llen(keys.queue)
 
 
-def enqueue_job(redis, keys, job, max_length, max_bytes):
-    """enqueue_jobs for one job: returns its payload and the queue's length with it."""
-    payloads, depth = enqueue_jobs(redis, keys, [job], max_length, max_bytes)
-    return payloads[0], depth
-
-
 def enqueue_jobs(redis, keys, jobs, max_length, max_bytes):
-    """RPUSH a request's jobs, all of them or none if the queue is full; returns their exact
-    payloads (to withdraw them later) and the queue's length with them.
+    """Push a request's jobs, all of them or none if the queue is full; returns the queue's length
+    with them.
 
     If Redis fails, the reply may have been lost after the push: the jobs are withdrawn (when
     Redis answers again) before the error goes on, so a client told 503 has no job left behind.
     """
-    payloads = [job_payload(job) for job in jobs]
-    markers = [keys.job(job["id"]) for job in jobs]
-    marker_ms = int((max(job["deadline"] for job in jobs) - time.time()) * 1000) + 1000
+    lifetime_ms = int((max(job.deadline for job in jobs) - time.time()) * 1000) + 1000
     try:
-        depth = redis.eval(ENQUEUE, 1 + len(markers), keys.queue, *markers, max_length,
-                           max_bytes, max(marker_ms, 1), *payloads)
+        depth = ENQUEUE(redis, [keys.queue, keys.queued_bytes, *[keys.job(j.id) for j in jobs]],
+                        [max_length, max_bytes, max(lifetime_ms, 1), *[j.entry for j in jobs],
+                         *[j.body for j in jobs]])
     except REDIS_ERRORS:
-        withdraw_jobs(redis, keys, payloads)
+        withdraw_jobs(redis, keys, jobs)
         raise
     if depth <= 0:
         raise QueueFull(-depth, len(jobs))
-    return payloads, depth
+    return depth
 
 
-def withdraw_job(redis, keys, payload):
-    """Take a job off the queue if no worker has claimed it yet; True if it was there."""
-    return withdraw_jobs(redis, keys, [payload]) == 1
-
-
-def withdraw_jobs(redis, keys, payloads):
+def withdraw_jobs(redis, keys, jobs):
     """Take jobs off the queue that no worker has claimed yet, in one round trip; how many were
     there (0 if Redis cannot be asked)."""
-    pipe = redis.pipeline(transaction=False)
-    for payload in payloads:
-        pipe.lrem(keys.queue, 1, payload)
+    if not jobs:
+        return 0
     try:
-        return sum(pipe.execute())
+        return WITHDRAW(redis, [keys.queue, keys.queued_bytes, *[keys.job(j.id) for j in jobs]],
+                        [j.entry for j in jobs])
     except REDIS_ERRORS as exc:
         log.warning("could not withdraw %d jobs (Redis: %s); a worker may still compute them",
-                    len(payloads), exc)
+                    len(jobs), exc)
         return 0
 
 
-def wait_for_result(redis, keys, job_id, payload, deadline):
+def wait_for_result(redis, keys, job, deadline):
     """Block until the job's result arrives; at the deadline withdraw the job and raise 504; and
-    raise 503 as soon as the job is known to be gone (its marker lost in a Redis failover).
+    raise 503 as soon as the job is known to be gone (its body lost in a Redis failover).
 
     BLMOVE from the result list onto itself reads the result without taking it away, so a read
     whose reply is lost can be repeated. The key is left to expire (RESULT_TTL_S after the worker
     stored it): deleting it would cost every request one more round trip. The wait is cut in
-    slices of WAIT_SLICE_S (one call for most requests), and the marker is checked between them.
+    slices of WAIT_SLICE_S (one call for most requests), and the body is looked for between them:
+    it lives until the job is answered (or its deadline).
     """
-    key = keys.result(job_id)
+    key = keys.result(job.id)
     while True:
         timeout = deadline - time.time()
         if timeout <= 0:
@@ -234,84 +379,106 @@ def wait_for_result(redis, keys, job_id, payload, deadline):
         reply = redis.blmove(key, key, min(max(timeout, 0.01), WAIT_SLICE_S), "LEFT", "RIGHT")
         if reply is not None:
             break
-        if not redis.exists(keys.job(job_id)) and deadline - time.time() > 0:
+        if not redis.exists(keys.job(job.id)) and deadline - time.time() > 0:
+            reply = redis.lindex(key, 0)  # answered just now: the answer deletes the body
+            if reply is not None:
+                break
             raise ServiceError("the job was lost: Redis failed over before it had copied the "
                                "job to the new master; retry", 503, {"Retry-After": "1"})
     if reply is None:
         # Nobody will wait for this job any more: take it off the queue if no worker has it yet.
-        withdraw_job(redis, keys, payload)
+        withdraw_jobs(redis, keys, [job])
         raise ServiceError("no result within the request timeout; the model workers are busy "
                            "or not running", 504)
     return json.loads(reply)
+
+
+# --- The model worker's side ----------------------------------------------------------------
+
+# The part of a batch window that claim_batch polls rather than blocks (see there).
+FILL_POLL_S = 0.1
 
 
 def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_to_fill):
     """Claim up to batch_size jobs: block up to block_s for the first, then take more for as long
     as time_to_fill(claimed) says more are worth waiting for (it may block; 0: start now).
 
-    Returns the claimed payloads (empty if none arrived within block_s). They stay in this worker's
-    processing list until store_results removes them.
+    Returns (entry, body) pairs (none if no job came within block_s). Their entries stay in this
+    worker's processing list until store_results removes them.
     """
     processing = keys.processing(worker_id)
 
-    def claim_more(client, count):
-        # (execute_command: a cluster's pipeline has a method of its own named eval.)
-        return client.execute_command("EVAL", CLAIM_MORE, 2, keys.queue, processing, count,
-                                      int(claim_ttl_s))
+    def take(client, count, moved=()):
+        return pairs(TAKE(client, [keys.queue, processing, keys.queued_bytes],
+                          [count, int(claim_ttl_s), keys.job_prefix, *moved]))
 
     # The first claim of more is sent with the blocking move, in one round trip: Redis runs it as
     # soon as the move is served (a client's commands run in order), so a lone job's worker does
     # not wait for a second reply before it starts. (So it sees the queue as it was then: a job
     # that comes while this worker is slow to read the reply is left to time_to_fill's claims
-    # below, or to the next batch.)
+    # below, or to the next batch.) The first entry's body comes with the next take.
     pipe = redis.pipeline(transaction=False)
     pipe.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
-    claim_more(pipe, batch_size - 1)
-    first, more = pipe.execute()
-    batch = ([first] if first is not None else []) + more
-    while batch:
-        remaining = time_to_fill(len(batch)) if len(batch) < batch_size else 0
+    TAKE.queue(pipe, [keys.queue, processing, keys.queued_bytes],
+               [batch_size - 1, int(claim_ttl_s), keys.job_prefix])
+    first, more = pipe.execute(raise_on_error=False)
+    if isinstance(first, Exception):
+        raise first
+    moved = [first] if first is not None else []
+    if isinstance(more, NoScriptError):  # Redis has forgotten it (a restart): sent whole now
+        batch, moved = (take(redis, batch_size - 1, moved) if moved else []), []
+    elif isinstance(more, Exception):
+        raise more
+    else:
+        batch = pairs(more)
+    while batch or moved:
+        count = len(batch) + len(moved)
+        remaining = time_to_fill(count) if count < batch_size else 0
         if remaining <= 0:
-            return batch
+            return batch + (take(redis, 0, moved) if moved else [])
         # A push wakes a blocked client at once, but Redis ends a blocking wait that times out
         # only on its clock tick (10 Hz by default): a 5 ms BLMOVE would take 100 ms. So the last
         # 100 ms of a wait are polled every millisecond (a few calls for a typical window).
         # (A timeout under 1 ms must never be sent: Redis reads it as 0, "block forever".)
         if remaining > FILL_POLL_S + 0.01:
-            job = redis.blmove(keys.queue, processing, min(remaining - FILL_POLL_S, WAIT_SLICE_S),
-                               "LEFT", "RIGHT")
-            batch += [job] if job is not None else []
+            entry = redis.blmove(keys.queue, processing,
+                                 min(remaining - FILL_POLL_S, WAIT_SLICE_S), "LEFT", "RIGHT")
+            moved += [entry] if entry is not None else []
         else:
             time.sleep(min(remaining, 0.001))
-        batch += claim_more(redis, batch_size - len(batch))
+        batch += take(redis, max(0, batch_size - len(batch) - len(moved)), moved)
+        moved = []
     return batch
 
 
+def pairs(reply):
+    """TAKE's flat reply [entry, body, entry, body, ...] as (entry, body) pairs."""
+    return list(zip(reply[::2], reply[1::2]))
+
+
 def claimed_jobs(redis, keys, worker_id):
-    """Every payload in a worker's processing list (to recover claims whose reply was lost)."""
+    """Every entry in a worker's processing list (to recover claims whose reply was lost)."""
     return redis.lrange(keys.processing(worker_id), 0, -1)
 
 
-def store_results(redis, keys, worker_id, results, payloads, ttl_s):
-    """Answer the jobs of one batch, then release their claims, in one round trip.
+def take_claimed(redis, keys, worker_id, entries, claim_ttl_s):
+    """(entry, body) pairs of entries already in this worker's processing list."""
+    return pairs(TAKE(redis, [keys.queue, keys.processing(worker_id), keys.queued_bytes],
+                      [0, int(claim_ttl_s), keys.job_prefix, *entries]))
 
-    The answers are one script, so no result is ever left without its expiry; the claims follow
-    in the same pipeline. Redis runs them in order and wakes each waiting handler as soon as the
-    script has run, before it has read the claims' payloads (200 kB an image). Only this batch's
-    payloads leave the processing list: a worker may hold another batch. Safe to repeat when a
-    reply is lost: each result list is replaced, not appended to, and a released claim is not
-    found again. (A worker that dies between the two leaves claims whose jobs are answered: they
-    are re-queued and answered once more, or dropped at their deadline.)
+
+def store_results(redis, keys, worker_id, results, entries, ttl_s):
+    """Answer the jobs of one batch, then release their claims, in one script.
+
+    Only this batch's entries leave the processing list: a worker may hold another batch. Safe to
+    repeat when a reply is lost: each result list is replaced, not appended to, and a released
+    claim is not found again.
     """
-    pipe = redis.pipeline(transaction=False)
-    if results:
-        # (execute_command: a cluster's pipeline has a method of its own named eval.)
-        pipe.execute_command("EVAL", STORE_RESULTS, len(results),
-                             *[keys.result(job_id) for job_id in results], int(ttl_s),
-                             *[json.dumps(result) for result in results.values()])
-    for payload in payloads:
-        pipe.lrem(keys.processing(worker_id), 1, payload)
-    pipe.execute()
+    ids = [entry.split(b":", 1)[0].decode() for entry in entries if not entry.startswith(b"{")]
+    ANSWER(redis, [keys.processing(worker_id), *[keys.result(job_id) for job_id in results],
+                   *[keys.job(job_id) for job_id in ids]],
+           [int(ttl_s), len(results), *[json.dumps(result) for result in results.values()],
+            *entries])
 
 
 def publish_heartbeat(redis, keys, worker_id, fields, ttl_s, registry_ttl_s):
@@ -326,23 +493,23 @@ def publish_heartbeat(redis, keys, worker_id, fields, ttl_s, registry_ttl_s):
 
 def live_workers(redis, keys):
     """Heartbeats of the workers alive now, as dicts of strings."""
-    ids = sorted(redis.smembers(keys.workers))
+    ids = sorted(text(worker_id) for worker_id in redis.smembers(keys.workers))
     pipe = redis.pipeline(transaction=False)
     for worker_id in ids:
         pipe.hgetall(keys.heartbeat(worker_id))
-    return [beat for beat in pipe.execute() if beat]
+    return [text_hash(beat) for beat in pipe.execute() if beat]
 
 
 def requeue_claims(redis, keys, worker_id):
     """Put a silent worker's claimed jobs back on the queue and deregister it; -1 if it beats."""
-    return redis.eval(REQUEUE_ORPHANS, 4, keys.heartbeat(worker_id), keys.processing(worker_id),
-                      keys.queue, keys.workers, worker_id)
+    return REQUEUE_ORPHANS(redis, [keys.heartbeat(worker_id), keys.processing(worker_id),
+                                   keys.queue, keys.workers, keys.queued_bytes], [worker_id])
 
 
 def requeue_orphans(redis, keys):
     """Re-queue the claimed jobs of every registered worker whose heartbeat has expired."""
     requeued = 0
-    for worker_id in redis.smembers(keys.workers):
+    for worker_id in map(text, redis.smembers(keys.workers)):
         moved = requeue_claims(redis, keys, worker_id)
         if moved > 0:
             log.warning("re-queued %d jobs of dead worker %s", moved, worker_id)
@@ -375,7 +542,7 @@ def propose_model(redis, keys, spec):
 
 def wanted_model(redis, keys):
     """(spec, rollout number) of the model workers should serve; (None, 0) before any."""
-    record = redis.hgetall(keys.model)
+    record = text_hash(redis.hgetall(keys.model))
     if not record:
         return None, 0
     rollout = int(record.pop("rollout", 0))
@@ -417,15 +584,15 @@ def accept_model(redis, keys, spec):
 
 
 # Pushes ARGV[1] onto KEYS[1] if that list does not exist: checked and pushed in one step.
-PUSH_IF_EMPTY = """
+PUSH_IF_EMPTY = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('RPUSH', KEYS[1], ARGV[1]) end
-"""
+""")
 
 
 def accept_first_model(redis, keys, spec):
     """Record `spec` as accepted if nothing is: the version the first worker started with (once,
     however many workers start together)."""
-    redis.eval(PUSH_IF_EMPTY, 1, keys.model_history, history_entry(spec))
+    PUSH_IF_EMPTY(redis, [keys.model_history], [history_entry(spec)])
 
 
 def forget_newest_model(redis, keys):
@@ -443,4 +610,4 @@ def refuse_model(redis, keys, rollout, worker, reason):
 
 def refusals(redis, keys, rollout):
     """{worker: reason} of the workers that refused rollout number `rollout`."""
-    return redis.hgetall(keys.refusals(rollout))
+    return text_hash(redis.hgetall(keys.refusals(rollout)))

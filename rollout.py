@@ -44,6 +44,11 @@ RUN_KERAS_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run
 LOADER_WINDOW_S = 30.0
 LOADER_MIN_SHARE = 0.1
 
+# glibc gives each thread that allocates an arena of its own, and an arena keeps much of what it
+# frees: a model process's decoding threads, each taking a large image in turn, would together keep
+# several times the decoding budget. Two arenas keep it near the budget (unless set otherwise).
+MODEL_PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", **os.environ}
+
 
 def spec_from_settings():
     """The model the settings name (served until a `reload` records another)."""
@@ -91,7 +96,7 @@ class ModelProcess:
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()])
+            pass_fds=[theirs.fileno()], env=MODEL_PROCESS_ENV)
         theirs.close()
         self.channel = Channel(ours)
         self.spec, self.rollout = spec, rollout

@@ -6,9 +6,10 @@
     python run_keras_server.py reload --model PATH --version V   # switch workers, no downtime
     python run_keras_server.py reload --rollback                   # back to the version before
 
-A request travels: /predict decodes the upload into uint8 pixels, pushes one JSON job onto the
-IMAGE_QUEUE list and blocks on its result list; a model worker claims up to BATCH_SIZE jobs, runs
-one forward pass for all of them and pushes each result where its handler is waiting.
+A request travels: /predict checks the upload's header, stores it as a job in Redis with its id on
+the IMAGE_QUEUE list, and blocks on its result list; a model worker claims up to BATCH_SIZE jobs,
+decodes their images into one batch, runs one forward pass for all of them and pushes each result
+where its handler is waiting.
 """
 import os
 import sys
@@ -36,12 +37,11 @@ import inference_protocol
 import metrics
 import settings
 from api_docs import documented
-from helpers import Keys, ServiceError
-from inference import (WorkerView, admit_or_refuse, decode_upload, find_warm, fresh_heartbeats,
-                       input_shape_of, parse_top_k, request_deadline, submit, timing_headers)
+from helpers import Keys, MemoryBudget, ServiceError
+from inference import WorkerView, find_warm, fresh_heartbeats, input_shape_of
 from jobqueue import REDIS_ERRORS, connect_redis
+from predict import PredictEndpoint
 from rollout import run_model_process, run_reload, run_supervisor
-from webserver import DecodeBudget
 
 log = logging.getLogger("keras_server")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,44 +58,24 @@ def create_app(redis_client=None):
     store = redis_client or connect_redis()
     keys = Keys(settings.IMAGE_QUEUE)
     workers = WorkerView(store, keys)
-    budget = DecodeBudget(settings.DECODE_BUDGET_BYTES)
+    budget = MemoryBudget(settings.DECODE_BUDGET_BYTES)  # for parsing /v2 bodies
+
+    endpoint = app.wsgi_app = PredictEndpoint(app.wsgi_app, store, keys, workers)
 
     @app.post("/predict")
     @documented(**api_docs.PREDICT)
     def predict():
         """Classify one image, or several (repeat the field `image`), each a job of its own.
 
-        One image gets the classic tutorial's answer; several get one result each, in order,
-        with its own error if it alone failed. The images of a request are enqueued all or none.
+        The image comes as the multipart/form-data field `image` (the classic tutorial's form),
+        or as the body itself (Content-Type image/...). One image gets the classic tutorial's
+        answer; several get one result each, in order, with its own error if it alone failed. The
+        images of a request are enqueued all or none.
         """
-        deadline = request_deadline(request.environ, request.headers)
-        top_k = parse_top_k(request.args.get("top_k"))
-        admit_or_refuse(store, keys, workers, deadline)  # before spending time on the upload
-        uploads = request.files.getlist("image")
-        if not uploads:
-            raise ServiceError("send the image as multipart/form-data field 'image'", 400)
-        if len(uploads) > settings.MAX_IMAGES_PER_REQUEST:
-            raise ServiceError(f"{len(uploads)} images in one request; at most "
-                               f"{settings.MAX_IMAGES_PER_REQUEST} (MAX_IMAGES_PER_REQUEST)", 413)
-        height, width, channels = workers.input_shape()
-        decoded = [decode_or_refusal(budget, upload.read(), (width, height), channels, deadline)
-                   for upload in uploads]
-        images = [item for item in decoded if not isinstance(item, ServiceError)]
-        answers = iter(submit(store, keys, workers, images, deadline, top_k,
-                              request.environ.get("gunicorn.socket")) if images else [])
-        outcomes = [item if isinstance(item, ServiceError) else next(answers) for item in decoded]
-        if len(outcomes) == 1:
-            if isinstance(outcomes[0], ServiceError):
-                raise outcomes[0]
-            response = jsonify(success=True, predictions=outcomes[0]["predictions"])
-            response.headers.update(timing_headers(outcomes[0]))
-            return response
-        results = [image_result(outcome) for outcome in outcomes]
-        if all(isinstance(outcome, ServiceError) for outcome in outcomes):
-            # Nothing classified: the request fails with the first image's status.
-            raise ServiceError(f"no image was classified; the first: {outcomes[0].message}",
-                               outcomes[0].status, body={"results": results})
-        return jsonify(success=all(result["success"] for result in results), results=results)
+        # PredictEndpoint answers POST /predict in front of Flask (this view is reached only
+        # without it); the route documents it, and answers 405 to other methods.
+        status, headers, body = endpoint.answer(request.environ)
+        return Response(body, status, headers)
 
     @app.get("/")
     @documented(**api_docs.PAGE)
@@ -176,7 +156,7 @@ def create_app(redis_client=None):
     @app.after_request
     def name_instance_and_count(response):
         response.headers["X-Served-By"] = settings.INSTANCE_NAME
-        if request.endpoint in ("predict", "infer"):
+        if request.endpoint == "infer":  # (PredictEndpoint counts /predict's)
             metrics.REQUESTS.labels(str(response.status_code)).inc()
             metrics.REQUEST_SECONDS.observe(time.perf_counter() - g.started)
         return response
@@ -190,24 +170,6 @@ def error_answer(message, status, headers=None, body=None):
     if request.path == "/v2" or request.path.startswith("/v2/"):
         return jsonify(error=message), status, headers or {}
     return jsonify(success=False, error=message, **(body or {})), status, headers or {}
-
-
-def decode_or_refusal(budget, data, size, channels, deadline):
-    """An upload's pixels, or the ServiceError that refuses it (one image of several fails
-    alone)."""
-    try:
-        return decode_upload(budget, data, size, channels, deadline)
-    except ServiceError as refusal:
-        return refusal
-
-
-def image_result(outcome):
-    """One image's entry in the answer for several images."""
-    if isinstance(outcome, ServiceError):
-        return {"success": False, "error": outcome.message, "status": outcome.status}
-    return {"success": True, "predictions": outcome["predictions"],
-            **{name: outcome[name] for name in ("queue_wait_ms", "inference_ms", "batch_size",
-                                                "model_version")}}
 
 
 def describe_model(beat):

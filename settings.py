@@ -86,10 +86,10 @@ ALLOWED_FORMATS = env_list("ALLOWED_FORMATS", "JPEG,PNG,GIF,BMP,TIFF,WEBP", choi
 """Pillow format names accepted in uploads, comma-separated; anything else gets 400."""
 
 DECODE_BUDGET_BYTES = env_int("DECODE_BUDGET_BYTES", 640 * 1024 * 1024, minimum=16 * 1024 * 1024)
-"""Bytes one web process may spend on decoding images at once, estimated from each header before
-decoding (16 bytes a pixel at most). 640 MiB: one image of MAX_IMAGE_PIXELS, and two web processes
-fit a 2 GB container. A request over it waits within its deadline (then 503 with Retry-After); an
-image that alone needs more gets 413."""
+"""Bytes one process may spend at once on decoding images (a model worker) or parsing /v2 bodies
+(a web process), estimated before it starts (an image's from its header: 16 bytes a pixel at most,
+what a progressive JPEG's coefficients hold). 640 MiB: one image of MAX_IMAGE_PIXELS. An image that
+waits for it past its deadline is not answered (504); an upload that alone needs more gets 413."""
 
 REQUEST_TIMEOUT_S = env_float("REQUEST_TIMEOUT_S", 30.0, minimum=0.1)
 """Seconds a request may wait for its result (queue wait + inference) before it gets 504.
@@ -177,6 +177,9 @@ never while the worker's other batch is computing: then a partial batch waits fo
 BATCHES_IN_FLIGHT = env_int("BATCHES_IN_FLIGHT", 2, minimum=1)
 """Batches one worker runs at once. 2 overlaps one batch's Redis and decoding work with another's
 forward pass and keeps the cores busy when neighbours take CPU; 1: strictly one at a time."""
+
+DECODE_THREADS = env_int("DECODE_THREADS", 0, minimum=0)
+"""Threads of a model worker that decode uploads into its batches. 0: one per core it may use."""
 
 MODEL_THREADS = env_int("MODEL_THREADS", 0, minimum=0)
 """Threads for one forward pass (TensorFlow intra-op, OpenVINO's inference threads). 0: the

@@ -2,23 +2,21 @@
 waiting requests per process at the cost of a greenlet each.
 
 - StampingGeventWorker notes when each request arrived, where its deadline starts.
-- off_loop runs CPU work (decoding an upload) in a native thread, so a large image does not stall
-  the event loop: other requests are still accepted, refused or answered meanwhile.
+- off_loop runs CPU work (parsing a large body) in a native thread, so that it does not stall the
+  event loop: other requests are still accepted, refused or answered meanwhile.
 - client_watch stops a request's wait when its client hangs up, so its job can be withdrawn.
-- DecodeBudget bounds the bytes of images being decoded at once in one process.
 
 Outside gevent (e.g. the Flask development server) the same calls work, without the first three.
 """
 import contextlib
+import select
 import socket
-import threading
 import time
 
 import gevent
 from gevent import monkey
 from gunicorn.workers.ggevent import GeventWorker
 
-from helpers import ServiceError
 
 ARRIVED_AT = "keras_server.arrived_at"  # environ key: time.time() when the request arrived
 
@@ -27,6 +25,13 @@ class StampingGeventWorker(GeventWorker):
     """gunicorn's gevent worker, plus environ[ARRIVED_AT]: when the connection was accepted (its
     first request; a connection's greenlet starts as it is accepted) or, on a kept-alive
     connection, when the request was read."""
+
+    def patch(self):
+        super().patch()
+        # redis-py polls a pooled connection before each command, for data left on it, never
+        # waiting (timeout 0). gevent's poll does that at twenty times the system's cost, in the
+        # path of every request; a poll that does not wait needs nothing of gevent.
+        select.poll = monkey.get_original("select", "poll")
 
     def handle(self, listener, client, addr):
         gevent.getcurrent().arrived_at = time.time()
@@ -57,8 +62,7 @@ def is_gevent():
 
 
 def off_loop(function, *args):
-    """function(*args) in one of gevent's native threads (Pillow lets go of the GIL while it
-    decodes); called directly outside gevent."""
+    """function(*args) in one of gevent's native threads; called directly outside gevent."""
     if is_gevent():
         return gevent.get_hub().threadpool.apply(function, args)
     return function(*args)
@@ -72,51 +76,28 @@ class ClientGone(Exception):
 def client_watch(connection):
     """Raise ClientGone in the body if the client at the other end of `connection` (the socket
     gunicorn hands the app) hangs up meanwhile. Behind nginx too: it closes its connection to the
-    web instance when its client aborts."""
+    web instance when its client aborts.
+
+    It watches with the event loop's own watcher and a callback, not a greenlet of its own: this
+    runs for every request."""
     if connection is None or not is_gevent():
         yield
         return
     waiter = gevent.getcurrent()
+    watcher = gevent.get_hub().loop.io(connection.fileno(), 1)  # 1: readable
 
-    def watch():
-        try:
-            gevent.socket.wait_read(connection.fileno())
-            gone = connection.recv(1, socket.MSG_PEEK) == b""  # else: the client sent more data
+    def readable():
+        watcher.stop()  # either way: gone, or the client sent more data (read after the answer)
+        try:  # (readable: this does not wait)
+            gone = connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             gone = True
         if gone:
             waiter.kill(ClientGone(), block=False)
 
-    watcher = gevent.spawn(watch)
+    watcher.start(readable)
     try:
         yield
     finally:
-        watcher.kill(block=False)
-
-
-class DecodeBudget:
-    """Bytes of images being decoded at once in this process, held under a total."""
-
-    def __init__(self, total_bytes):
-        self.total = self.free = total_bytes
-        self.changed = threading.Condition()  # gevent's, once monkey-patched
-
-    @contextlib.contextmanager
-    def reserve(self, nbytes, deadline):
-        """Hold nbytes of the budget for the body: 413 if more than all of it, 503 if not free
-        before the deadline."""
-        if nbytes > self.total:
-            raise ServiceError(f"decoding this image takes about {nbytes >> 20} MiB, more than the "
-                               f"{self.total >> 20} MiB a web process may spend (DECODE_BUDGET_BYTES)",
-                               413)
-        with self.changed:
-            if not self.changed.wait_for(lambda: self.free >= nbytes, deadline - time.time()):
-                raise ServiceError("the web tier is busy decoding other images; retry shortly", 503,
-                                   {"Retry-After": "1"})
-            self.free -= nbytes
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.free += nbytes
-                self.changed.notify_all()
+        watcher.stop()
+        watcher.close()

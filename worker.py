@@ -8,14 +8,13 @@ Three parts, each readable alone:
 Loading a model, warming it up and choosing the batch size are classifier.py's; switching between
 model versions is rollout.py's (each version runs in a process of its own).
 """
-import binascii
 import collections
-import json
 import logging
 import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +22,8 @@ import numpy as np
 import jobqueue
 import metrics
 import settings
-from helpers import Keys, decode_array, encode_array, model_name
+from helpers import (Keys, MemoryBudget, ServiceError, decode_image, decode_reduced, encode_array,
+                     model_name, open_image)
 from jobqueue import REDIS_ERRORS
 
 log = logging.getLogger("keras_server.worker")
@@ -38,35 +38,33 @@ class BatchOutcome(NamedTuple):
     forward_s: float  # seconds of the forward pass (0 if none ran)
 
 
-def process_batch(classifier, jobs, now, pass_s=0.0, clock=time.perf_counter):
+def process_batch(classifier, images, jobs, now, pass_s=0.0, clock=time.perf_counter):
     """Every job's answer for one claimed batch, from one forward pass.
 
-    now: the claim's wall-clock time (queue waits are measured to it); pass_s: how long a forward
-    pass takes lately. A job whose deadline falls before now + pass_s is dropped unanswered (its
-    client gets 504 without the model spending time on it); a job that does not decode gets a 400
-    record; a failed forward pass gets every job a 500 record.
+    images: the ImageReader that puts the jobs' images into this lane's batch buffer. now: the
+    claim's wall-clock time (queue waits are measured to it); pass_s: how long a forward pass
+    takes lately. A job whose deadline falls before now + pass_s is dropped unanswered (its
+    client gets 504 without the model spending time on it); a job whose image does not decode gets
+    a 4xx record; a failed forward pass gets every job a 500 record.
     """
-    valid, pixels, results = [], [], {}
+    results = {}
     expired = [job["id"] for job in jobs if job["deadline"] <= now + pass_s]
+    wanted = []
     for job in jobs:
         if job["id"] in expired:
             continue
         elsewhere = served_elsewhere(classifier, job)
         if elsewhere:
             results[job["id"]] = {"error": elsewhere, "status": 404}
-            continue
-        try:
-            pixels.append(decode_job(job, classifier.input_shape))
-        except (ValueError, TypeError, binascii.Error) as exc:
-            results[job["id"]] = {"error": f"cannot decode the queued image: {exc}",
-                                  "status": 400}
-            continue
-        valid.append(job)
+        else:
+            wanted.append(job)
+    pixels, valid, refusals = images.read(wanted)
+    results.update(refusals)
     if not valid:
         return BatchOutcome(results, expired, 0, 0.0)
     started = clock()
     try:
-        probabilities = classifier.predict_batch(np.stack(pixels))
+        probabilities = classifier.predict_batch(pixels)
     except Exception as exc:
         log.exception("forward pass failed for a batch of %d", len(valid))
         results.update({job["id"]: {"error": f"inference failed: {exc}", "status": 500}
@@ -110,12 +108,62 @@ def extra_outputs(classifier, job, row):
     return outputs
 
 
-def decode_job(job, input_shape):
-    """A job's pixels, checked against the model's input shape."""
-    pixels = decode_array(job["image"], job["shape"])
-    if pixels.shape != tuple(input_shape):
-        raise ValueError(f"shape {tuple(pixels.shape)} is not the model's {tuple(input_shape)}")
-    return pixels
+class ImageReader:
+    """Puts each job's image into a batch buffer, as the model takes it (uint8, its input shape):
+    an upload decoded and resized, or raw pixels copied.
+
+    Uploads are decoded here, beside the model, rather than in the web tier: only the upload (a
+    fraction of its pixels' bytes) crosses Redis, and only images a batch takes are decoded, not
+    those refused or withdrawn later. They decode in a pool of threads (Pillow and OpenCV let go
+    of the GIL), within a memory budget (decoding_bytes, with what a progressive JPEG's
+    coefficients hold). Each lane has a buffer of its own, made once.
+    """
+
+    def __init__(self, input_shape, threads, budget_bytes):
+        self.shape = tuple(input_shape)  # (height, width, channels)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        self.budget = MemoryBudget(budget_bytes)
+        self.local = threading.local()
+
+    def read(self, jobs):
+        """(pixels of the jobs that could be read, in a view of this lane's buffer; those jobs;
+        {job id: error record} of the others)."""
+        buffer = self.buffer(len(jobs))[:len(jobs)]
+        if len(jobs) > 1:
+            errors = list(self.pool.map(self.read_one, jobs, buffer))
+        else:  # a lone image is read here, without a hand-over to the pool and back
+            errors = [self.read_one(job, row) for job, row in zip(jobs, buffer)]
+        valid = [n for n, error in enumerate(errors) if error is None]
+        pixels = buffer if len(valid) == len(jobs) else buffer[valid]
+        refusals = {job["id"]: error for job, error in zip(jobs, errors) if error is not None}
+        return pixels, [jobs[n] for n in valid], refusals
+
+    def buffer(self, rows):
+        """This lane's batch buffer, at least `rows` images long."""
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None or len(buffer) < rows:
+            buffer = self.local.buffer = np.empty((max(rows, 1), *self.shape), np.uint8)
+        return buffer
+
+    def read_one(self, job, row):
+        """Put one job's image into `row`; None, or its error record."""
+        height, width, channels = self.shape
+        try:
+            if "shape" in job:
+                pixels = np.frombuffer(job["data"], np.uint8)
+                if tuple(job["shape"]) != self.shape or pixels.size != row.size:
+                    raise ValueError(f"shape {tuple(job['shape'])} is not the model's {self.shape}")
+                row[...] = pixels.reshape(self.shape)
+                return None
+            image = open_image(job["data"], settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
+            cost = decode_reduced(image, (width, height), channels)
+            with self.budget.reserve(cost, job["deadline"]):
+                decode_image(image, (width, height), channels, out=row)
+            return None
+        except ServiceError as refusal:
+            return {"error": refusal.message, "status": refusal.status}
+        except ValueError as exc:
+            return {"error": f"cannot decode the queued image: {exc}", "status": 400}
 
 
 # --- Heartbeats -----------------------------------------------------------------------------
@@ -199,10 +247,12 @@ class ModelWorker:
         # One lane claims at a time, so a backlog is taken as full batches and a lane can tell
         # which claimed jobs no lane holds (left by a claim whose reply was lost).
         self.claim_lock = threading.Lock()
-        self.held = set()  # payloads of the batches the lanes hold
+        self.held = set()  # entries of the batches the lanes hold
         self.claims_unsure = False  # a lane failed: the processing list may hold jobs no lane has
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
         self.heartbeat = Heartbeat(store, self.keys, self.id, self.heartbeat_fields)
+        self.images = ImageReader(classifier.input_shape, settings.DECODE_THREADS or len(
+            os.sched_getaffinity(0)), settings.DECODE_BUDGET_BYTES)
 
     def heartbeat_fields(self):
         classifier = self.classifier
@@ -215,7 +265,7 @@ class ModelWorker:
                 "runtime": classifier.runtime, "warm": int(warm),
                 "input_shape": ",".join(map(str, classifier.input_shape)),
                 "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
-                **stats}
+                jobqueue.JOB_FORMAT_FIELD: jobqueue.JOB_FORMAT, **stats}
 
     def start_beating(self):
         """Publish the first heartbeat, then beat in a thread until leave()."""
@@ -273,36 +323,39 @@ class ModelWorker:
         processing list holds and no lane has (a failed claim may have moved jobs; a failed
         batch left its jobs there).
         """
-        payloads, failed = [], True
+        claimed, failed = [], True
         try:
-            payloads = self.claim()
-            if payloads:
-                self.answer(payloads)
+            claimed = self.claim()
+            if claimed:
+                self.answer(claimed)
             failed = False
         except Exception as exc:
             log.warning("batch lane: %s: %s", type(exc).__name__, exc,
                         exc_info=not isinstance(exc, REDIS_ERRORS))
         finally:
-            self.release(payloads, failed)
+            self.release([entry for entry, _ in claimed], failed)
         return not failed
 
     def claim(self):
-        """This lane's next batch: jobs that a failed claim left unheld, else new ones."""
+        """This lane's next batch, as (entry, body) pairs: jobs that a failed claim left unheld,
+        else new ones."""
         with self.claim_lock:
             if self.stopping.is_set():
                 return []
             if self.claims_unsure:
-                payloads = [p for p in jobqueue.claimed_jobs(self.store, self.keys, self.id)
-                            if p not in self.held]
+                entries = [entry for entry in jobqueue.claimed_jobs(self.store, self.keys, self.id)
+                           if entry not in self.held]
                 self.claims_unsure = False
-                if payloads:
-                    log.warning("recovered %d claimed jobs that no lane held", len(payloads))
+                claimed = jobqueue.take_claimed(self.store, self.keys, self.id, entries,
+                                                self.claim_ttl_s) if entries else []
+                if claimed:
+                    log.warning("recovered %d claimed jobs that no lane held", len(claimed))
             else:
-                payloads = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
-                                                1.0, self.claim_ttl_s, self.fill_timer())
-                self.arrivals.note(len(payloads))
-            self.held.update(payloads)
-            return payloads
+                claimed = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
+                                               1.0, self.claim_ttl_s, self.fill_timer())
+                self.arrivals.note(len(claimed))
+            self.held.update(entry for entry, _ in claimed)
+            return claimed
 
     def fill_timer(self):
         """claim_batch's time_to_fill: how long a partial batch should wait for more jobs.
@@ -325,25 +378,26 @@ class ModelWorker:
             return window_end - time.monotonic()
         return time_to_fill
 
-    def release(self, payloads, failed):
+    def release(self, entries, failed):
         """Forget a batch that was answered, or that failed: then the next claim recovers what
         the processing list holds and no lane has. Both in one step, or another lane's claim in
         between would see the failed batch still held and recover nothing."""
         with self.claim_lock:
-            self.held.difference_update(payloads)
+            self.held.difference_update(entries)
             self.claims_unsure = self.claims_unsure or failed
 
-    def answer(self, payloads):
+    def answer(self, claimed):
         """Process one claimed batch and store every job's result.
 
         While Redis is away the results are retried until the last job's deadline: after it
         nobody waits for them.
         """
-        jobs = parse_jobs(payloads)
+        jobs = parse_jobs(claimed)
         metered, answered = self.meter.start(), 0
         try:  # a pass that raises must end too: a meter left running holds every partial batch
             with self.loader_pause:
-                outcome = process_batch(self.classifier, jobs, time.time(), self.meter.batch_s())
+                outcome = process_batch(self.classifier, self.images, jobs, time.time(),
+                                        self.meter.batch_s())
             answered = len(jobs) - len(outcome.expired)
         finally:
             self.meter.finish(metered, answered)
@@ -355,7 +409,8 @@ class ModelWorker:
         while True:
             try:
                 return jobqueue.store_results(self.store, self.keys, self.id, results,
-                                              payloads, settings.RESULT_TTL_S)
+                                              [entry for entry, _ in claimed],
+                                              settings.RESULT_TTL_S)
             except REDIS_ERRORS as exc:
                 if time.time() > give_up_at:
                     raise  # the claims stay: the next claim takes them back, drops them as expired
@@ -388,25 +443,21 @@ class ModelWorker:
                         "evicted under memory pressure and their requests lost", policy)
 
 
-# What process_batch reads of every job (jobqueue.new_job writes them), and their JSON types.
-JOB_FIELDS = {"id": str, "image": str, "shape": list, "deadline": (int, float),
-              "enqueued_at": (int, float), "top_k": int}
-
-
-def parse_jobs(payloads):
-    """The claimed payloads as job dicts; one that is not a job is logged and left out."""
+def parse_jobs(claimed):
+    """The claimed (entry, body) pairs as job dicts (see jobqueue.read_job). One that is not a job
+    is logged and left out, as is one whose body has gone with its deadline; both are released
+    with the batch."""
     jobs = []
-    for payload in payloads:
+    for entry, body in claimed:
         try:
-            job = json.loads(payload)
-            wrong = [name for name, kind in JOB_FIELDS.items()
-                     if not isinstance(job.get(name), kind) or isinstance(job.get(name), bool)]
-            if wrong or job["top_k"] < 1:
-                raise ValueError(f"missing or malformed fields: {wrong or ['top_k']}")
+            job = jobqueue.read_job(entry, body)
         except (ValueError, AttributeError) as exc:
-            log.error("dropping a queued item that is not a job (%s): %.80r", exc, payload)
+            log.error("dropping a queued item that is not a job (%s): %.80r", exc, entry)
             continue
-        jobs.append(job)
+        if job is None:
+            log.info("job %s dropped: its deadline passed before it was claimed", entry)
+        else:
+            jobs.append(job)
     return jobs
 
 

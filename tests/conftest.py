@@ -94,6 +94,13 @@ def redis_client(redis_server):
 
 
 @pytest.fixture
+def store(redis_server, redis_client):
+    """A client of the test Redis as the service makes them (bytes in and out, no retries), on the
+    database redis_client has flushed."""
+    return jobqueue.connect_redis(redis_server["url"])
+
+
+@pytest.fixture
 def keys():
     return Keys(QUEUE)
 

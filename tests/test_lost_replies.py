@@ -14,7 +14,7 @@ import redis
 import jobqueue
 import settings
 from conftest import distinct_images, tiny_direct
-from helpers import Keys, encode_array, prepare_image
+from helpers import Keys
 
 
 class LossyProxy:
@@ -73,36 +73,45 @@ def lossy(redis_server, redis_client):
     proxy.close()
 
 
+def load_scripts(store):
+    """Have Redis know the queue's scripts, so the reply lost is the command's, not NOSCRIPT's."""
+    for script in (jobqueue.ENQUEUE, jobqueue.TAKE, jobqueue.ANSWER, jobqueue.WITHDRAW):
+        store.script_load(script.source)
+
+
 def new_job(deadline_s=30):
-    return jobqueue.new_job(encode_array(np.zeros((32, 32, 3), np.uint8)), (32, 32, 3),
-                            time.time() + deadline_s, 3)
+    return jobqueue.new_job(np.zeros((32, 32, 3), np.uint8), time.time() + deadline_s, 3,
+                            (32, 32, 3))
 
 
 def test_a_push_whose_reply_is_lost_is_withdrawn_before_the_error_goes_on(
-        lossy, redis_client, keys):
+        lossy, store, redis_client, keys):
     client, proxy = lossy
+    load_scripts(store)
     redis_client.config_resetstat()
     proxy.lose_next_reply()
     with pytest.raises(redis.ConnectionError):
-        jobqueue.enqueue_job(client, keys, new_job(), 100, 10**9)
+        jobqueue.enqueue_jobs(client, keys, [new_job()], 100, 10**9)
     assert proxy.lost.is_set()
     stats = redis_client.info("commandstats")
     assert stats["cmdstat_rpush"]["calls"] == 1 and stats["cmdstat_lrem"]["calls"] == 1
     assert redis_client.llen(keys.queue) == 0  # the client was told it failed: no job is left
+    assert not redis_client.keys(keys.job("*")) or all(
+        redis_client.ttl(key) > 0 for key in redis_client.keys(keys.job("*")))
+    assert int(redis_client.get(keys.queued_bytes) or 0) == 0
 
 
-def test_a_result_whose_reply_is_lost_can_be_read_again(lossy, redis_client, keys):
+def test_a_result_whose_reply_is_lost_can_be_read_again(lossy, store, keys):
     client, proxy = lossy
     job = new_job()
-    payload, _ = jobqueue.enqueue_job(redis_client, keys, job, 100, 10**9)
-    jobqueue.store_results(redis_client, keys, "w", {job["id"]: {"answer": 42}}, [], 60)
+    jobqueue.enqueue_jobs(store, keys, [job], 100, 10**9)
+    jobqueue.store_results(store, keys, "w", {job.id: {"answer": 42}}, [], 60)
 
     proxy.lose_next_reply()
     with pytest.raises(redis.ConnectionError):
-        jobqueue.wait_for_result(client, keys, job["id"], payload, time.time() + 5)
+        jobqueue.wait_for_result(client, keys, job, time.time() + 5)
     assert proxy.lost.is_set()
-    assert jobqueue.wait_for_result(client, keys, job["id"], payload, time.time() + 5) == {
-        "answer": 42}
+    assert jobqueue.wait_for_result(client, keys, job, time.time() + 5) == {"answer": 42}
 
 
 def test_results_stored_again_after_a_lost_reply_are_not_doubled(lossy, redis_client, keys):
@@ -110,13 +119,13 @@ def test_results_stored_again_after_a_lost_reply_are_not_doubled(lossy, redis_cl
     job = new_job()
     proxy.lose_next_reply()
     with pytest.raises(redis.ConnectionError):
-        jobqueue.store_results(client, keys, "w", {job["id"]: {"answer": 1}}, [], 60)
-    jobqueue.store_results(client, keys, "w", {job["id"]: {"answer": 1}}, [], 60)
-    assert redis_client.lrange(keys.result(job["id"]), 0, -1) == [json.dumps({"answer": 1})]
+        jobqueue.store_results(client, keys, "w", {job.id: {"answer": 1}}, [], 60)
+    jobqueue.store_results(client, keys, "w", {job.id: {"answer": 1}}, [], 60)
+    assert redis_client.lrange(keys.result(job.id), 0, -1) == [json.dumps({"answer": 1})]
 
 
 def test_jobs_whose_claim_reply_is_lost_are_answered_once_by_the_next_claim(
-        lossy, redis_client, tiny_model):
+        lossy, store, redis_client, tiny_model):
     from classifier import load_classifier
     from worker import ModelWorker
 
@@ -125,10 +134,10 @@ def test_jobs_whose_claim_reply_is_lost_are_answered_once_by_the_next_claim(
     classifier = load_classifier(tiny_model["MODEL"], "none", tiny_model["LABELS"], "scale_0_1")
     worker = ModelWorker(client, classifier, 8, {"id": "lossy-worker"})
     images = distinct_images(3)
-    jobs = [jobqueue.new_job(encode_array(prepare_image(data, (32, 32))), (32, 32, 3),
-                             time.time() + 30, 10) for data in images]
+    jobs = [jobqueue.new_job(data, time.time() + 30, 10) for data in images]
     for job in jobs:
-        jobqueue.enqueue_job(redis_client, keys, job, 100, 10**9)
+        jobqueue.enqueue_jobs(store, keys, [job], 100, 10**9)
+    load_scripts(store)
 
     proxy.lose_next_reply()  # the claim moves a job into the processing list; its reply is lost
     assert worker.serve_once() is False
@@ -137,8 +146,9 @@ def test_jobs_whose_claim_reply_is_lost_are_answered_once_by_the_next_claim(
 
     assert redis_client.llen(keys.queue) == 0
     assert redis_client.llen(keys.processing(worker.id)) == 0 and not worker.held
+    assert not redis_client.keys(keys.job("*"))  # every body released with its answer
     for job, data in zip(jobs, images):
-        results = redis_client.lrange(keys.result(job["id"]), 0, -1)
+        results = redis_client.lrange(keys.result(job.id), 0, -1)
         assert len(results) == 1
         got = {p["label"]: p["probability"] for p in json.loads(results[0])["predictions"]}
         expected = tiny_direct(tiny_model, data)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import jobqueue
-from conftest import distinct_images, tiny_direct, wait_until
-from helpers import decode_array, encode_array, prepare_image
-from worker import ArrivalRate, DrainMeter, process_batch
+from conftest import distinct_images, image_bytes, tiny_direct, wait_until
+from helpers import decode_array, prepare_image
+from worker import ArrivalRate, DrainMeter, ImageReader, process_batch
 
 NOW = 1_000_000.0
 
@@ -23,26 +23,41 @@ def tiny(tiny_model):
                            version="7")
 
 
-def jobs_for(images, deadline=NOW + 30, top_k=3):
+@pytest.fixture
+def images(tiny):
+    return ImageReader(tiny.input_shape, 2, 2**30)
+
+
+def as_claimed(job):
+    """A job as a worker reads it after claiming it."""
+    return jobqueue.read_job(job.entry, job.body)
+
+
+def jobs_for(images, deadline=NOW + 30, top_k=3, pixels=False):
+    """Jobs of uploaded files (or of raw pixels, as /v2 sends them), queued 0.1 s apart."""
     jobs = []
     for n, data in enumerate(images):
-        job = jobqueue.new_job(encode_array(prepare_image(data, (32, 32))), (32, 32, 3),
-                               deadline, top_k)
+        if pixels:
+            job = jobqueue.new_job(prepare_image(data, (32, 32)), deadline, top_k, (32, 32, 3))
+        else:
+            job = jobqueue.new_job(data, deadline, top_k)
+        job = as_claimed(job)
         job["enqueued_at"] = NOW - 0.1 * (n + 1)
         jobs.append(job)
     return jobs
 
 
-def test_process_batch_answers_every_job_from_one_forward_pass(tiny, tiny_model):
-    images = distinct_images(4)
-    jobs = jobs_for(images)
+@pytest.mark.parametrize("pixels", [False, True], ids=["files", "pixels"])
+def test_process_batch_answers_every_job_from_one_forward_pass(tiny, tiny_model, images, pixels):
+    uploads = distinct_images(4)
+    jobs = jobs_for(uploads, pixels=pixels)
     ticks = itertools.count(50.0, 0.25)  # the forward pass takes one tick: 250 ms
 
-    outcome = process_batch(tiny, jobs, NOW, clock=lambda: next(ticks))
+    outcome = process_batch(tiny, images, jobs, NOW, clock=lambda: next(ticks))
 
     assert outcome.expired == [] and outcome.failed == 0 and outcome.forward_s == 0.25
     assert list(outcome.results) == [job["id"] for job in jobs]
-    for n, (job, data) in enumerate(zip(jobs, images)):
+    for n, (job, data) in enumerate(zip(jobs, uploads)):
         result = outcome.results[job["id"]]
         assert result["batch_size"] == 4 and result["model_version"] == "7"
         assert result["inference_ms"] == 250
@@ -54,44 +69,53 @@ def test_process_batch_answers_every_job_from_one_forward_pass(tiny, tiny_model)
             assert prediction["probability"] == pytest.approx(expected[label], abs=1e-5)
 
 
-def test_process_batch_drops_jobs_whose_deadline_passes_before_the_pass_ends(tiny):
+def test_process_batch_drops_jobs_whose_deadline_passes_before_the_pass_ends(tiny, images):
     late, on_time = jobs_for(distinct_images(2)[:1], deadline=NOW + 0.4), jobs_for(
         distinct_images(2)[1:], deadline=NOW + 0.6)
-    outcome = process_batch(tiny, late + on_time, NOW, pass_s=0.5)
+    outcome = process_batch(tiny, images, late + on_time, NOW, pass_s=0.5)
     assert outcome.expired == [late[0]["id"]]
     assert list(outcome.results) == [on_time[0]["id"]]
     assert outcome.results[on_time[0]["id"]]["batch_size"] == 1
 
 
-def test_process_batch_answers_an_undecodable_job_with_400_and_the_rest_normally(tiny):
-    good, wrong_shape, not_base64 = jobs_for(distinct_images(3))
+def test_process_batch_answers_an_undecodable_job_with_400_and_the_rest_normally(tiny, images):
+    good, truncated, not_an_image = jobs_for(distinct_images(3))
+    wrong_shape, = jobs_for(distinct_images(1), pixels=True)
     wrong_shape["shape"] = [16, 64, 3]  # as many bytes, another shape
-    not_base64["image"] = "not base64 at all!"
-    outcome = process_batch(tiny, [good, wrong_shape, not_base64], NOW)
+    whole = image_bytes(size=(64, 64))
+    truncated["data"] = whole[:len(whole) // 2]
+    not_an_image["data"] = b"not an image at all!"
+    outcome = process_batch(tiny, images, [truncated, good, wrong_shape, not_an_image], NOW)
     assert outcome.results[good["id"]]["batch_size"] == 1
-    for job in (wrong_shape, not_base64):
-        assert outcome.results[job["id"]]["status"] == 400
-        assert "cannot decode" in outcome.results[job["id"]]["error"]
+    assert outcome.results[good["id"]]["predictions"] == process_batch(
+        tiny, images, [good], NOW).results[good["id"]]["predictions"]  # its own row, not another's
+    errors = {name: outcome.results[job["id"]] for name, job in
+              [("shape", wrong_shape), ("truncated", truncated), ("not an image", not_an_image)]}
+    assert {name: error["status"] for name, error in errors.items()} == dict.fromkeys(errors, 400)
+    assert "not the model's" in errors["shape"]["error"]
+    assert "cannot decode the image" in errors["truncated"]["error"]
+    assert "not an image in an accepted format" in errors["not an image"]["error"]
 
 
 def test_process_batch_answers_a_job_asking_for_a_malformed_output_with_400_and_the_rest_normally(
-        tiny):
+        tiny, images):
     # No producer here writes such a job; one that another program wrote must not fail the batch.
     good, malformed = jobs_for(distinct_images(2))
     malformed["classification"] = "two"
-    outcome = process_batch(tiny, [good, malformed], NOW)
+    outcome = process_batch(tiny, images, [good, malformed], NOW)
     assert outcome.results[good["id"]]["batch_size"] == 2
     assert outcome.results[malformed["id"]]["status"] == 400
     assert "malformed" in outcome.results[malformed["id"]]["error"]
 
 
-def test_process_batch_answers_what_a_job_asks_for_and_only_for_its_model(tiny, tiny_model):
+def test_process_batch_answers_what_a_job_asks_for_and_only_for_its_model(tiny, tiny_model,
+                                                                          images):
     plain, full, top, other_model, other_version = jobs_for(distinct_images(5))
     full["probabilities"] = True
     top["classification"] = 2
     other_model["model"] = "resnet50"
     other_version.update(model="tiny", version="6")
-    outcome = process_batch(tiny, [plain, full, top, other_model, other_version], NOW)
+    outcome = process_batch(tiny, images, [plain, full, top, other_model, other_version], NOW)
 
     assert "probabilities" not in outcome.results[plain["id"]]
     probabilities = decode_array(outcome.results[full["id"]]["probabilities"], (10,), np.float32)
@@ -107,9 +131,10 @@ def test_process_batch_answers_what_a_job_asks_for_and_only_for_its_model(tiny, 
     assert outcome.results[plain["id"]]["batch_size"] == 3
 
 
-def test_process_batch_with_every_job_expired_runs_no_forward_pass(tiny):
+def test_process_batch_with_every_job_expired_runs_no_forward_pass(tiny, images):
     jobs = jobs_for(distinct_images(2), deadline=NOW - 1)
-    outcome = process_batch(tiny, jobs, NOW, clock=lambda: pytest.fail("the clock was read"))
+    outcome = process_batch(tiny, images, jobs, NOW,
+                            clock=lambda: pytest.fail("the clock was read"))
     assert outcome.results == {} and outcome.forward_s == 0
     assert outcome.expired == [job["id"] for job in jobs]
 
