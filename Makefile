@@ -1,12 +1,12 @@
 # The two set-up commands of the README:
 #   make serve   install everything and start the whole service on this machine
-#   make test    install everything (nginx, chromium and chromedriver, redis-server and
-#                redis-sentinel too, where missing) and run the tests
+#   make test    install everything (nginx, chromium and chromedriver, redis-server,
+#                redis-sentinel and wrk too, where missing) and run the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test nginx browser redis
+.PHONY: install serve test nginx browser redis wrk
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,10 @@ redis:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	   apt-get install -y -qq redis-server redis-sentinel >/dev/null)
 
-test: install nginx browser redis
+# The benchmarks' load generator (and its test).
+wrk:
+	@command -v wrk >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
+
+test: install nginx browser redis wrk
 	$(BIN)/python -m pytest

@@ -47,7 +47,7 @@ LOADER_MIN_SHARE = 0.1
 # glibc gives each thread that allocates an arena of its own, and an arena keeps much of what it
 # frees: a model process's decoding threads, each taking a large image in turn, would together keep
 # several times the decoding budget. Two arenas keep it near the budget (unless set otherwise).
-MODEL_PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", **os.environ}
+MALLOC_ARENAS = "2"
 
 
 def spec_from_settings():
@@ -96,7 +96,7 @@ class ModelProcess:
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], env=MODEL_PROCESS_ENV)
+            pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
         theirs.close()
         self.channel = Channel(ours)
         self.spec, self.rollout = spec, rollout

@@ -65,7 +65,7 @@ PORT = env_int("PORT", 5000, minimum=1, maximum=65535)
 """TCP port of the web server (5000, as in the classic tutorial)."""
 
 WEB_WORKERS = env_int("WEB_WORKERS", 2, minimum=1)
-"""gunicorn worker processes per web instance. Each decodes uploads on one core at a time."""
+"""gunicorn worker processes per web instance, each on one core at a time."""
 
 INSTANCE_NAME = env_str("INSTANCE_NAME", os.uname().nodename)
 """Name of this web instance, sent in the X-Served-By header (tells instances apart behind nginx)."""
@@ -105,7 +105,8 @@ greenlet and a Redis connection). Default MAX_QUEUE_LENGTH + 256: one process al
 queue and still answer refusals at once; past it new connections wait in the kernel's backlog."""
 
 MAX_QUEUE_BYTES = env_int("MAX_QUEUE_BYTES", 256 * 1024 * 1024, minimum=1024)
-"""Most bytes of jobs waiting in IMAGE_QUEUE (about 200 kB per 224x224 image); bounds Redis memory."""
+"""Most bytes of jobs waiting in IMAGE_QUEUE (each job its upload, as it came, and a line of JSON);
+bounds Redis memory."""
 
 OVERLOAD_STATUS = env_int("OVERLOAD_STATUS", 503, minimum=429, maximum=503)
 """HTTP status of a request refused because the queue is full: 503 (default) or 429."""

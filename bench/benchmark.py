@@ -7,10 +7,14 @@
 Each round measures, for each runtime (Keras and OpenVINO), one at a time so that they never share
 the CPU:
   (a) the bare model: ResNet50 (random weights, fixed seed) in a process of its own, loaded as the
-      worker loads it, forward passes on preprocessed float32 batches of 1 to 32 images: images/s
-      for each size, and batch-1 latency;
-  (b) the whole service (`python run_keras_server.py`, RUNTIME set) over HTTP, closed loop at
-      32 clients (2 x BATCH_SIZE if more; --concurrency): images/s;
+      worker loads it, forward passes on batches of 1 to 32 images of uint8 pixels, through the
+      same preprocessing as the service's (inside the runtime): images/s, and CPU per image, for
+      each size, and batch-1 latency;
+  (b) the whole service (`python run_keras_server.py`, RUNTIME set) over HTTP at saturation: wrk
+      (bench/wrk_predict.lua) keeps 4 batches of clients sending (64 at least; --concurrency):
+      images/s, and the CPU per image of each tier in milliseconds (web tier, Redis, the model
+      process beyond its bare pass, the load generator), and the connections each gunicorn
+      process held;
   (c) the service at concurrency 1: median latency, its requests alternating with (a)'s batch-1
       passes so that both see the machine at the same moments;
   (d) the service under an open loop at twice the bare model's best rate (--overload-factor):
@@ -19,7 +23,8 @@ the CPU:
   (e) the same load kept on to --overload-seconds: images/s answered after (d), once the queue is
       full and the excess is refused at admission.
 During (b), (d) and (e) it also records where the CPU went: cores used by the service's model,
-web and Redis processes, by everything else (mostly the load generator), and left idle.
+web and Redis processes, by everything else (mostly the load generator), and left idle; for (b),
+also as milliseconds of CPU per image answered.
 Machine speed drifts by 10-30% from minute to minute, so rounds alternate (a) with (b)-(e) and the
 figures are medians over rounds; the ratios to (a) are taken within each round first.
 
@@ -58,10 +63,13 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 KNOBS = ("BATCH_SIZE", "BATCH_TIMEOUT_MS", "REQUEST_TIMEOUT_S", "MAX_QUEUE_LENGTH", "WEB_WORKERS",
          "WEB_CONNECTIONS", "MODEL_THREADS")
 READY_TIMEOUT_S = 300  # TensorFlow import, model build and warm-up on two busy cores
-# (b): the issue's load (32 clients), or two batches' worth if that is more. Only 2 x BATCH_SIZE
-# leaves a small batch no slack: each client's next image is still in the web tier when a batch
-# starts, and the model waits on the load generator rather than the other way round.
-SATURATION_CLIENTS = 32
+# (b): four batches' worth of clients, and at least this many: with fewer, a batch's clients are
+# still in the web tier when the next batch could start, and the model waits on the load
+# generator rather than the other way round.
+SATURATION_CLIENTS = 64
+SATURATION_BATCHES = 4
+WRK_SCRIPT = ROOT / "bench" / "wrk_predict.lua"
+SAMPLE_IMAGE = ROOT / "data" / "sample.jpg"
 PAIR_PAUSE_S = 0.02  # (c): between a request and a bare pass
 
 
@@ -80,10 +88,9 @@ def serve_bare_model(conn, runtime, cores=None):
     classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,
                                  runtime=runtime, cache_dir=settings.OPENVINO_CACHE_DIR,
                                  lanes=settings.BATCHES_IN_FLIGHT)
-    shape = (classifier.size[1], classifier.size[0], classifier.channels)
     rng = np.random.default_rng(MODEL_SEED)
-    batches = {n: classifier.preprocess(rng.integers(0, 256, (n, *shape), np.uint8)
-                                        .astype(np.float32)) for n in BATCH_SIZES}
+    batches = {n: rng.integers(0, 256, (n, *classifier.input_shape), np.uint8)
+               for n in BATCH_SIZES}  # pixels as the queue carries them
     for batch in batches.values():  # the first call at a new size traces the graph: not timed
         classifier.forward(batch)
     conn.send(classifier.runtime)
@@ -183,6 +190,22 @@ def running_service(overrides, workdir, model_cores=None):
             process.wait()
 
 
+def web_connections(root_pid, url):
+    """{pid: client connections held} of each gunicorn worker of the service at `url`."""
+    port = int(url.rsplit(":", 1)[1])
+    held = {}
+    for process, role in service_processes(root_pid):
+        try:
+            if role == "web" and process.parent() and process_role(
+                    process.parent().name(), process.parent().cmdline()) == "web":
+                held[process.pid] = sum(1 for c in process.net_connections("tcp")
+                                        if c.status == psutil.CONN_ESTABLISHED
+                                        and c.laddr.port == port)
+        except psutil.Error:  # it ended meanwhile
+            continue
+    return held
+
+
 def move_all_but_the_model(root_pid, cores):
     """Every thread of the service's processes but the model's onto `cores` (threads they start
     later inherit it)."""
@@ -209,17 +232,59 @@ def wait_ready(url, process, log_path):
     raise RuntimeError(f"the service was not ready within {READY_TIMEOUT_S} s; see {log_path}")
 
 
-def run_load(url, concurrency, seconds, workdir, plot="", rate=None):
+def run_load(url, concurrency, seconds, workdir, plot="", rate=None, load_pids=None):
     """A closed loop (or an open one at `rate` requests/s) from stress_test.py in its own light
-    process; returns its JSON report."""
+    process; returns its JSON report. Its pid is in load_pids while it runs (see run_wrk)."""
     report = Path(workdir) / f"load-{time.time_ns()}.json"
     loop = ["--rate", f"{rate:.2f}"] if rate else ["--concurrency", str(concurrency)]
     command = [sys.executable, "stress_test.py", "--url", f"{url}/predict", *loop,
                "--duration", str(seconds), "--timeout", "120",
                "--report", str(report), "--plot", plot, "--allow-failures"]
-    subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, check=True,
-                   timeout=seconds + 300)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_for_load(process, seconds + 300, load_pids)
     return json.loads(report.read_text())
+
+
+def wait_for_load(process, timeout_s, load_pids):
+    """Wait for a load generator's process (listed in load_pids meanwhile); raise if it fails."""
+    if load_pids is not None:
+        load_pids.append(process.pid)
+    try:
+        if process.wait(timeout_s):
+            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode}")
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        if load_pids is not None:
+            load_pids.remove(process.pid)
+
+
+def run_wrk(url, connections, seconds, workdir, load_pids=None):
+    """A closed loop of `connections` clients from wrk (bench/wrk_predict.lua: the sample image as
+    the tutorial's form), for `seconds`; returns a load report as run_load's, each answer's t_s
+    being when it came (latency_ms 0: wrk reports percentiles instead). wrk's pid is added to
+    load_pids while it runs, for cpu_split."""
+    out = Path(workdir) / f"wrk-{time.time_ns()}.txt"
+    origin = time.monotonic()  # the clock wrk_predict.lua stamps the answers with
+    process = subprocess.Popen(
+        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "120s",
+         "-s", str(WRK_SCRIPT), f"{url}/predict", "--", str(SAMPLE_IMAGE), str(out)],
+        stdout=subprocess.DEVNULL)
+    wait_for_load(process, seconds + 180, load_pids)
+    lines = out.read_text().splitlines()
+    records = [{"t_s": float(at) - origin, "latency_ms": 0.0, "status": int(status),
+                "ok": status == "200", "batch_size": int(size) or None,
+                "inference_ms": float(inference) or None}
+               for at, status, size, inference in (line.split() for line in lines
+                                                   if not line.startswith("#"))]
+    latency = next(line.split()[2:] for line in lines if line.startswith("# latency"))
+    sizes = [r["batch_size"] for r in records if r["ok"] and r["batch_size"]]
+    return {"requests": records, "latency_ms": dict(zip(("p50", "p90", "p99", "max"),
+                                                        map(float, latency))),
+            "summary": {"failed": sum(not r["ok"] for r in records),
+                        "mean_batch_size": statistics.mean(sizes) if sizes else None}}
 
 
 def run_paired_single(url, bare_model, seconds):
@@ -243,7 +308,7 @@ def run_paired_single(url, bare_model, seconds):
 
 # --- Where the CPU went during a load ------------------------------------------------------
 
-CPU_ROLES = ("model", "web", "redis")
+CPU_ROLES = ("model", "web", "redis", "load")  # "load": the load generator
 
 
 def process_role(name, cmdline):
@@ -274,21 +339,34 @@ def service_processes(root_pid):
             continue
 
 
-def cpu_snapshot(root_pid):
-    """The machine's busy and idle CPU seconds so far, and the CPU seconds of each process of
-    the service started as root_pid (its role and user + system time, by pid)."""
+def cpu_snapshot(root_pid, load_pids=()):
+    """The machine's busy, idle and stolen CPU seconds so far, and the CPU seconds of each process
+    of the service started as root_pid and of the load generator's (load_pids): their role and
+    user + system time, by pid. (Stolen: time a virtual machine's host gave to others.)"""
     machine = psutil.cpu_times()
     processes = {}
-    for process, role in service_processes(root_pid):
+    family = [*service_processes(root_pid), *load_processes(load_pids)]
+    for process, role in family:
         try:
             times = process.cpu_times()
         except psutil.Error:  # it ended meanwhile
             continue
         processes[process.pid] = (role, times.user + times.system)
     idle = machine.idle + getattr(machine, "iowait", 0.0)
+    stolen = getattr(machine, "steal", 0.0)
     busy = sum(machine) - idle - getattr(machine, "guest", 0.0) - getattr(
-        machine, "guest_nice", 0.0) - getattr(machine, "steal", 0.0)
-    return {"at": time.monotonic(), "busy": busy, "idle": idle, "processes": processes}
+        machine, "guest_nice", 0.0) - stolen
+    return {"at": time.monotonic(), "busy": busy, "idle": idle, "stolen": stolen,
+            "processes": processes}
+
+
+def load_processes(pids):
+    """(process, "load") of the load generator's processes still running."""
+    for pid in list(pids):
+        try:
+            yield psutil.Process(pid), "load"
+        except psutil.Error:
+            continue
 
 
 def cores_between(first, last):
@@ -304,17 +382,19 @@ def cores_between(first, last):
     cores = {role: used[role] / seconds for role in CPU_ROLES}
     cores["other"] = max(0.0, busy - sum(used.values())) / seconds
     cores["idle"] = (last["idle"] - first["idle"]) / seconds
+    cores["stolen"] = (last["stolen"] - first["stolen"]) / seconds
     return cores
 
 
 @contextmanager
-def cpu_split(root_pid, skip_s, until_s=None):
+def cpu_split(root_pid, skip_s, until_s=None, load_pids=()):
     """Yields a dict that, when the block ends, holds cores_between() from skip_s into the block
     (the load's warm-up left out) to until_s or its end; empty if the block ended sooner or the
-    span is empty (until_s == skip_s, e.g. --overload-seconds no longer than (d))."""
+    span is empty (until_s == skip_s, e.g. --overload-seconds no longer than (d)). load_pids: the
+    load generator's processes, a list that the load fills as it starts."""
     split, snapshots = {}, {}
-    timers = [threading.Timer(at, lambda at=at: snapshots.update({at: cpu_snapshot(root_pid)}))
-              for at in (skip_s, until_s) if at is not None]
+    timers = [threading.Timer(at, lambda at=at: snapshots.update(
+        {at: cpu_snapshot(root_pid, load_pids)})) for at in (skip_s, until_s) if at is not None]
     for timer in timers:
         timer.start()
     try:
@@ -324,7 +404,8 @@ def cpu_split(root_pid, skip_s, until_s=None):
             timer.cancel()
             timer.join()
     first = snapshots.get(skip_s)
-    last = cpu_snapshot(root_pid) if first and until_s is None else snapshots.get(until_s)
+    last = cpu_snapshot(root_pid, load_pids) if first and until_s is None else snapshots.get(
+        until_s)
     if first and last and last["at"] > first["at"]:
         split.update(cores_between(first, last))
 
@@ -367,9 +448,11 @@ def latencies_after(report, warmup_s):
     return [r["latency_ms"] for r in report["requests"] if r["ok"] and r["t_s"] >= warmup_s]
 
 
-def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s, overload_s=None):
+def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s, overload_s=None,
+                  saturated_cpu=None, batch_size=None):
     """One round's figures of one runtime from the bare timings and the three load reports; the
-    overload's from warmup_s to duration_s, and (queue full) from duration_s to overload_s."""
+    overload's from warmup_s to duration_s, and (queue full) from duration_s to overload_s; and
+    from the cores used at saturation, the CPU per image of each part (see cpu_per_image)."""
     best = max(bare, key=lambda n: bare[n]["img_per_s"])
     service = steady_throughput(saturated["requests"], warmup_s, duration_s)
     answered = [r for r in overloaded["requests"] if r["ok"]]
@@ -395,7 +478,25 @@ def round_figures(bare, saturated, single, overloaded, warmup_s, duration_s, ove
         "overload_ratio": under_overload / bare[best]["img_per_s"] if under_overload else None,
         "full_ratio": full / bare[best]["img_per_s"] if full else None,
         "latency_overhead_ms": c1_median - bare1 if c1 else None,
+        "service_p99_ms": saturated.get("latency_ms", {}).get("p99"),
+        "ms_per_image": cpu_per_image(saturated_cpu or {}, service, bare, batch_size),
     }
+
+
+def cpu_per_image(cores, img_per_s, bare, batch_size):
+    """Milliseconds of CPU per image answered, by part (cores_between's), and the model process's
+    beyond its bare forward passes at the service's batch size (bare's CPU per image there), and
+    `outside_forward`: what the web tier, Redis and that beyond cost together. {} without
+    figures."""
+    if not cores or not img_per_s:
+        return {}
+    ms = {part: used * 1000 / img_per_s for part, used in cores.items()
+          if part not in ("idle", "stolen")}
+    size = min(bare, key=lambda n: abs(n - (batch_size or n)))
+    ms["bare_model"] = bare[size]["cores"] * 1000 / bare[size]["img_per_s"]
+    ms["model_beyond_bare"] = ms["model"] - ms["bare_model"]
+    ms["outside_forward"] = ms["web"] + ms["redis"] + ms["model_beyond_bare"]
+    return ms
 
 
 def median_of(rounds, name):
@@ -415,6 +516,11 @@ def summarize_rounds(rounds):
                                  for n in sizes}
     summary["bare_cores"] = {n: median_of([r["bare"][n] for r in rounds], "cores") for n in sizes}
     summary["failed"] = sum(r["failed"] for r in rounds)
+    summary["service_p99_ms"] = median_of(rounds, "service_p99_ms")
+    parts = [r["ms_per_image"] for r in rounds if r.get("ms_per_image")]
+    summary["ms_per_image"] = {part: statistics.median(p[part] for p in parts)
+                               for part in parts[0]} if parts else {}
+    summary["web_connections"] = [r.get("web_connections") for r in rounds]
     summary["overload_other_failures"] = sum(r["overload_other_failures"] for r in rounds)
     for phase in ("cpu_saturated", "cpu_overloaded", "cpu_full"):
         splits = [r[phase] for r in rounds if r.get(phase)]
@@ -456,33 +562,41 @@ def run_rounds(args, workdir):
             if heartbeat.get("runtime") != runtime:
                 raise RuntimeError(f"the service runs on {heartbeat.get('runtime')}, not {runtime}")
             used = settings_used(heartbeat)
-            used["concurrency"] = args.concurrency or max(SATURATION_CLIENTS,
-                                                          2 * used["BATCH_SIZE"])
+            used["concurrency"] = args.concurrency or max(
+                SATURATION_CLIENTS, SATURATION_BATCHES * used["BATCH_SIZE"])
             setups[runtime] = bare_model, url, pid, used
         duration = args.warmup_seconds + args.phase_seconds
         rounds = {runtime: [] for runtime in args.runtimes}
         for number in range(1, args.rounds + 1):
             for runtime, (bare_model, url, pid, used) in setups.items():
                 bare = bare_model.measure(args.phase_seconds / len(BATCH_SIZES))
-                # The last saturation phase is drawn (after its load ends: it costs no figure).
+                # The last overload phase is drawn (after its load ends: it costs no figure).
                 plot = args.plot if number == args.rounds and runtime == args.runtimes[-1] else ""
                 # The split ends at `duration` into the block, while the load still runs (the load
                 # generator starts its clock later), not with the last answers after it stops.
-                with cpu_split(pid, args.warmup_seconds, duration) as saturated_cpu:
-                    saturated = run_load(url, used["concurrency"], duration, workdir, plot)
+                load_pids, connections = [], {}
+                with cpu_split(pid, args.warmup_seconds, duration, load_pids) as saturated_cpu:
+                    counting = threading.Timer(duration / 2, lambda: connections.update(
+                        web_connections(pid, url)))
+                    counting.start()
+                    saturated = run_wrk(url, used["concurrency"], duration, workdir, load_pids)
+                    counting.join()
                 single = run_paired_single(url, bare_model, duration)
                 best = max(entry["img_per_s"] for entry in bare.values())
                 overloaded, overloaded_cpu, full_cpu = {"requests": []}, {}, {}
                 overload_s = max(duration, args.overload_seconds)
                 if args.overload_factor:
-                    with cpu_split(pid, args.warmup_seconds, duration) as overloaded_cpu, \
-                            cpu_split(pid, duration, overload_s) as full_cpu:
-                        overloaded = run_load(url, None, overload_s, workdir,
-                                              rate=args.overload_factor * best)
-                rounds[runtime].append({**round_figures(bare, saturated, single, overloaded,
-                                                        args.warmup_seconds, duration, overload_s),
-                                        "cpu_saturated": saturated_cpu,
-                                        "cpu_overloaded": overloaded_cpu, "cpu_full": full_cpu})
+                    with cpu_split(pid, args.warmup_seconds, duration,
+                                   load_pids) as overloaded_cpu, \
+                            cpu_split(pid, duration, overload_s, load_pids) as full_cpu:
+                        overloaded = run_load(url, None, overload_s, workdir, plot,
+                                              rate=args.overload_factor * best,
+                                              load_pids=load_pids)
+                figures = round_figures(bare, saturated, single, overloaded, args.warmup_seconds,
+                                        duration, overload_s, saturated_cpu, used["BATCH_SIZE"])
+                rounds[runtime].append({**figures, "cpu_saturated": saturated_cpu,
+                                        "cpu_overloaded": overloaded_cpu, "cpu_full": full_cpu,
+                                        "web_connections": connections})
                 print_round(number, runtime, rounds[runtime][-1])
     return rounds, {runtime: used for runtime, (_, _, _, used) in setups.items()}
 
@@ -574,7 +688,8 @@ def print_round(number, runtime, r):
           f"{fmt(r['service_full_img_per_s'])} img/s, c=1 {fmt(r['service_c1_median_ms'])} ms | "
           f"ratios {fmt(r['ratio'], '.3f')}, {fmt(r['overload_ratio'], '.3f')} and "
           f"{fmt(r['full_ratio'], '.3f')}, +{fmt(r['latency_overhead_ms'])} ms, "
-          f"{r['failed']} failed", flush=True)
+          f"{r['failed']} failed | CPU per image outside the forward pass "
+          f"{fmt(r['ms_per_image'].get('outside_forward'), '.2f')} ms", flush=True)
 
 
 def print_summary(summaries, rounds, service_settings, args, machine):
@@ -613,6 +728,12 @@ def print_summary(summaries, rounds, service_settings, args, machine):
               f"(d) / best (a)                       {fmt(summary['overload_ratio'], '.3f')}\n"
               f"(e) / best (a)                       {fmt(summary['full_ratio'], '.3f')}\n"
               f"(c) - bare batch-1 latency           {fmt(summary['latency_overhead_ms'])} ms\n"
+              f"(b) p99 latency                      {fmt(summary['service_p99_ms'], '.0f')} ms\n"
+              f"CPU per image during (b), ms         {cpu_line(summary['ms_per_image'])}\n"
+              f"  outside the forward pass           "
+              f"{fmt(summary['ms_per_image'].get('outside_forward'), '.2f')} ms (web tier, Redis "
+              f"and the model process beyond its bare pass)\n"
+              f"connections per web process in (b)   {summary['web_connections']}\n"
               f"cores used during (b)                {cpu_line(summary['cpu_saturated'])}\n"
               f"cores used during (d)                {cpu_line(summary['cpu_overloaded'])}\n"
               f"cores used during (e)                {cpu_line(summary['cpu_full'])}\n"

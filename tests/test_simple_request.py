@@ -68,6 +68,30 @@ def test_the_benchmark_tells_each_part_of_the_running_service_apart(whole_servic
     assert roles == ["None", "model", "model", "redis", "web", "web"], roles
 
 
+def test_the_benchmarks_load_generator_reports_every_answer_and_is_told_apart(whole_service,
+                                                                             tmp_path):
+    """bench/benchmark.py's saturation load: wrk with bench/wrk_predict.lua, its answers read
+    back with their batches, and its process counted as the load generator's, apart from the
+    service's."""
+    from bench.benchmark import cpu_snapshot, run_wrk
+
+    process, url, _ = whole_service
+    load_pids, snapshots = [], []
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(run_wrk, url, 4, 4, tmp_path, load_pids)
+        wait_until(lambda: load_pids, what="wrk to start")
+        snapshots.append(cpu_snapshot(process.pid, load_pids))
+        report = loading.result()
+    roles = sorted(str(role) for role, _ in snapshots[0]["processes"].values())
+    assert roles == ["None", "load", "model", "model", "redis", "web", "web"], roles
+    assert not load_pids  # forgotten once it has ended
+    answers = report["requests"]
+    assert len(answers) >= 4 and report["summary"]["failed"] == 0
+    assert all(r["ok"] and r["batch_size"] >= 1 and r["inference_ms"] > 0 for r in answers)
+    assert 0 < answers[0]["t_s"] <= answers[-1]["t_s"] < 10  # seconds from the load's start
+    assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+
+
 def test_ctrl_c_under_load_stops_every_part_within_10_s_even_pressed_twice(whole_service):
     process, url, log = whole_service
     everything = [process.pid, *descendants(process.pid)]  # Redis, the worker, gunicorn's

@@ -173,8 +173,8 @@ def test_round_figures_and_their_medians():
     from bench.benchmark import round_figures, summarize_rounds
 
     def bare(scale):
-        return {1: {"img_per_s": 10.0 * scale, "batch_ms": 100.0 / scale},
-                16: {"img_per_s": 12.0 * scale, "batch_ms": 1333.0 / scale}}
+        return {1: {"img_per_s": 10.0 * scale, "batch_ms": 100.0 / scale, "cores": 1.5},
+                16: {"img_per_s": 12.0 * scale, "batch_ms": 1333.0 / scale, "cores": 1.8}}
 
     def report(records):
         return {"requests": records, "summary": {"failed": 0, "mean_batch_size": 8.0}}
@@ -187,7 +187,10 @@ def test_round_figures_and_their_medians():
     # (d) 10 img/s until 20 s, (e) 11 img/s from 20 s to 40 s.
     overloaded = report(batches([(1.0 + k, 10) for k in range(8)])
                         + batches([(21.0 + k, 11) for k in range(8)]) + refused)
-    rounds = [round_figures(bare(scale), saturated, single, overloaded, 0.9, 20.0, 40.0)
+    # At saturation the model took 1.9 cores, the web tier 0.011, Redis 0.0011, wrk 0.0022.
+    cpu = {"model": 1.9, "web": 0.011, "redis": 0.0011, "load": 0.0022, "other": 0.01,
+           "idle": 0.05, "stolen": 0.3}
+    rounds = [round_figures(bare(scale), saturated, single, overloaded, 0.9, 20.0, 40.0, cpu, 16)
               for scale in (1.0, 1.1, 0.9)]
 
     assert rounds[0]["bare_best_batch_size"] == 16
@@ -198,6 +201,15 @@ def test_round_figures_and_their_medians():
     assert rounds[0]["overload_refused"] == 30 and rounds[0]["overload_other_failures"] == 0
     assert rounds[0]["bare_batch1_ms"] == pytest.approx(100.0)  # paired, not (a)'s own
     assert rounds[0]["latency_overhead_ms"] == pytest.approx(20.0)
+    # CPU per image at 11 img/s: the bare model at the service's batch size took 1.8 cores for
+    # 12 img/s, 150 ms an image; the service's model process 1.9 cores, 172.7 ms an image.
+    ms = rounds[0]["ms_per_image"]
+    assert ms["web"] == pytest.approx(1.0) and ms["redis"] == pytest.approx(0.1)
+    assert ms["load"] == pytest.approx(0.2)
+    assert ms["bare_model"] == pytest.approx(150.0)
+    assert ms["model_beyond_bare"] == pytest.approx(1900 / 11 - 150.0)
+    assert ms["outside_forward"] == pytest.approx(1.1 + 1900 / 11 - 150.0)
+    assert "idle" not in ms and "stolen" not in ms
     summary = summarize_rounds(rounds)
     assert summary["bare_best_img_per_s"] == pytest.approx(12.0)
     assert summary["ratio"] == pytest.approx(11 / 12, rel=0.01)
@@ -218,17 +230,17 @@ def test_the_cpu_split_names_each_part_of_the_service_and_counts_new_processes_f
     assert process_role("python", [python, "/srv/run_keras_server.py"]) is None  # the launcher
     assert process_role("python", [python, "stress_test.py", "--url", "gunicorn"]) is None
 
-    first = {"at": 100.0, "busy": 1000.0, "idle": 500.0,
+    first = {"at": 100.0, "busy": 1000.0, "idle": 500.0, "stolen": 40.0,
              "processes": {1: (None, 3.0), 2: ("model", 50.0), 3: ("web", 7.0),
-                           4: ("redis", 1.0)}}
-    last = {"at": 110.0, "busy": 1018.0, "idle": 502.0,
+                           4: ("redis", 1.0), 6: ("load", 2.0)}}
+    last = {"at": 110.0, "busy": 1018.0, "idle": 502.0, "stolen": 43.0,
             "processes": {1: (None, 3.1), 2: ("model", 65.0), 3: ("web", 8.0), 4: ("redis", 1.2),
-                          5: ("web", 0.6)}}  # a web process started in between
+                          5: ("web", 0.6), 6: ("load", 2.5)}}  # a web process started in between
 
     cores = cores_between(first, last)
 
-    assert cores == pytest.approx({"model": 1.5, "web": 0.16, "redis": 0.02, "other": 0.12,
-                                   "idle": 0.2})
+    assert cores == pytest.approx({"model": 1.5, "web": 0.16, "redis": 0.02, "load": 0.05,
+                                   "other": 0.07, "idle": 0.2, "stolen": 0.3})
 
 
 def test_a_cpu_split_over_no_time_is_empty_rather_than_a_division_by_zero():

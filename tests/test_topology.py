@@ -1,7 +1,6 @@
 """The production topology on one machine: `deploy/topology.py` starts nginx in front of gunicorn
 web instances and model workers, the same command a user runs; every request goes through nginx.
 """
-import json
 import os
 import re
 import signal
@@ -45,7 +44,7 @@ def post_in_background(url, images):
 
 def processing_jobs(redis_client, keys, worker_id):
     """Ids of the jobs a worker has claimed and not yet answered."""
-    return [json.loads(job)["id"] for job in redis_client.lrange(keys.processing(worker_id), 0, -1)]
+    return [entry.split(":")[0] for entry in redis_client.lrange(keys.processing(worker_id), 0, -1)]
 
 
 # --- Load through nginx ---------------------------------------------------------------------

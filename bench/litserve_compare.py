@@ -1,0 +1,181 @@
+"""This service against LitServe, one after the other on this machine: the same model (ResNet50,
+seeded random weights, as OpenVINO IR with the same preprocessing inside), the same runtime and
+precision, the same decoding of uploads, the same load generator (wrk, bench/wrk_predict.lua: a
+closed loop of 4 batches of clients posting the sample image as the tutorial's form).
+
+    python bench/litserve_compare.py                    # FP32, then the fastest precision here
+    python bench/litserve_compare.py --precisions f32 --rounds 1 --seconds 20
+
+LitServe (a pinned version) runs in a virtual environment of its own, bench/.litserve-venv, made
+at the first run with the same versions of OpenVINO, numpy, Pillow and OpenCV as the service's.
+Both get the batch size the service's BATCH_SIZE=auto chooses at FP32, the same batch window
+(BATCH_TIMEOUT_MS), one model process, and two HTTP server processes (the service's WEB_WORKERS);
+LitServe also its faster queue (ZeroMQ). Rounds alternate the two, so that a drift of the
+machine's speed touches both. Images per second are counted from the answers that came in each
+load's measured part; p50 and p99 are wrk's, over the whole load.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from benchmark import (MODEL_SEED, free_port, machine_info, run_wrk, running_service,  # noqa: E402
+                       write_json)
+
+LITSERVE = "litserve==0.2.19"
+VENV = HERE / ".litserve-venv"
+# What the LitServe server imports of the service (classifier, helpers), at the service's versions.
+SHARED = ("openvino", "numpy", "pillow", "opencv-python-headless", "pybase64")
+
+
+def pins(names):
+    """The service's pinned versions (requirements.txt) of these packages."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.split("==")[0].strip() in names]
+
+
+def litserve_python():
+    """The LitServe environment's python, made (or made again) when the versions change."""
+    wanted = "\n".join([LITSERVE, *pins(SHARED)])
+    stamp = VENV / "installed.txt"
+    if not stamp.exists() or stamp.read_text() != wanted:
+        print(f"making {VENV} ({LITSERVE}) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+        subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", *wanted.split()],
+                       check=True)
+        stamp.write_text(wanted)
+    return str(VENV / "bin" / "python")
+
+
+def openvino_model(cache_dir):
+    """The OpenVINO IR of ResNet50 (seeded), converted by the service's own code into its cache."""
+    script = ("import classifier, sys; c = classifier.load_classifier('resnet50', 'none', "
+              f"seed={MODEL_SEED}, runtime='openvino', cache_dir=sys.argv[1]); "
+              f"print(classifier.cache_key('resnet50', 'none', {MODEL_SEED}, '1'))")
+    key = subprocess.run([sys.executable, "-c", script, cache_dir], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.split()[-1]
+    return str(Path(cache_dir) / f"{key}.xml")
+
+
+def fastest_precision():
+    """OpenVINO's fastest precision on this CPU that needs no calibration: bf16 where the CPU has
+    bf16 units, else f16 where it has those, else f32."""
+    import openvino
+
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "bf16" if "BF16" in capabilities else "f16" if "FP16" in capabilities else "f32"
+
+
+@contextmanager
+def litserve(python, xml, precision, batch_size, batch_timeout_ms, workdir):
+    """The LitServe server on a free port until the block ends; yields its URL."""
+    port = free_port()
+    log = open(Path(workdir) / f"litserve-{port}.log", "wb")
+    process = subprocess.Popen(
+        [python, str(HERE / "litserve_server.py"), "--port", str(port), "--xml", xml,
+         "--precision", precision, "--batch-size", str(batch_size), "--batch-timeout-ms",
+         str(batch_timeout_ms)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"LitServe exited; see {log.name}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"LitServe was not ready within 300 s; see {log.name}")
+        yield url
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+def measure(url, connections, seconds, warmup_s, workdir):
+    """Images per second answered after warmup_s (each answer one image), wrk's p50 and p99."""
+    report = run_wrk(url, connections, seconds, workdir)
+    answered = [r["t_s"] for r in report["requests"] if r["ok"]]
+    start = min(answered, default=0) + warmup_s
+    counted = [t for t in answered if start <= t]
+    rate = (len(counted) - 1) / (counted[-1] - counted[0]) if len(counted) > 1 else None
+    return {"img_per_s": rate, "p50_ms": report["latency_ms"]["p50"],
+            "p99_ms": report["latency_ms"]["p99"], "failed": report["summary"]["failed"]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--precisions", type=lambda text: text.split(","),
+                        help="OpenVINO precisions to compare at (f32, then the fastest here)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=30.0, help="of each load (30)")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0)
+    parser.add_argument("--out", default=str(HERE / "results" / time.strftime(
+        "%Y-%m-%d-litserve.json")))
+    args = parser.parse_args(argv)
+    precisions = args.precisions or sorted({"f32", fastest_precision()}, key="f32".__ne__)
+    workdir = tempfile.mkdtemp(prefix="litserve-compare-")
+    cache_dir = os.environ.get("OPENVINO_CACHE_DIR") or str(Path(workdir) / "openvino")
+    python = litserve_python()
+    xml = openvino_model(cache_dir)
+    results, machine = {}, machine_info()
+    for precision in precisions:
+        service_env = {"RUNTIME": "openvino", "OPENVINO_CACHE_DIR": cache_dir,
+                       "PRECISION": {"f32": "fp32", "f16": "fp16"}.get(precision, precision)}
+        rounds = results[precision] = {"service": [], "litserve": []}
+        for number in range(1, args.rounds + 1):
+            with running_service(service_env, workdir) as (url, heartbeat, _):
+                batch_size = int(heartbeat["batch_size"])
+                connections = max(64, 4 * batch_size)
+                rounds["service"].append(measure(url, connections, args.seconds,
+                                                 args.warmup_seconds, workdir))
+            with litserve(python, xml, precision, batch_size, 5.0, workdir) as url:
+                rounds["litserve"].append(measure(url, connections, args.seconds,
+                                                  args.warmup_seconds, workdir))
+            print(f"{precision} round {number} (batch {batch_size}, {connections} clients): "
+                  + ", ".join(f"{name} {line(rounds[name][-1])}" for name in rounds), flush=True)
+        rounds["batch_size"], rounds["connections"] = batch_size, connections
+    print(f"\nmachine: {machine['cpu']} (family {machine['cpu_family']}, model "
+          f"{machine['cpu_model']}; {' '.join(machine['vector_flags'])}), {machine['cores']} cores")
+    summary = {}
+    for precision, rounds in results.items():
+        summary[precision] = {name: {figure: statistics.median(r[figure] for r in rounds[name])
+                                     for figure in ("img_per_s", "p50_ms", "p99_ms")}
+                              for name in ("service", "litserve")}
+        medians = summary[precision]
+        medians["ratio"] = statistics.median(
+            s["img_per_s"] / litserve["img_per_s"]
+            for s, litserve in zip(rounds["service"], rounds["litserve"]))
+        print(f"{precision}: service {line(medians['service'])} | LitServe "
+              f"{line(medians['litserve'])} | service / LitServe {medians['ratio']:.2f}x "
+              f"(medians of {args.rounds} rounds)")
+    write_json(args.out, {**machine, "litserve": LITSERVE, "rounds_run": args.rounds,
+                          "seconds": args.seconds, "results": results, "summary": summary})
+    return 0
+
+
+def line(figures):
+    return (f"{figures['img_per_s']:.1f} img/s, p50 {figures['p50_ms']:.0f} ms, "
+            f"p99 {figures['p99_ms']:.0f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
