@@ -78,7 +78,8 @@ class Prediction(BaseModel):
 
 class Predictions(BaseModel):
     """The answer for one image: the classic tutorial's shape, unchanged. Where the time went is in
-    the headers X-Queue-Wait-Ms, X-Inference-Ms, X-Batch-Size, X-Model-Worker, X-Model-Version."""
+    the headers X-Queue-Wait-Ms, X-Inference-Ms, X-Batch-Size, X-Model-Worker, X-Model-Version,
+    X-Model-Precision."""
     success: Literal[True]
     predictions: list[Prediction] = Field(description="most probable first, top_k of them")
 
@@ -91,6 +92,7 @@ class ImageResult(BaseModel):
     inference_ms: float | None = Field(None, description="the forward pass of its batch")
     batch_size: int | None = Field(None, description="images in that forward pass")
     model_version: str | None = None
+    precision: str | None = Field(None, description="fp32, bf16, fp16 or int8")
     error: str | None = None
     status: int | None = Field(None, description="the HTTP status this image alone would get")
 
@@ -150,7 +152,8 @@ class Readiness(BaseModel):
 
 class ModelInfo(BaseModel):
     success: Literal[True]
-    model: dict = Field(description="name, version, input_shape, labels, runtime, ...")
+    model: dict = Field(description="name, version, input_shape, labels, runtime, precision "
+                        "and its check against fp32, ...")
     versions: list[str] = Field(description="versions served now (two during a rollout)")
 
 
@@ -194,6 +197,7 @@ class ModelMetadata(BaseModel):
     name: str
     versions: list[str]
     platform: str
+    precision: str = Field(description="fp32, bf16, fp16 or int8 (an addition to the protocol)")
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
 

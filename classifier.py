@@ -75,6 +75,7 @@ class Classifier:
 
             self.forward = padded_in_turns(self.forward, jax.device_put)
         self.runtime = "keras"
+        self.precision, self.precision_check = "fp32", None  # see set_precision
         self.labels = labels
         self.preprocess_name = preprocess
         self.name = name
@@ -106,9 +107,10 @@ class Classifier:
 
 
 def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0, version="1",
-                    runtime="keras", cache_dir="", lanes=1):
+                    runtime="keras", cache_dir="", lanes=1, precision="fp32", calibration=""):
     """Load a named keras.applications model or a saved model file, ready to predict with
-    `runtime` (auto, keras or openvino) from `lanes` threads at once."""
+    `runtime` (auto, keras or openvino) at `precision` (see set_precision; `calibration`: a
+    folder of images) from `lanes` threads at once."""
     if threads and keras_backend() == "tensorflow":
         import tensorflow as tf
 
@@ -127,6 +129,7 @@ def load_classifier(model, weights, labels="", preprocess="", seed=0, threads=0,
         key = cache_key(model, weights, seed, version)
         use_openvino(classifier, key, threads, cache_dir, required=runtime == "openvino",
                      lanes=lanes)
+    set_precision(classifier, precision, calibration, threads, cache_dir, lanes)
     return classifier
 
 
@@ -236,8 +239,8 @@ def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
     RUNTIME=auto logs why and serves with Keras.
     """
     try:
-        forward = openvino_forward(classifier.model, classifier.preprocess_name, key, threads,
-                                   cache_dir, lanes)
+        model = openvino_model(classifier.model, classifier.preprocess_name, key, cache_dir)
+        forward = openvino_forward(model, threads, lanes)
         for split in forward.copies:
             check_agreement(classifier, functools.partial(forward.run, split=split))
     except Exception as exc:
@@ -246,12 +249,67 @@ def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
         log.warning("serving %s with Keras, not OpenVINO: %s", classifier.name, exc)
         return
     classifier.forward, classifier.runtime = forward, "openvino"
+    classifier.openvino_model, classifier.cache_key = model, key  # for other precisions
     classifier.model = classifier.serving = None  # the Keras copy's memory is not needed any more
 
 
-def openvino_forward(keras_model, preprocess, key, threads, cache_dir, lanes=1):
-    """An OpenVINO forward pass of a Keras model for `lanes` threads, uint8 pixels in: converted
-    once and cached as IR in cache_dir, its preprocessing put in front as it is compiled."""
+def set_precision(classifier, precision, calibration, threads, cache_dir, lanes=1):
+    """Serve at `precision`: fp32 as loaded; bf16, fp16 or int8 (quantized on the images of the
+    folder `calibration`) once checked against fp32 (see precision.py); auto, the fastest of fp32
+    and the CPU's 16-bit precisions that passes. Reduced precision is OpenVINO's: with Keras,
+    auto is fp32 and any other refuses to serve. Raises ModelLoadError, saying why."""
+    import precision as reduced
+
+    if precision == "fp32":
+        return
+    if classifier.runtime != "openvino":
+        if precision == "auto":
+            log.info("PRECISION=auto: fp32, the only precision of the Keras runtime here")
+            return
+        raise ModelLoadError(f"PRECISION={precision} needs the OpenVINO runtime (RUNTIME=auto on "
+                             f"a CPU, or RUNTIME=openvino); {classifier.name} runs on Keras")
+    if precision == "int8" and not calibration:
+        raise ModelLoadError("PRECISION=int8 needs CALIBRATION_IMAGES, a folder of a few hundred "
+                             "images like the ones served: it never quantizes on random data")
+    import openvino
+
+    try:
+        pixels, source, digest = reduced.check_images(classifier.input_shape, calibration)
+    except (OSError, reduced.PrecisionRefused) as exc:
+        raise ModelLoadError(f"CALIBRATION_IMAGES={calibration!r}: {exc}") from exc
+    offered = reduced.hardware_precisions(openvino.Core())
+    if precision in reduced.CAPABILITIES and precision not in offered:
+        raise ModelLoadError(f"PRECISION={precision}: this CPU has no {precision} units (OpenVINO "
+                             f"finds {', '.join(offered) or 'no 16-bit ones'}); use fp32, int8 "
+                             "or auto")
+    candidates = offered if precision == "auto" else [precision]
+    forwards, checks = {"fp32": classifier.forward}, {}
+    for name in candidates:
+        model = classifier.openvino_model if name != "int8" else reduced.quantized(
+            classifier.openvino_model, classifier.cache_key, cache_dir, pixels, digest)
+        forward = openvino_forward(model, threads, lanes, reduced.HINTS[name])
+        try:
+            checks[name] = reduced.checked(name, classifier.forward, forward, pixels, source)
+        except reduced.PrecisionRefused as refusal:
+            if precision != "auto":
+                raise ModelLoadError(f"PRECISION={precision} refused: {refusal}") from refusal
+            log.warning("PRECISION=auto: not %s: %s", name, refusal)
+            continue
+        forwards[name] = forward
+    if precision != "auto":
+        chosen = precision
+    elif len(forwards) > 1:
+        chosen = reduced.fastest(forwards, pixels)
+    else:
+        chosen = "fp32"
+        log.info("PRECISION=auto: fp32, the only precision that passed its check here")
+    classifier.forward, classifier.precision = forwards[chosen], chosen
+    classifier.precision_check = checks.get(chosen)
+
+
+def openvino_model(keras_model, preprocess, key, cache_dir):
+    """An OpenVINO model of a Keras model, uint8 pixels in: converted once and cached as IR in
+    cache_dir, its preprocessing put in front."""
     import openvino
 
     xml = os.path.join(cache_dir, f"{key}.xml")
@@ -265,13 +323,20 @@ def openvino_forward(keras_model, preprocess, key, threads, cache_dir, lanes=1):
             os.replace(os.path.join(scratch, "model.bin"), xml[:-4] + ".bin")
             os.replace(os.path.join(scratch, "model.xml"), xml)
         log.info("converted the model to OpenVINO: %s", xml)
-    # FP32 on every CPU: on one with bf16 units OpenVINO would otherwise compute in bf16, whose
-    # probabilities differ from Keras' in the third decimal.
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    return with_openvino_preprocessing(openvino.Core().read_model(xml), preprocess)
+
+
+def openvino_forward(model, threads, lanes=1, hint="f32"):
+    """An OpenVINO forward pass of an OpenVINO model for `lanes` threads, computing at the
+    inference precision `hint`."""
+    import openvino
+
+    # The hint is always given: on a CPU with bf16 units OpenVINO would otherwise compute in bf16,
+    # whose probabilities differ from FP32's in the third decimal.
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     core = openvino.Core()
-    model = with_openvino_preprocessing(core.read_model(xml), preprocess)
     alone = core.compile_model(model, "CPU", config)
     if lanes < 2 or 0 < threads < lanes:  # one lane, or too few threads for a stream each
         return OpenVINOForward(alone, alone)

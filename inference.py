@@ -86,6 +86,7 @@ def timing_headers(result):
         "X-Batch-Size": str(result["batch_size"]),
         "X-Model-Worker": result["worker"],
         "X-Model-Version": result["model_version"],
+        "X-Model-Precision": result.get("precision", "fp32"),
     }
 
 

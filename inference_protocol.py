@@ -163,7 +163,7 @@ def model_metadata(beats, name, version=None):
     height, width, channels = input_shape_of(beat)
     versions = sorted({b["version"] for b in find_warm(beats) if served_name(b) == name})
     return {"name": name, "versions": versions if version is None else [version],
-            "platform": beat.get("runtime", "keras"),
+            "platform": beat.get("runtime", "keras"), "precision": beat.get("precision", "fp32"),
             "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "UINT8",
                         "shape": [-1, height, width, channels]}],
@@ -344,7 +344,8 @@ def infer_answer(header, name, results, binary, classification):
               # Where the time went, as /predict's headers say it (the first image's batch).
               "parameters": {"queue_wait_ms": round(first["queue_wait_ms"], 1),
                              "inference_ms": round(first["inference_ms"], 1),
-                             "batch_size": first["batch_size"]}}
+                             "batch_size": first["batch_size"],
+                             "precision": first.get("precision", "fp32")}}
     if isinstance(header.get("id"), str):
         answer["id"] = header["id"]
     if not binary:

@@ -173,7 +173,7 @@ def image_result(outcome):
         return {"success": False, "error": outcome.message, "status": outcome.status}
     return {"success": True, "predictions": outcome["predictions"],
             **{name: outcome[name] for name in ("queue_wait_ms", "inference_ms", "batch_size",
-                                                "model_version")}}
+                                                "model_version", "precision")}}
 
 
 def query_value(environ, name):

@@ -53,7 +53,8 @@ MALLOC_ARENAS = "2"
 def spec_from_settings():
     """The model the settings name (served until a `reload` records another)."""
     return {"model": settings.MODEL, "weights": settings.MODEL_WEIGHTS, "labels": settings.LABELS,
-            "preprocess": settings.PREPROCESS, "version": settings.MODEL_VERSION}
+            "preprocess": settings.PREPROCESS, "version": settings.MODEL_VERSION,
+            "precision": settings.PRECISION, "calibration_images": settings.CALIBRATION_IMAGES}
 
 
 def spec_text(spec):
@@ -61,14 +62,17 @@ def spec_text(spec):
     return json.dumps({name: str(value) for name, value in spec.items()}, sort_keys=True)
 
 
-def load_model(spec, runtime=None):
+def load_model(spec, runtime=None, precision=None):
     """Load the classifier a model spec describes (raises classifier.ModelLoadError)."""
     from classifier import load_classifier
 
+    # (A spec recorded by a version before precisions takes the worker's own settings.)
     return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
                            settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"],
                            runtime or settings.RUNTIME, settings.OPENVINO_CACHE_DIR,
-                           settings.BATCHES_IN_FLIGHT)
+                           settings.BATCHES_IN_FLIGHT,
+                           precision or spec.get("precision") or settings.PRECISION,
+                           spec.get("calibration_images", settings.CALIBRATION_IMAGES))
 
 
 # --- The supervisor -------------------------------------------------------------------------
@@ -521,7 +525,8 @@ def run_reload(args):
             spec = previous_model(store, keys)
         else:
             spec = {"model": args.model, "weights": args.weights, "labels": args.labels,
-                    "preprocess": args.preprocess, "version": args.version}
+                    "preprocess": args.preprocess, "version": args.version,
+                    "precision": args.precision, "calibration_images": args.calibration_images}
         check_model(store, keys, spec)
         roll_out(store, keys, spec, args.timeout_s, rollback=args.rollback)
     except RolloutFailed as exc:
@@ -542,7 +547,8 @@ def check_model(store, keys, spec):
     """Refuse a spec here, before any worker sees it: the files must load, the labels must
     match the outputs, and the input must be the one the queue's jobs are resized for."""
     try:
-        classifier = load_model(spec, runtime="keras")
+        # (Its precision is the workers' to check: they load it where it will serve.)
+        classifier = load_model(spec, runtime="keras", precision="fp32")
     except Exception as exc:  # whatever a bad file raises, it is a refusal with its reason
         raise SpecRefused(f"version {spec['version']} does not load: {exc}") from exc
     shapes = {beat["input_shape"] for beat in jobqueue.live_workers(store, keys)

@@ -20,6 +20,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["reload"]:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 import argparse
+import json
 import logging
 import signal
 import socket
@@ -178,7 +179,8 @@ def describe_model(beat):
             "input_shape": list(input_shape_of(beat)),
             "labels": int(beat["labels"]), "preprocess": beat["preprocess"],
             "batch_size": beat["batch_size"], "device": beat["device"],
-            "runtime": beat.get("runtime", "keras")}
+            "runtime": beat.get("runtime", "keras"), "precision": beat.get("precision", "fp32"),
+            "precision_check": json.loads(beat.get("precision_check", "null"))}
 
 
 def run_model_worker(args=None):
@@ -304,6 +306,10 @@ def main(argv=None):
     reload.add_argument("--weights", default=settings.MODEL_WEIGHTS, help="as MODEL_WEIGHTS")
     reload.add_argument("--labels", default=settings.LABELS, help="as LABELS")
     reload.add_argument("--preprocess", default=settings.PREPROCESS, help="as PREPROCESS")
+    reload.add_argument("--precision", default=settings.PRECISION,
+                        choices=("fp32", "bf16", "fp16", "int8", "auto"), help="as PRECISION")
+    reload.add_argument("--calibration-images", default=settings.CALIBRATION_IMAGES,
+                        help="as CALIBRATION_IMAGES")
     reload.add_argument("--rollback", action="store_true",
                         help="instead: back to the accepted version before the current one")
     reload.add_argument("--timeout-s", type=float, default=600,

@@ -192,10 +192,29 @@ checked against Keras at start, refusing to serve if they disagree; `keras`: Ten
 OpenVINO on a machine without a GPU (Keras, with a warning, if the conversion or check fails),
 TensorFlow on a GPU."""
 
+PRECISION = env_str("PRECISION", "fp32", choices=("fp32", "bf16", "fp16", "int8", "auto"))
+"""Precision of the forward pass. fp32: the model's own. bf16, fp16: the CPU's 16-bit units
+(OpenVINO). int8: quantized by NNCF on CALIBRATION_IMAGES. auto: the fastest of fp32 and the
+16-bit precisions the CPU has, timed at start. Every precision but fp32 is checked against fp32
+before it serves (MIN_TOP1_AGREEMENT): an explicit one that fails refuses to serve, auto passes
+it over."""
+
+CALIBRATION_IMAGES = env_str("CALIBRATION_IMAGES", "")
+"""A folder of images like the ones served (a few hundred; the first 300 by name), decoded as
+uploads are: INT8's calibration, and what every reduced precision is checked on (else 64 seeded
+random images). PRECISION=int8 refuses to start without it."""
+
+MIN_TOP1_AGREEMENT = env_float("MIN_TOP1_AGREEMENT", 0.99, minimum=0.0, maximum=1.0)
+"""Share of the check's images whose top label bf16 or fp16 must give as fp32 does, to serve."""
+
+MIN_TOP1_AGREEMENT_INT8 = env_float("MIN_TOP1_AGREEMENT_INT8", 0.98, minimum=0.0, maximum=1.0)
+"""The same for int8."""
+
 OPENVINO_CACHE_DIR = env_str("OPENVINO_CACHE_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras-server", "openvino"))
 """Folder of converted models, named by a hash of the model and weights files, MODEL_VERSION and
-the Keras and OpenVINO versions: a restart reuses the conversion."""
+the Keras and OpenVINO versions (INT8 models also by the calibration images and NNCF's version):
+a restart reuses the conversion."""
 
 WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
 """Port where a model worker serves its Prometheus metrics. 0: none (give each worker its own)."""

@@ -9,6 +9,7 @@ Loading a model, warming it up and choosing the batch size are classifier.py's; 
 model versions is rollout.py's (each version runs in a process of its own).
 """
 import collections
+import json
 import logging
 import os
 import signal
@@ -79,6 +80,7 @@ def process_batch(classifier, images, jobs, now, pass_s=0.0, clock=time.perf_cou
                 "inference_ms": forward_s * 1000,
                 "queue_wait_ms": max(0.0, now - job["enqueued_at"]) * 1000,
                 "model_version": classifier.version,
+                "precision": classifier.precision,
                 **extra_outputs(classifier, job, row),
             }
         except (TypeError, ValueError) as exc:  # an output asked for in a form nothing here writes
@@ -262,7 +264,8 @@ class ModelWorker:
         return {**self.identity, "model": classifier.name, "version": classifier.version,
                 "weights": classifier.weights, "labels": len(classifier.labels),
                 "preprocess": classifier.preprocess_name, "batch_size": self.batch_size,
-                "runtime": classifier.runtime, "warm": int(warm),
+                "runtime": classifier.runtime, "precision": classifier.precision,
+                "precision_check": json.dumps(classifier.precision_check), "warm": int(warm),
                 "input_shape": ",".join(map(str, classifier.input_shape)),
                 "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
                 jobqueue.JOB_FORMAT_FIELD: jobqueue.JOB_FORMAT, **stats}

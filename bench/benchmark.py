@@ -60,8 +60,8 @@ from stress_test import percentile  # noqa: E402
 
 MODEL, MODEL_SEED = "resnet50", 1234
 BATCH_SIZES = (1, 2, 4, 8, 16, 32)
-KNOBS = ("BATCH_SIZE", "BATCH_TIMEOUT_MS", "REQUEST_TIMEOUT_S", "MAX_QUEUE_LENGTH", "WEB_WORKERS",
-         "WEB_CONNECTIONS", "MODEL_THREADS")
+KNOBS = ("BATCH_SIZE", "BATCH_TIMEOUT_MS", "PRECISION", "REQUEST_TIMEOUT_S", "MAX_QUEUE_LENGTH",
+         "WEB_WORKERS", "WEB_CONNECTIONS", "MODEL_THREADS")
 READY_TIMEOUT_S = 300  # TensorFlow import, model build and warm-up on two busy cores
 # (b): four batches' worth of clients, and at least this many: with fewer, a batch's clients are
 # still in the web tier when the next batch could start, and the model waits on the load
@@ -87,7 +87,8 @@ def serve_bare_model(conn, runtime, cores=None):
     # The same loader and thread setting as the model worker, so threads and memory match.
     classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,
                                  runtime=runtime, cache_dir=settings.OPENVINO_CACHE_DIR,
-                                 lanes=settings.BATCHES_IN_FLIGHT)
+                                 lanes=settings.BATCHES_IN_FLIGHT, precision=settings.PRECISION,
+                                 calibration=settings.CALIBRATION_IMAGES)
     rng = np.random.default_rng(MODEL_SEED)
     batches = {n: rng.integers(0, 256, (n, *classifier.input_shape), np.uint8)
                for n in BATCH_SIZES}  # pixels as the queue carries them
@@ -619,12 +620,39 @@ def run_sweep(args, workdir):
     return cells, concurrency
 
 
+def calibration_images(folder, count=300, seed=0):
+    """A folder of `count` JPEG crops (and mirror images) of real photos: the sample image and
+    scikit-learn's two sample images, for INT8's calibration. Returns the folder."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.open(SAMPLE_IMAGE).convert("RGB"),
+              *(Image.fromarray(pixels) for pixels in load_sample_images().images)]
+    rng = np.random.default_rng(seed)
+    for n in range(count):
+        photo = photos[n % len(photos)]
+        width, height = (int(rng.integers(side // 3, side + 1)) for side in photo.size)
+        left = int(rng.integers(0, photo.width - width + 1))
+        top = int(rng.integers(0, photo.height - height + 1))
+        crop = photo.crop((left, top, left + width, top + height))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=90)
+        Path(folder, f"{n:04d}.jpg").write_bytes(buffer.getvalue())
+    return folder
+
+
 def settings_used(heartbeat):
     """The service's knobs as it read them, and what its worker reports about itself."""
     import settings
 
     knobs = {name: getattr(settings, name) for name in KNOBS if hasattr(settings, name)}
-    knobs.update({name: heartbeat.get(name) for name in ("model", "weights", "device", "runtime")})
+    knobs.update({name: heartbeat.get(name)
+                  for name in ("model", "weights", "device", "runtime", "precision")})
     knobs["BATCH_SIZE"] = int(heartbeat["batch_size"])
     return knobs
 
@@ -789,6 +817,9 @@ def parse_args(argv):
     parser.add_argument("--batch-timeout-ms", type=float, help="BATCH_TIMEOUT_MS of the service")
     parser.add_argument("--concurrency", type=int, help="clients at saturation (32, or "
                         "2 x BATCH_SIZE if more; sweep: 2 x the largest batch size)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8", "auto"),
+                        help="PRECISION of the bare model and the service (int8 calibrates on "
+                             "CALIBRATION_IMAGES, else on crops of photos: calibration_images)")
     parser.add_argument("--model-cores", type=int, default=0,
                         help="pin the model, bare and served, to this many cores and the rest "
                              "(web tier, Redis, load generator) to the others (0: no pinning)")
@@ -816,8 +847,11 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Set here, they reach the service and the record of settings alike.
+    if args.precision == "int8" and not os.environ.get("CALIBRATION_IMAGES"):
+        os.environ["CALIBRATION_IMAGES"] = calibration_images(tempfile.mkdtemp(prefix="calib-"))
     for name, value in (("BATCH_SIZE", args.batch_size),
                         ("BATCH_TIMEOUT_MS", args.batch_timeout_ms),
+                        ("PRECISION", args.precision),
                         ("MODEL_THREADS", len(args.model_cores) if args.model_cores else None)):
         if value is not None:
             os.environ[name] = str(value)

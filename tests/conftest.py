@@ -2,6 +2,7 @@
 instances started as the processes production runs (`run_keras_server.py model|web`).
 """
 import io
+import json
 import os
 import re
 import shutil
@@ -362,6 +363,41 @@ def tiny_model(tmp_path_factory):
     labels.write_text("".join(f"class_{i}\n" for i in range(10)))
     return {"MODEL": str(path), "LABELS": str(labels), "PREPROCESS": "scale_0_1",
             "model": model}
+
+
+def train_digits(folder, seed, epochs):
+    subprocess.run([sys.executable, "examples/digits/train.py", "--out", str(folder), "--seed",
+                    str(seed), "--epochs", str(epochs)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """Two versions of the digits CNN, trained by the example script, and the held-out PNGs."""
+    root = tmp_path_factory.mktemp("digits")
+    v1, v2 = train_digits(root / "v1", 0, 30), train_digits(root / "v2", 1, 5)
+    heldout = sorted((v1 / "heldout").glob("*.png"))
+    return {"v1": v1, "v2": v2, "images": [p.read_bytes() for p in heldout],
+            "labels": json.loads((v1 / "heldout" / "labels.json").read_text())}
+
+
+def digits_settings(folder, version):
+    return {"MODEL": folder / "digits.keras", "LABELS": folder / "labels.txt",
+            "PREPROCESS": "scale_0_1", "MODEL_VERSION": version}
+
+
+def reload(service, *args, cwd=ROOT):
+    """`run_keras_server.py reload ARGS` run to its end: (exit status, what it logged)."""
+    done = subprocess.run([sys.executable, str(ROOT / "run_keras_server.py"), "reload", *args],
+                          cwd=cwd, env=service.env({}), capture_output=True, text=True,
+                          timeout=300)
+    return done.returncode, done.stderr
+
+
+def reload_args(folder, version, model="digits.keras", labels="labels.txt"):
+    return ["--model", str(Path(folder) / model), "--labels", str(Path(folder) / labels),
+            "--preprocess", "scale_0_1", "--version", version]
 
 
 def tiny_settings(tiny_model):

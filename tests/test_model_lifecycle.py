@@ -1,6 +1,5 @@
 """Observability and model lifecycle: Prometheus metrics, /model, a real trained model (digits)
 served end to end, and a hot reload under load."""
-import json
 import os
 import re
 import shutil
@@ -18,31 +17,10 @@ import pytest
 import requests
 
 import jobqueue
-from conftest import ROOT, free_port, metric, post_image, stop, wait_until, worker_stats
+from conftest import (ROOT, digits_settings, free_port, metric, post_image, reload, reload_args,
+                      stop, wait_until, worker_stats)
 from helpers import prepare_image
 from rollout import LOADER_WINDOW_S
-
-
-def train_digits(folder, seed, epochs):
-    subprocess.run([sys.executable, "examples/digits/train.py", "--out", str(folder), "--seed",
-                    str(seed), "--epochs", str(epochs)], cwd=ROOT, check=True,
-                   capture_output=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """Two versions of the digits CNN, trained by the example script, and the held-out PNGs."""
-    root = tmp_path_factory.mktemp("digits")
-    v1, v2 = train_digits(root / "v1", 0, 30), train_digits(root / "v2", 1, 5)
-    heldout = sorted((v1 / "heldout").glob("*.png"))
-    return {"v1": v1, "v2": v2, "images": [p.read_bytes() for p in heldout],
-            "labels": json.loads((v1 / "heldout" / "labels.json").read_text())}
-
-
-def digits_settings(folder, version):
-    return {"MODEL": folder / "digits.keras", "LABELS": folder / "labels.txt",
-            "PREPROCESS": "scale_0_1", "MODEL_VERSION": version}
 
 
 def direct_probabilities(folder, images):
@@ -156,19 +134,6 @@ def test_metrics_add_up_across_gunicorn_processes_and_workers(
 
 def p99(latencies):
     return float(np.percentile(latencies, 99)) if latencies else float("nan")
-
-
-def reload(service, *args, cwd=ROOT):
-    """`run_keras_server.py reload ARGS` run to its end: (exit status, what it logged)."""
-    done = subprocess.run([sys.executable, str(ROOT / "run_keras_server.py"), "reload", *args],
-                          cwd=cwd, env=service.env({}), capture_output=True, text=True,
-                          timeout=300)
-    return done.returncode, done.stderr
-
-
-def reload_args(folder, version, model="digits.keras", labels="labels.txt"):
-    return ["--model", str(Path(folder) / model), "--labels", str(Path(folder) / labels),
-            "--preprocess", "scale_0_1", "--version", version]
 
 
 def versions_served(redis_client, keys):

@@ -5,8 +5,10 @@
         python run_keras_server.py
     curl -F image=@models/digits/heldout/0000.png http://localhost:5000/predict
 
-It writes digits.keras, labels.txt, and the held-out digits as 8x8 grayscale PNG files in
-heldout/ with their true labels in heldout/labels.json. Training takes seconds on a CPU.
+It writes digits.keras, labels.txt, the held-out digits as 8x8 grayscale PNG files in heldout/
+with their true labels in heldout/labels.json, and 300 of the training digits in calibration/, for
+INT8 (PRECISION=int8 CALIBRATION_IMAGES=models/digits/calibration). Training takes seconds on a
+CPU.
 """
 import argparse
 import json
@@ -55,10 +57,13 @@ def train(out, seed=0, epochs=30):
 
     out = Path(out)
     (out / "heldout").mkdir(parents=True, exist_ok=True)
+    (out / "calibration").mkdir(exist_ok=True)
     model.save(out / "digits.keras")
     (out / "labels.txt").write_text("".join(f"{digit}\n" for digit in range(10)))
     for i, image in enumerate(test_x):
         Image.fromarray(image, "L").save(out / "heldout" / f"{i:04d}.png")
+    for i, image in enumerate(train_x[:300]):  # images like the ones served: INT8's calibration
+        Image.fromarray(image, "L").save(out / "calibration" / f"{i:04d}.png")
     (out / "heldout" / "labels.json").write_text(json.dumps([int(y) for y in test_y]))
     return accuracy
 
