@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 import cv2
 import numpy as np
 import pybase64
+import simplejpeg
 from PIL import Image, ImageOps
 
 # Pillow's own bomb check would raise only past twice its limit; ours (MAX_IMAGE_PIXELS) is applied
@@ -72,7 +73,7 @@ def prepare_image(data, size, channels=3, max_pixels=None, formats=None, out=Non
     """
     image = open_image(data, max_pixels, formats)
     decode_reduced(image, size, channels)
-    return decode_image(image, size, channels, out)
+    return decode_image(image, data, size, channels, out)
 
 
 def open_image(data, max_pixels=None, formats=None):
@@ -137,15 +138,61 @@ def jpeg_coefficient_bytes(image, full_size):
     return blocks * 64 * 2
 
 
-def decode_image(image, size, channels=3, out=None):
-    """Decode an image opened by open_image into the model's input (see prepare_image)."""
+def decode_image(image, data, size, channels=3, out=None):
+    """Decode an image opened by open_image (from `data`) into the model's input (see
+    prepare_image)."""
     try:
-        return _decode(image, size, channels, out)
+        return _decode(image, data, size, channels, out)
     except Exception as exc:  # truncated or corrupt data surfaces only while decoding
         raise ServiceError(f"cannot decode the image: {exc}", 400) from exc
 
 
-def _decode(image, size, channels, out):
+def _decode(image, data, size, channels, out):
+    width, height = size
+    orientation = image.getexif().get(ORIENTATION, 1)
+    upright = (height, width) if orientation in (5, 6, 7, 8) else size  # the stored image's
+    if image.format == "JPEG" and image.mode in ("RGB", "L"):
+        pixels = decode_jpeg(data, upright, channels, orientation)
+    else:
+        pixels = decode_with_pillow(image, upright, channels)
+    if out is None:
+        out = np.empty((height, width, channels), np.uint8)
+    target = out
+    if channels == 1:  # OpenCV takes one channel as a plane
+        pixels, target = pixels.reshape(pixels.shape[:2]), out.reshape(height, width)
+    if pixels.shape[:2] == (height, width):
+        target[...] = pixels
+    else:
+        cv2.resize(pixels, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def decode_jpeg(data, upright, channels, orientation):
+    """A JPEG's pixels, decoded by libjpeg-turbo's TurboJPEG API (simplejpeg) straight at its
+    smallest scale no smaller than `upright` (width, height), then turned as its EXIF orientation
+    says. strict: data that libjpeg would only warn about (a truncated file) is refused."""
+    pixels = simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "GRAY",
+                                    min_width=upright[0], min_height=upright[1], strict=True)
+    turned = EXIF_TURNS.get(orientation)
+    return np.ascontiguousarray(turned(pixels)) if turned else pixels
+
+
+# EXIF orientations 2 to 8 as turns of a (height, width, ...) array, as Pillow's exif_transpose
+# makes them: mirrored, upside down, flipped, transposed, a quarter turn clockwise, transversed, a
+# quarter turn anticlockwise.
+EXIF_TURNS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def decode_with_pillow(image, upright, channels):
+    """Any format's pixels by Pillow, reduced towards `upright` (width, height), upright."""
     image.load()
     # Reduce each side by a whole factor first (a box average), to between once and twice the
     # target: the conversions below then touch a small image, and the bilinear resize, which
@@ -155,22 +202,11 @@ def _decode(image, size, channels, out):
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode in SIXTEEN_BIT_MODES:
         image = to_mode(image, "L")
-    width, height = size
-    upright = (height, width) if image.getexif().get(ORIENTATION) in (5, 6, 7, 8) else size
     factor = (max(1, image.width // upright[0]), max(1, image.height // upright[1]))
     if factor != (1, 1):
         image = image.reduce(factor)
     ImageOps.exif_transpose(image, in_place=True)
-    image = to_mode(image, "RGB" if channels == 3 else "L")
-    pixels = np.asarray(image, dtype=np.uint8)
-    if out is None:
-        out = np.empty((height, width, channels), np.uint8)
-    target = out.reshape(height, width) if channels == 1 else out
-    if pixels.shape[:2] == (height, width):
-        target[...] = pixels
-    else:
-        cv2.resize(pixels, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
-    return out
+    return np.asarray(to_mode(image, "RGB" if channels == 3 else "L"), dtype=np.uint8)
 
 
 def to_mode(image, mode):

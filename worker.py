@@ -160,7 +160,7 @@ class ImageReader:
             image = open_image(job["data"], settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
             cost = decode_reduced(image, (width, height), channels)
             with self.budget.reserve(cost, job["deadline"]):
-                decode_image(image, (width, height), channels, out=row)
+                decode_image(image, job["data"], (width, height), channels, out=row)
             return None
         except ServiceError as refusal:
             return {"error": refusal.message, "status": refusal.status}

@@ -35,7 +35,7 @@ from benchmark import (MODEL_SEED, free_port, machine_info, run_wrk, running_ser
 LITSERVE = "litserve==0.2.19"
 VENV = HERE / ".litserve-venv"
 # What the LitServe server imports of the service (classifier, helpers), at the service's versions.
-SHARED = ("openvino", "numpy", "pillow", "opencv-python-headless", "pybase64")
+SHARED = ("openvino", "numpy", "pillow", "simplejpeg", "opencv-python-headless", "pybase64")
 
 
 def pins(names):

@@ -3,7 +3,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import image_bytes
 from helpers import ServiceError, decode_array, encode_array, prepare_image
@@ -54,6 +54,29 @@ def test_exif_orientation_is_applied():
     Image.fromarray(pixels).save(buffer, "JPEG", exif=exif, quality=100)
     upright = prepare_image(buffer.getvalue(), (20, 40))
     assert upright[:15].mean() < 30 and upright[25:].mean() > 225  # black on top after rotating
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_a_jpeg_as_pillow_does(orientation):
+    # Four quadrants of their own colours, 64 x 48 as stored; JPEGs are decoded apart from Pillow.
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:24, :32], stored[:24, 32:], stored[24:, :32] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    stored[24:, 32:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", exif=exif, quality=95)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
+    height, width = expected.shape[:2]
+    got = prepare_image(buffer.getvalue(), (width // 2, height // 2))
+
+    def quadrants(pixels):
+        h, w = pixels.shape[0] // 2, pixels.shape[1] // 2
+        return np.array([pixels[:h, :w].mean((0, 1)), pixels[:h, w:].mean((0, 1)),
+                         pixels[h:, :w].mean((0, 1)), pixels[h:, w:].mean((0, 1))])
+
+    assert got.shape == (height // 2, width // 2, 3)
+    assert np.abs(quadrants(got) - quadrants(expected)).max() < 25
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale_to_the_same_size():

@@ -196,7 +196,7 @@ data = open({str(path)!r}, "rb").read()
 image = helpers.open_image(data)
 estimate = helpers.decode_reduced(image, (224, 224), 3)
 before = memory("VmRSS:")
-helpers.decode_image(image, (224, 224), 3)
+helpers.decode_image(image, data, (224, 224), 3)
 print(estimate, memory("VmHWM:") - before)
 """
     estimate, growth = map(int, subprocess.run([sys.executable, "-c", measure], check=True,
