@@ -66,7 +66,8 @@ def test_model_endpoint_describes_the_loaded_model(service, digits):
     assert body["model"] == {"name": str(digits["v1"] / "digits.keras"), "version": "7",
                              "weights": "none", "input_shape": [8, 8, 1], "labels": 10,
                              "preprocess": "scale_0_1", "batch_size": "16", "device": "CPU",
-                             "runtime": "openvino"}  # RUNTIME=auto on a CPU
+                             "runtime": "openvino",  # RUNTIME=auto on a CPU
+                             "precision": "fp32", "precision_check": None}  # FP32: nothing to check
 
 
 def test_model_endpoint_is_503_without_workers(service):
