@@ -1,12 +1,12 @@
 # The two set-up commands of the README:
 #   make serve   install everything and start the whole service on this machine
 #   make test    install everything (nginx, chromium and chromedriver, redis-server,
-#                redis-sentinel and wrk too, where missing) and run the tests
+#                redis-sentinel, wrk and faketime too, where missing) and run the tests
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test nginx browser redis wrk
+.PHONY: install serve test secrets nginx browser redis wrk faketime
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(VENV)/.installed
 
 serve: install
 	$(BIN)/python run_keras_server.py
+
+# Redis' passwords for docker-compose.yml (.env) and deploy/k8s (a Secret), generated once.
+secrets:
+	sh deploy/make-secrets.sh
 
 # The topology tests put nginx in front of gunicorn; install it from the system's packages.
 nginx:
@@ -43,5 +47,10 @@ wrk:
 	@command -v wrk >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 
-test: install nginx browser redis wrk
+# The clock-skew tests run a process whose clock is set ahead or behind by libfaketime.
+faketime:
+	@command -v faketime >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null)
+
+test: install nginx browser redis wrk faketime
 	$(BIN)/python -m pytest

@@ -182,7 +182,8 @@ def load_model_file(path):
     import keras
 
     try:
-        return keras.models.load_model(path, compile=False)
+        # safe_mode: a legacy .h5 file's Lambda layers hold Python code, which is not run.
+        return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the Keras model {path}: {exc}") from exc
 

@@ -1,4 +1,5 @@
-"""gunicorn settings of the web tier: `gunicorn -c gunicorn.conf.py run_keras_server:app`.
+"""gunicorn settings of the web tier:
+`gunicorn -c gunicorn.conf.py 'run_keras_server:create_app()'`.
 
 Every value comes from settings.py, so the same environment variables configure every process.
 """
@@ -11,14 +12,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import settings  # noqa: E402
 from webserver import StampingGeventWorker  # noqa: E402
 
+settings.check_web_tier()
+
 bind = f"{settings.HOST}:{settings.PORT}"
 
 # A /predict request spends most of its life blocked in Redis while the model works. Under gevent
 # that costs a greenlet and a Redis connection, not a thread: one process holds WEB_CONNECTIONS
 # waiting requests (more than the queue admits), so a full queue is refused at once with
 # Retry-After instead of leaving new connections unseen in a thread pool's queue or the kernel's
-# backlog. The processes (one per core) are what decode uploads in parallel; decoding runs in a
-# native thread (webserver.off_loop) so that the event loop keeps answering meanwhile.
+# backlog. Uploads are decoded by the model workers; what CPU work the web tier has (parsing a
+# large /v2 JSON body) runs in a native thread (webserver.off_loop), so the event loop keeps
+# answering meanwhile.
 worker_class = StampingGeventWorker
 workers = settings.WEB_WORKERS
 worker_connections = settings.WEB_CONNECTIONS

@@ -37,10 +37,10 @@ def submit(store, keys, workers, jobs, deadline, connection):
     """Classify a request's images: its jobs (jobqueue.new_job), enqueued all or none, answered
     in order.
 
-    Returns one item per job, its result record or the ServiceError it got (504: no result in
-    time; a worker's 4xx or 5xx). Raises 499 if the client hung up first (its jobs withdrawn if
-    still queued), and OVERLOAD_STATUS, enqueuing nothing, if the queue has no room for all of
-    them.
+    The jobs in the list lose their bodies once queued. Returns one item per job, its result
+    record or the ServiceError it got (504: no result in time; a worker's 4xx or 5xx). Raises 499
+    if the client hung up first (its jobs withdrawn if still queued), and OVERLOAD_STATUS,
+    enqueuing nothing, if the queue has no room for all of them.
     """
     workers.check_job_format()
     try:
@@ -51,7 +51,9 @@ def submit(store, keys, workers, jobs, deadline, connection):
         workers.depth_seen = full.depth
         metrics.OVERLOAD_REFUSALS.labels("enqueue").inc()
         raise overload(full, full.depth, workers, len(jobs)) from full
-    jobs = [job._replace(body=None) for job in jobs]  # queued: only the ids are needed now
+    # Queued: only the ids are needed now. Replaced in the caller's list too, so a waiting request
+    # holds no upload (a few kB each, however large its images were).
+    jobs[:] = [job._replace(body=None) for job in jobs]
     results = []
     try:
         with client_watch(connection):
@@ -104,6 +106,14 @@ def find_warm(beats):
     if not warm:
         raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
     return warm
+
+
+def measure_clock(store):
+    """Measure the offset to Redis's clock (jobqueue.CLOCK); 503 when Redis cannot be asked."""
+    try:
+        metrics.CLOCK_OFFSET.set(jobqueue.CLOCK.measure(store))
+    except REDIS_ERRORS as exc:
+        raise ServiceError(f"Redis is unreachable: {exc}", 503, {"Retry-After": "1"}) from exc
 
 
 def input_shape_of(beat):
@@ -196,11 +206,9 @@ def check_upload(data):
 
 
 class WorkerView:
-    """What the web tier knows of the model workers, from their heartbeats (re-read every 2 s).
-
-    The web tier resizes uploads, so it must know the model's input without loading the model,
-    and it tells refused clients when to retry from the workers' measured drain rate.
-    """
+    """What the web tier knows of the model workers, from their heartbeats (re-read every 2 s,
+    with the offset to Redis's clock): how many jobs they answer in a request's time (admission),
+    when a refused client should retry, and which job format they read."""
 
     def __init__(self, store, keys, max_age_s=2.0):
         self.store, self.keys, self.max_age_s = store, keys, max_age_s
@@ -217,6 +225,7 @@ class WorkerView:
                     if time.monotonic() - self.read_at > self.max_age_s:
                         self.beats = fresh_heartbeats(self.store, self.keys)
                         self.read_at = time.monotonic()
+                        measure_clock(self.store)
                 finally:
                     self.reading.release()
         return self.beats

@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 
 import numpy as np
@@ -38,9 +39,15 @@ OUTPUT = "probabilities"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 INLINE_PARSE_BYTES = 256 * 1024  # bodies parsed on the event loop; larger ones in a thread
-# Peak bytes that parsing a body takes, per byte of it (measured 8 for a JSON `pixels` body:
-# Python's ints and lists), held from the decoding budget as an image's decoding is.
-PARSING_BYTES_PER_BYTE = 10
+# What parsing a body takes at its peak (held from the decoding budget, as an image's decoding
+# is), counted in its raw bytes before it is parsed, measured with tracemalloc and set above the
+# highest seen: each JSON value a list slot and then numpy's int64 (measured 17 bytes), each JSON
+# list an object (measured 100-125), each byte of JSON text its share of strings (measured 5),
+# each byte of binary data its copy as elements.
+BYTES_PER_VALUE, BYTES_PER_LIST, BYTES_PER_JSON_BYTE = 24, 128, 6
+# Values and lists that a request's fields besides its input's data may hold.
+HEADER_ALLOWANCE = 64
+DECLARED_SHAPE = re.compile(rb'"shape"\s*:\s*\[([\d\s,]*)\]')
 
 
 # --- Routes ---------------------------------------------------------------------------------
@@ -118,14 +125,52 @@ def add_routes(app, store, keys, workers, budget):
 
 
 def parse_body(budget, request, input_shape, deadline):
-    """read_images of the request's body, within the decoding budget; a large body is parsed
-    off the event loop, as a large image is decoded. The body is not kept."""
+    """read_images of the request's body, within the decoding budget once its cost is known
+    (parsing_cost); a large body is parsed off the event loop, as a large image is decoded. The
+    body is not kept."""
     body = request.get_data(cache=False)
-    length = request.headers.get(HEADER_LENGTH)
-    with budget.reserve(PARSING_BYTES_PER_BYTE * len(body), deadline):
+    split = header_split(body, request.headers.get(HEADER_LENGTH))
+    declared, cost = parsing_cost(body, split, input_shape)
+    with budget.reserve(cost, deadline):
         if len(body) > INLINE_PARSE_BYTES:
-            return off_loop(read_images, body, length, input_shape)
-        return read_images(body, length, input_shape)
+            return off_loop(read_images, body, split, input_shape, declared)
+        return read_images(body, split, input_shape, declared)
+
+
+def header_split(body, header_length):
+    """Where a body's JSON header ends: Inference-Header-Content-Length, else the body's end."""
+    if header_length is None:
+        return len(body)
+    split = int(header_length) if is_whole_number(header_length) else -1
+    if not 0 <= split <= len(body):
+        raise ServiceError(f"{HEADER_LENGTH} must be a byte count within the body's "
+                           f"{len(body)} bytes", 400)
+    return split
+
+
+def parsing_cost(body, split, input_shape):
+    """(the shape the body declares, None if it declares none, and the bytes parsing it takes),
+    before it is parsed: its JSON's values and lists, counted in its bytes, must fit that shape
+    (its data in nested lists, or flat), or without one the largest the model takes, else 400. So
+    no body makes the parser build far more than an input holds."""
+    found = DECLARED_SHAPE.search(body, 0, split)
+    parts = found[1].split(b",") if found else []
+    declared = ([int(part) for part in parts] if parts and all(part.strip() for part in parts)
+                else None)
+    if declared:  # what is wrong with the shape itself is said first
+        check_batch(declared)
+        if len(declared) == 4:
+            check_pixels_shape(declared, input_shape)
+    shape = declared or [settings.MAX_IMAGES_PER_REQUEST, *input_shape]
+    values, lists = body.count(b",", 0, split) + 1, body.count(b"[", 0, split)
+    most_values = math.prod(shape) if split == len(body) else 0
+    most_lists = 1 + sum(math.prod(shape[:k]) for k in range(1, len(shape)))
+    if values > most_values + HEADER_ALLOWANCE or lists > most_lists + HEADER_ALLOWANCE:
+        raise ServiceError(f"the request holds more values or lists than its input's shape "
+                           f"{shape} has room for", 400)
+    cost = (BYTES_PER_VALUE * values + BYTES_PER_LIST * lists + BYTES_PER_JSON_BYTE * split
+            + len(body) - split)
+    return declared, cost
 
 
 def check_element(n, data):
@@ -172,25 +217,24 @@ def model_metadata(beats, name, version=None):
 
 # --- Requests -------------------------------------------------------------------------------
 
-def read_images(body, header_length, input_shape):
+def read_images(body, split, input_shape, declared):
     """An infer request's JSON header (less its inputs), its input's name, and its images: uint8
-    pixel arrays (`pixels`) or encoded files (`image`)."""
-    header, binary = read_request(body, header_length)
+    pixel arrays (`pixels`) or encoded files (`image`). The input's shape must be the one found
+    before parsing (`declared`, see parsing_cost)."""
+    header, binary = read_request(body, split)
     name, shape, data = input_tensor(header, binary)
+    if declared is not None and shape != declared:
+        raise ServiceError(f"the request declares the shape {declared} before its input's "
+                           f"{shape}: send the input's shape first", 400)
     del header["inputs"]  # its data, parsed: not kept while the request waits
     if name == "pixels":
         return header, name, pixels_of(shape, data, input_shape)
     return header, name, files_of(shape, data)
 
 
-def read_request(body, header_length):
-    """The JSON header of an infer request, and the binary data after it."""
-    split = len(body)
-    if header_length is not None:
-        split = int(header_length) if is_whole_number(header_length) else -1
-        if not 0 <= split <= len(body):
-            raise ServiceError(f"{HEADER_LENGTH} must be a byte count within the body's "
-                               f"{len(body)} bytes", 400)
+def read_request(body, split):
+    """The JSON header of an infer request (its first `split` bytes), and the binary data
+    after it."""
     try:
         header = json.loads(body[:split])
     except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
@@ -213,10 +257,7 @@ def input_tensor(header, binary):
         raise ServiceError(f"input {name!r} must be {INPUTS[name]}, not {datatype}", 400)
     if not (isinstance(shape, list) and shape and all(is_count(n) for n in shape)):
         raise ServiceError(f"input {name!r}: shape must be a list of sizes, not {shape!r}", 400)
-    if not 1 <= shape[0] <= settings.MAX_IMAGES_PER_REQUEST:
-        raise ServiceError(f"a batch of {shape[0]} images: send 1 to "
-                           f"{settings.MAX_IMAGES_PER_REQUEST} (MAX_IMAGES_PER_REQUEST)",
-                           413 if shape[0] else 400)
+    check_batch(shape)
     size = parameters(tensor).get("binary_data_size")
     if size is not None:
         if size != len(binary):
@@ -229,6 +270,21 @@ def input_tensor(header, binary):
     if not isinstance(tensor.get("data"), list):
         raise ServiceError(f"input {name!r} carries no data (a JSON list, or binary data)", 400)
     return name, shape, tensor["data"]
+
+
+def check_batch(shape):
+    """An input's batch (its shape's first size) must be 1 to MAX_IMAGES_PER_REQUEST."""
+    if not 1 <= shape[0] <= settings.MAX_IMAGES_PER_REQUEST:
+        raise ServiceError(f"a batch of {shape[0]} images: send 1 to "
+                           f"{settings.MAX_IMAGES_PER_REQUEST} (MAX_IMAGES_PER_REQUEST)",
+                           413 if shape[0] else 400)
+
+
+def check_pixels_shape(shape, input_shape):
+    """A `pixels` input's shape must be [N, the model's input]."""
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(input_shape):
+        raise ServiceError(f"input 'pixels' must have shape [N, {', '.join(map(str, input_shape))}]"
+                           f" (the model's input), not {shape}", 400)
 
 
 def is_count(value):
@@ -246,9 +302,7 @@ def parameters(entry):
 
 def pixels_of(shape, data, input_shape):
     """The images of a `pixels` input: uint8 arrays of the model's input shape."""
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(input_shape):
-        raise ServiceError(f"input 'pixels' must have shape [N, {', '.join(map(str, input_shape))}]"
-                           f" (the model's input), not {shape}", 400)
+    check_pixels_shape(shape, input_shape)
     count = math.prod(shape)
     if isinstance(data, bytes):
         array = np.frombuffer(data, np.uint8)

@@ -10,7 +10,8 @@ script, and answers each job by pushing its result onto a per-job list that the 
 pops with a blocking call: nobody sleeps on a timer.
 
 Every script is sent once and then run by its SHA1 (Script). The client reads replies as bytes:
-nothing an image passes through is decoded to text.
+nothing an image passes through is decoded to text. Deadlines are written and checked on Redis's
+clock (RedisClock), not on the clocks of the hosts that write and check them.
 """
 import base64
 import hashlib
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import redis as redis_py
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.exceptions import NoPermissionError, NoScriptError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -49,8 +50,10 @@ JOB_FORMAT = 2
 JOB_FORMAT_FIELD = "job_format"
 
 
-def connect_redis(url=None):
-    """A Redis client for REDIS_URL (localhost:6379 when unset) that fails fast and never retries.
+def connect_redis(url=None, patience_s=60):
+    """A Redis client for REDIS_URL (localhost:6379 when unset), as REDIS_USERNAME with
+    REDIS_PASSWORD where the URL names no user, that fails fast and never retries. (A Cluster
+    client needs the cluster as it is made: it waits up to patience_s for it, None: for ever.)
 
     redis-py would re-send a command whose reply was lost, and for a move or a push that queues a
     job twice or strands it. So no command is retried blindly: an outage surfaces at once, the web
@@ -60,6 +63,8 @@ def connect_redis(url=None):
     sentinels for the master: after a failover, clients reach the promoted replica by themselves.
     """
     url = url or settings.REDIS_URL or "redis://localhost:6379/0"
+    login = {"username": settings.REDIS_USERNAME or None,
+             "password": settings.REDIS_PASSWORD or None}
     options = dict(decode_responses=False, socket_connect_timeout=2,
                    socket_timeout=SOCKET_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
                    max_connections=settings.WEB_CONNECTIONS + 16)
@@ -68,11 +73,27 @@ def connect_redis(url=None):
         # One try per sentinel (redis-py's default is 10 each), then the next one.
         asking = dict(socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0))
         return Sentinel(sentinels, sentinel_kwargs=asking).master_for(
-            master, db=db, username=username, password=password, health_check_interval=10,
-            **options)
+            master, db=db, username=username or login["username"],
+            password=password or login["password"], health_check_interval=10, **options)
     if url.startswith("redis+cluster://"):
-        return connect_cluster(*cluster_address(url), options)
-    return redis_py.Redis.from_url(url, health_check_interval=10, **options)
+        nodes, username, password = cluster_address(url)
+        return connect_cluster(nodes, username or login["username"],
+                               password or login["password"], options, patience_s)
+    return redis_py.Redis.from_url(url, health_check_interval=10, **login, **options)
+
+
+def check_login(patience_s=60):
+    """Stop this process (SystemExit, saying why) if Redis refuses its login, or its user may not
+    read the queue: a wrong password is fixed by an operator, not by waiting. Redis not answering
+    (yet) is left to the caller, which waits for it in its own way."""
+    user = settings.REDIS_USERNAME or "default"
+    try:
+        connect_redis(patience_s=patience_s).llen(settings.IMAGE_QUEUE)
+    except (redis_py.AuthenticationError, NoPermissionError) as exc:
+        raise SystemExit(f"Redis refuses user {user!r}: {exc} (check REDIS_USERNAME and "
+                         "REDIS_PASSWORD)") from None
+    except REDIS_ERRORS as exc:
+        log.warning("Redis does not answer yet (%s: %s)", type(exc).__name__, exc)
 
 
 def connect_cluster(nodes, username, password, options, patience_s=60):
@@ -80,11 +101,14 @@ def connect_cluster(nodes, username, password, options, patience_s=60):
     answer yet is waited for, with growing delays, each logged. MOVED and ASK are followed (the
     command did not run); nothing else is retried. Every key of a queue is in one slot
     (helpers.Keys)."""
-    give_up, delay = time.monotonic() + patience_s, 0.1
+    give_up = time.monotonic() + (float("inf") if patience_s is None else patience_s)
+    delay = 0.1
     while True:
         try:
             return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes],
                                 username=username, password=password, **options)
+        except redis_py.AuthenticationError:
+            raise
         except REDIS_ERRORS as exc:
             if time.monotonic() > give_up:
                 raise
@@ -217,6 +241,19 @@ forget_bytes(KEYS[1], KEYS[2], freed)
 return removed
 """)
 
+# Moves a worker's claimed entries (ARGV) from its processing list (KEYS[2]) to the tail of the
+# queue (KEYS[1]), their bytes back into the count (KEYS[3]).
+REQUEUE = Script("""
+local size = 0
+for _, entry in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[2], 1, entry) > 0 then
+    redis.call('RPUSH', KEYS[1], entry)
+    size = size + tonumber(string.match(entry, '^%x+:(%d+)$') or 0)
+  end
+end
+if size > 0 then redis.call('INCRBY', KEYS[3], size) end
+""")
+
 # Puts a dead worker's claimed entries (KEYS[2]) back at the head of the queue (KEYS[3]), in their
 # order, and their bytes back in the count (KEYS[5]). It checks the heartbeat (KEYS[1]) inside the
 # script so that a worker which is alive keeps its claim.
@@ -235,13 +272,53 @@ return moved
 """)
 
 
+# --- One clock ------------------------------------------------------------------------------
+
+class RedisClock:
+    """Redis's clock as this process reads it: time.time() plus the offset last measured with
+    TIME. A job's deadline is set by a web process and checked by a model worker, often on another
+    host: both count it on this clock, so a host whose clock is off neither drops jobs that still
+    have time nor works on jobs whose clients have gone."""
+
+    WARN_S = 1.0  # an offset beyond this is logged (the host's clock wants NTP)
+    MAX_ROUND_TRIP_S = 0.5  # a slower TIME tells too little: the offset measured before stays
+
+    def __init__(self):
+        self.offset = 0.0  # Redis's clock minus this host's, in seconds
+        self.skewed = False
+
+    def measure(self, redis):
+        """Measure the offset again (TIME, taken half-way through its round trip); returns it.
+        Logs a warning when it grows beyond WARN_S (and when it is back within)."""
+        before = time.time()
+        seconds, micros = redis.time()
+        after = time.time()
+        if after - before < self.MAX_ROUND_TRIP_S:
+            self.offset = seconds + micros / 1e6 - (before + after) / 2
+        if (abs(self.offset) > self.WARN_S) != self.skewed:
+            self.skewed = not self.skewed
+            (log.warning if self.skewed else log.info)(
+                "this host's clock is %.3f s %s Redis's%s", abs(self.offset),
+                "behind" if self.offset > 0 else "ahead of",
+                ": deadlines are counted on Redis's clock, but the host's wants NTP"
+                if self.skewed else "")
+        return self.offset
+
+    def now(self):
+        """Seconds since the epoch on Redis's clock."""
+        return time.time() + self.offset
+
+
+CLOCK = RedisClock()  # this process's reading of Redis's clock
+
+
 # --- Jobs -----------------------------------------------------------------------------------
 
 class Job(NamedTuple):
     id: str
     entry: bytes  # what the queue holds: b"<id>:<bytes of the body>"
     body: bytes  # the header line, b"\n", the image
-    deadline: float
+    deadline: float  # time.time() of this process (the header holds it on Redis's clock)
 
 
 def new_job(data, deadline, top_k, shape=None, **outputs):
@@ -254,7 +331,8 @@ def new_job(data, deadline, top_k, shape=None, **outputs):
     serving that model (at that version) may answer it.
     """
     job_id = os.urandom(16).hex()
-    header = {"deadline": deadline, "enqueued_at": time.time(), "top_k": top_k, **outputs}
+    header = {"deadline": deadline + CLOCK.offset, "enqueued_at": CLOCK.now(), "top_k": top_k,
+              **outputs}
     if shape is not None:
         header["shape"] = list(shape)
     body = b"".join((json.dumps(header, separators=(",", ":")).encode(), b"\n", data))
@@ -467,6 +545,11 @@ def take_claimed(redis, keys, worker_id, entries, claim_ttl_s):
                       [0, int(claim_ttl_s), keys.job_prefix, *entries]))
 
 
+def requeue_jobs(redis, keys, worker_id, entries):
+    """Give claimed jobs back to the queue (at its tail), for another worker to take."""
+    REQUEUE(redis, [keys.queue, keys.processing(worker_id), keys.queued_bytes], entries)
+
+
 def store_results(redis, keys, worker_id, results, entries, ttl_s):
     """Answer the jobs of one batch, then release their claims, in one script.
 
@@ -611,3 +694,46 @@ def refuse_model(redis, keys, rollout, worker, reason):
 def refusals(redis, keys, rollout):
     """{worker: reason} of the workers that refused rollout number `rollout`."""
     return text_hash(redis.hgetall(keys.refusals(rollout)))
+
+
+# --- Who may do what ----------------------------------------------------------------------------
+
+# The Redis users of a deployment (docker-compose.yml, deploy/k8s), each with only the commands its
+# tier sends, its scripts' included (Redis checks a script's calls against its caller's user), on
+# only the keys of its queue that it uses. The web tier, the one facing the internet, can neither
+# propose a model nor forge a heartbeat; KEDA reads the queue's length; `admin` is for operators.
+# Each user's password is REDIS_<USER>_PASSWORD where the deployment starts Redis. A client that
+# gives no password gets the default user, which may only PING (health checks).
+REDIS_USERS = {
+    "web": "eval evalsha llen rpush lrem get set del incrby decrby exists blmove lindex smembers "
+           "hgetall time ping",
+    "model": "eval evalsha llen lmove blmove rpush rpop lrem lrange lindex ltrim get set del incr "
+             "incrby decrby exists expire pexpire hset hgetall sadd srem smembers multi exec "
+             "watch unwatch time ping info",
+    "keda": "eval type llen ping",
+}
+
+
+def acl_rules(user, queue):
+    """The ACL rules of one of REDIS_USERS (without its password): its commands, and the keys of
+    `queue` it may read (%R~) or read and write (%RW~ or ~), as redis-server's `user` directive
+    and ACL SETUSER take them."""
+    name = "".join(f"\\{c}" if c in "*?[]\\" else c for c in queue)  # a glob matching the name
+    tag = f"{{{name}}}"
+    keys = {"web": [f"%RW~{name}", f"%RW~{tag}:queued_bytes", f"%RW~{tag}:job:*",
+                    f"%RW~{tag}:result:*", f"%R~{tag}:workers", f"%R~{tag}:worker:*"],
+            "model": [f"~{name}", f"~{tag}:*"],
+            # KEDA reads the length by EVAL, whose keys need both rights (its commands: reads).
+            "keda": [f"~{name}"]}[user]
+    return ["resetkeys", *keys, "resetchannels", "-@all", "+@connection", "-@dangerous",
+            *(f"+{command}" for command in REDIS_USERS[user].split())]
+
+
+def redis_server_users(queue, passwords):
+    """redis-server's arguments that define the users: every one of REDIS_USERS with its password
+    (passwords[user]), `admin` with every right, and the default user, without a password, that
+    may only PING."""
+    args = ["--user", "default", "on", "nopass", "resetkeys", "resetchannels", "-@all", "+ping"]
+    for user in REDIS_USERS:
+        args += ["--user", user, "on", f">{passwords[user]}", *acl_rules(user, queue)]
+    return args + ["--user", "admin", "on", f">{passwords['admin']}", "~*", "&*", "+@all"]

@@ -11,13 +11,20 @@ import os
 import shutil
 import tempfile
 
-from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest,
-                               multiprocess, start_http_server)
+from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, multiprocess, start_http_server)
 from prometheus_client.core import GaugeMetricFamily
 
 import jobqueue
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# Both tiers
+CLOCK_OFFSET = Gauge("keras_clock_offset_seconds",
+                     "Redis's clock minus this process's host's, as last measured (deadlines are "
+                     "counted on Redis's clock): beyond a second or so, the host's clock wants "
+                     "NTP.",
+                     multiprocess_mode="liveall")
 
 # Web tier
 REQUESTS = Counter("keras_requests_total", "Answers of /predict and /v2 infer, by HTTP status.",

@@ -30,7 +30,7 @@ import psutil
 
 import jobqueue
 import settings
-from helpers import Keys
+from helpers import Keys, header_value_problem
 from jobqueue import REDIS_ERRORS, connect_redis
 
 log = logging.getLogger("keras_server.rollout")
@@ -62,10 +62,37 @@ def spec_text(spec):
     return json.dumps({name: str(value) for name, value in spec.items()}, sort_keys=True)
 
 
+def files_named(spec):
+    """The files (and folders) a model spec names: its model, weights, labels and calibration
+    images, where they are paths rather than names (resnet50, imagenet, none, ...)."""
+    from classifier import APPLICATIONS
+
+    paths = [spec["model"]] if spec["model"] not in APPLICATIONS else []
+    paths += [spec["weights"]] if spec["weights"] not in ("imagenet", "none") else []
+    return paths + [spec[name] for name in ("labels", "calibration_images") if spec.get(name)]
+
+
+def check_files(spec):
+    """ModelLoadError unless every file the spec names is under MODELS_DIR or is one this
+    process's own settings name: whoever can write to Redis must not make the workers load (and,
+    with a legacy model's layers, run) whatever file they can reach."""
+    from classifier import ModelLoadError
+
+    root = os.path.realpath(settings.MODELS_DIR)
+    own = {os.path.realpath(path) for path in files_named(spec_from_settings())}
+    for path in files_named(spec):
+        real = os.path.realpath(path)
+        if real not in own and os.path.commonpath([real, root]) != root:
+            raise ModelLoadError(f"{path} is not under MODELS_DIR ({root}): a version given by "
+                                 "`reload` may only name files there")
+
+
 def load_model(spec, runtime=None, precision=None):
-    """Load the classifier a model spec describes (raises classifier.ModelLoadError)."""
+    """Load the classifier a model spec describes, once check_files passes it (raises
+    classifier.ModelLoadError)."""
     from classifier import load_classifier
 
+    check_files(spec)
     # (A spec recorded by a version before precisions takes the worker's own settings.)
     return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
                            settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"],
@@ -363,7 +390,8 @@ class Supervisor:
 
 def run_supervisor():
     """The `model` command: serve the wanted model from child processes until SIGTERM/SIGINT."""
-    supervisor = Supervisor(connect_redis())
+    jobqueue.check_login(patience_s=None)
+    supervisor = Supervisor(connect_redis(patience_s=None))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: supervisor.stopping.set())
     return supervisor.run()
@@ -523,6 +551,9 @@ def run_reload(args):
     try:
         if args.rollback:
             spec = previous_model(store, keys)
+        elif header_value_problem(args.version):
+            raise SpecRefused(f"--version {args.version!r} {header_value_problem(args.version)}: "
+                              "every answer carries it in a header")
         else:
             spec = {"model": args.model, "weights": args.weights, "labels": args.labels,
                     "preprocess": args.preprocess, "version": args.version,

@@ -1,7 +1,7 @@
 """Entry points of the service: the Flask web tier, the model worker, and both at once.
 
     python run_keras_server.py          # private Redis + one model worker + the web server
-    python run_keras_server.py web      # the web tier alone (gunicorn run_keras_server:app)
+    python run_keras_server.py web      # the web tier alone (gunicorn, 'run_keras_server:create_app()')
     python run_keras_server.py model    # one model worker; start several on one queue to scale
     python run_keras_server.py reload --model PATH --version V   # switch workers, no downtime
     python run_keras_server.py reload --rollback                   # back to the version before
@@ -35,6 +35,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import api_docs
 import inference_protocol
+import jobqueue
 import metrics
 import settings
 from api_docs import documented
@@ -53,7 +54,9 @@ PAGE_FOLDER = os.path.join(HERE, "static")  # the page at / and its assets, serv
 
 def create_app(redis_client=None):
     """The Flask app: POST /predict, the page at /, health, /model, /metrics, the API's
-    document and docs, the Open Inference Protocol under /v2; errors as JSON."""
+    document and docs, the Open Inference Protocol under /v2; errors as JSON. Only the web tier
+    makes one (gunicorn calls this factory in each of its processes): no other command connects
+    the web tier's Redis client or builds its routes."""
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
     store = redis_client or connect_redis()
@@ -194,9 +197,12 @@ def run_model_worker(args=None):
 # --- Running the processes ------------------------------------------------------------------
 
 def run_web(args=None):
-    """The `web` command: this app under gunicorn with the project's gunicorn.conf.py."""
+    """The `web` command: this app under gunicorn with the project's gunicorn.conf.py (once Redis
+    has taken this tier's login, or does not answer yet: the web tier answers 503 until it does)."""
+    jobqueue.check_login(patience_s=5)
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--chdir", HERE,
-                              "-c", os.path.join(HERE, "gunicorn.conf.py"), "run_keras_server:app"])
+                              "-c", os.path.join(HERE, "gunicorn.conf.py"),
+                              "run_keras_server:create_app()"])
 
 
 def start_private_redis(workdir):
@@ -323,8 +329,6 @@ def main(argv=None):
            "model-process": lambda args: run_model_process(args.fd)}
     return run.get(args.command, lambda _: run_all())(args)
 
-
-app = create_app()
 
 if __name__ == "__main__":
     sys.exit(main())

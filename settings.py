@@ -8,7 +8,7 @@ import os
 
 from PIL import Image
 
-from helpers import cluster_address, sentinel_address
+from helpers import cluster_address, header_value_problem, sentinel_address
 
 
 class SettingsError(ValueError):
@@ -48,6 +48,15 @@ def env_float(name, default, minimum=None, maximum=None):
     return env_number(name, default, float, minimum, maximum)
 
 
+def env_header_value(name, default):
+    """A value the service sends in an HTTP header (see helpers.header_value_problem)."""
+    value = _raw(name, default)
+    problem = header_value_problem(value)
+    if problem:
+        raise SettingsError(f"{name}={value!r}: {problem}: it is sent in a header")
+    return value
+
+
 def env_list(name, default, choices=None):
     values = [part.strip().upper() for part in _raw(name, default).split(",") if part.strip()]
     unknown = [value for value in values if choices is not None and value not in choices]
@@ -67,11 +76,19 @@ PORT = env_int("PORT", 5000, minimum=1, maximum=65535)
 WEB_WORKERS = env_int("WEB_WORKERS", 2, minimum=1)
 """gunicorn worker processes per web instance, each on one core at a time."""
 
-INSTANCE_NAME = env_str("INSTANCE_NAME", os.uname().nodename)
+INSTANCE_NAME = env_header_value("INSTANCE_NAME", os.uname().nodename)
 """Name of this web instance, sent in the X-Served-By header (tells instances apart behind nginx)."""
 
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1024)
 """Largest accepted request body in bytes; larger uploads get 413."""
+
+UPLOAD_TIMEOUT_S = env_float("UPLOAD_TIMEOUT_S", 5.0, minimum=0.1)
+"""Seconds a request's body may take before it must keep arriving at MIN_UPLOAD_BYTES_PER_S: a
+client that sends it more slowly is cut off with 408 (as Apache's mod_reqtimeout does), and every
+body must have arrived by the request's deadline. A slow client cannot hold a connection long."""
+
+MIN_UPLOAD_BYTES_PER_S = env_int("MIN_UPLOAD_BYTES_PER_S", 500, minimum=1)
+"""Slowest a request's body may arrive once UPLOAD_TIMEOUT_S has passed, in bytes a second."""
 
 MAX_IMAGES_PER_REQUEST = env_int("MAX_IMAGES_PER_REQUEST", 32, minimum=1, maximum=1000)
 """Most images one request may carry (repeated `image` fields, or the batch of a /v2 infer);
@@ -139,6 +156,14 @@ if "{" in IMAGE_QUEUE or "}" in IMAGE_QUEUE:
     raise SettingsError(f"IMAGE_QUEUE={IMAGE_QUEUE!r}: must not contain {{ or }} (it is the keys' "
                         "hash tag)")
 
+REDIS_USERNAME = env_str("REDIS_USERNAME", "")
+"""Redis user this process logs in as (an ACL user: `web` or `model` where docker-compose.yml or
+deploy/k8s start Redis, see Securing Redis in the README). Empty: the URL's, else Redis' default."""
+
+REDIS_PASSWORD = env_str("REDIS_PASSWORD", "")
+"""Password of REDIS_USERNAME (give it from a secret, not in REDIS_URL). Empty: the URL's, if any.
+A process whose credentials Redis refuses stops at start, saying so."""
+
 RESULT_TTL_S = env_int("RESULT_TTL_S", 60, minimum=1)
 """Seconds a result lives in Redis after a worker stores it (a handler collects it at once; about
 0.5 kB each), and a worker's claim list after its last claim. Keep it at least REQUEST_TIMEOUT_S:
@@ -148,10 +173,16 @@ a request of several images collects their results one after another."""
 MODEL = env_str("MODEL", "resnet50")
 """`resnet50`, `mobilenet_v2`, or a path to a saved Keras model (.keras or .h5)."""
 
+MODELS_DIR = env_str("MODELS_DIR", "models")
+"""The folder (relative: to the working directory) of the model, weights, label and calibration
+files that `reload` may name: a worker refuses a proposed version naming a file elsewhere, as TF
+Serving and Triton load only from their model repositories. The files this worker's own settings
+name may be anywhere."""
+
 MODEL_WEIGHTS = env_str("MODEL_WEIGHTS", "imagenet")
 """`imagenet` (Keras' cache, downloaded once), a path to a weights file, or `none` (random, seeded)."""
 
-MODEL_VERSION = env_str("MODEL_VERSION", "1")
+MODEL_VERSION = env_header_value("MODEL_VERSION", "1")
 """Version name of the model, sent with every answer (X-Model-Version) and shown by GET /model."""
 
 MODEL_SEED = env_int("MODEL_SEED", 1234)
@@ -232,8 +263,13 @@ if OVERLOAD_STATUS not in (429, 503):
     raise SettingsError(f"OVERLOAD_STATUS={OVERLOAD_STATUS}: must be 429 or 503")
 if HEARTBEAT_TTL_S <= HEARTBEAT_INTERVAL_S:
     raise SettingsError("HEARTBEAT_TTL_S must be larger than HEARTBEAT_INTERVAL_S")
-if WEB_CONNECTIONS * WEB_WORKERS <= MAX_QUEUE_LENGTH:
-    # Otherwise requests would wait unseen in the kernel's backlog before the queue bound refused
-    # anyone: two knobs that contradict each other.
-    raise SettingsError(f"WEB_CONNECTIONS={WEB_CONNECTIONS} x WEB_WORKERS={WEB_WORKERS} must exceed "
-                        f"MAX_QUEUE_LENGTH={MAX_QUEUE_LENGTH}")
+
+
+def check_web_tier():
+    """What only the web tier checks at start (gunicorn.conf.py), so that model workers sharing
+    its settings (one ConfigMap) are not stopped by a web knob."""
+    if WEB_CONNECTIONS * WEB_WORKERS <= MAX_QUEUE_LENGTH:
+        # Otherwise requests would wait unseen in the kernel's backlog before the queue bound
+        # refused anyone: two knobs that contradict each other.
+        raise SettingsError(f"WEB_CONNECTIONS={WEB_CONNECTIONS} x WEB_WORKERS={WEB_WORKERS} must "
+                            f"exceed MAX_QUEUE_LENGTH={MAX_QUEUE_LENGTH}")

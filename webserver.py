@@ -4,9 +4,10 @@ waiting requests per process at the cost of a greenlet each.
 - StampingGeventWorker notes when each request arrived, where its deadline starts.
 - off_loop runs CPU work (parsing a large body) in a native thread, so that it does not stall the
   event loop: other requests are still accepted, refused or answered meanwhile.
+- PacedBody cuts off a client that sends its request's body too slowly (408).
 - client_watch stops a request's wait when its client hangs up, so its job can be withdrawn.
 
-Outside gevent (e.g. the Flask development server) the same calls work, without the first three.
+Outside gevent (e.g. the Flask development server) the same calls work, without the first four.
 """
 import contextlib
 import select
@@ -16,6 +17,9 @@ import time
 import gevent
 from gevent import monkey
 from gunicorn.workers.ggevent import GeventWorker
+
+import settings
+from helpers import ServiceError
 
 
 ARRIVED_AT = "keras_server.arrived_at"  # environ key: time.time() when the request arrived
@@ -50,10 +54,67 @@ class StampingGeventWorker(GeventWorker):
         app = self.wsgi
 
         def stamped(environ, start_response):
-            environ[ARRIVED_AT] = getattr(gevent.getcurrent(), "arrived_at", None)
+            arrived = environ[ARRIVED_AT] = getattr(gevent.getcurrent(), "arrived_at", None)
+            environ["wsgi.input"] = PacedBody(environ["wsgi.input"], arrived or time.time())
             return app(environ, start_response)
 
         self.wsgi = stamped
+
+
+class SlowUpload(ServiceError):
+    """A request's body came too slowly: 408, and the connection is closed."""
+
+    def __init__(self, received):
+        super().__init__(f"the request's body came too slowly ({received} bytes in time): it must "
+                         f"keep arriving at {settings.MIN_UPLOAD_BYTES_PER_S} bytes a second "
+                         f"after {settings.UPLOAD_TIMEOUT_S:g} s, and in full within "
+                         f"{settings.REQUEST_TIMEOUT_S:g} s", 408, {"Connection": "close"})
+
+
+class PacedBody:
+    """A request's body (wsgi.input) that must arrive at a pace: by UPLOAD_TIMEOUT_S after the
+    request arrived plus one second per MIN_UPLOAD_BYTES_PER_S bytes received, and before the
+    request's deadline, else SlowUpload. Without it, a client trickling a body a byte a second
+    holds a connection until it stops, and a few thousand of them hold every one the web tier has.
+
+    It reads in pieces that grow fourfold, each due by the time the pace allows for it, so a fast
+    client costs a few timers, and a slow one is cut off within seconds."""
+
+    FIRST_PIECE = 4096
+
+    def __init__(self, stream, arrived):
+        self.stream, self.arrived, self.received = stream, arrived, 0
+
+    def due(self, size):
+        """When `size` more bytes must have arrived (time.time())."""
+        paced = self.arrived + settings.UPLOAD_TIMEOUT_S + (
+            self.received + size) / settings.MIN_UPLOAD_BYTES_PER_S
+        return min(self.arrived + settings.REQUEST_TIMEOUT_S, paced)
+
+    def paced(self, read, size, expected):
+        """read(size), due when `expected` more bytes are (SlowUpload if they are not)."""
+        with gevent.Timeout(max(0.0, self.due(expected) - time.time()), False):
+            data = read(size)
+            self.received += len(data)
+            return data
+        raise SlowUpload(self.received)
+
+    def read(self, size=-1):
+        pieces = []
+        while size is None or size < 0 or size > 0:
+            piece = max(self.FIRST_PIECE, 3 * self.received)
+            if size is not None and size >= 0:
+                piece = min(piece, size)
+            data = self.paced(self.stream.read, piece, piece)
+            if not data:
+                break
+            pieces.append(data)
+            if size is not None and size >= 0:
+                size -= len(data)
+        return b"".join(pieces)
+
+    def readline(self, size=-1):
+        return self.paced(self.stream.readline, size, self.FIRST_PIECE)
 
 
 def is_gevent():

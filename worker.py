@@ -37,32 +37,34 @@ class BatchOutcome(NamedTuple):
     expired: list  # ids of jobs dropped unanswered: their deadline passes before the pass ends
     failed: int  # jobs answered with an error by a failed forward pass
     forward_s: float  # seconds of the forward pass (0 if none ran)
+    elsewhere: dict = {}  # job id -> (model, version) it names, not this worker's (404 results)
 
 
 def process_batch(classifier, images, jobs, now, pass_s=0.0, clock=time.perf_counter):
     """Every job's answer for one claimed batch, from one forward pass.
 
     images: the ImageReader that puts the jobs' images into this lane's batch buffer. now: the
-    claim's wall-clock time (queue waits are measured to it); pass_s: how long a forward pass
-    takes lately. A job whose deadline falls before now + pass_s is dropped unanswered (its
-    client gets 504 without the model spending time on it); a job whose image does not decode gets
-    a 4xx record; a failed forward pass gets every job a 500 record.
+    claim's time on Redis's clock, as deadlines are (queue waits are measured to it); pass_s: how
+    long a forward pass takes lately. A job whose deadline falls before now + pass_s is dropped
+    unanswered (its client gets 504 without the model spending time on it); a job whose image
+    does not decode gets a 4xx record; a failed forward pass gets every job a 500 record.
     """
-    results = {}
+    results, elsewhere = {}, {}
     expired = [job["id"] for job in jobs if job["deadline"] <= now + pass_s]
     wanted = []
     for job in jobs:
         if job["id"] in expired:
             continue
-        elsewhere = served_elsewhere(classifier, job)
-        if elsewhere:
-            results[job["id"]] = {"error": elsewhere, "status": 404}
+        reason = served_elsewhere(classifier, job)
+        if reason:
+            results[job["id"]] = {"error": reason, "status": 404}
+            elsewhere[job["id"]] = (job.get("model"), job.get("version"))
         else:
             wanted.append(job)
     pixels, valid, refusals = images.read(wanted)
     results.update(refusals)
     if not valid:
-        return BatchOutcome(results, expired, 0, 0.0)
+        return BatchOutcome(results, expired, 0, 0.0, elsewhere)
     started = clock()
     try:
         probabilities = classifier.predict_batch(pixels)
@@ -70,9 +72,13 @@ def process_batch(classifier, images, jobs, now, pass_s=0.0, clock=time.perf_cou
         log.exception("forward pass failed for a batch of %d", len(valid))
         results.update({job["id"]: {"error": f"inference failed: {exc}", "status": 500}
                         for job in valid})
-        return BatchOutcome(results, expired, len(valid), clock() - started)
+        return BatchOutcome(results, expired, len(valid), clock() - started, elsewhere)
     forward_s = clock() - started
     for job, row in zip(valid, probabilities):
+        if not np.isfinite(row).all():  # a broken model: NaN is no probability (nor JSON)
+            results[job["id"]] = {"error": "the model's output for this image is not a number",
+                                  "status": 500}
+            continue
         try:
             results[job["id"]] = {
                 "predictions": classifier.top_predictions(row, job["top_k"]),
@@ -85,7 +91,7 @@ def process_batch(classifier, images, jobs, now, pass_s=0.0, clock=time.perf_cou
             }
         except (TypeError, ValueError) as exc:  # an output asked for in a form nothing here writes
             results[job["id"]] = {"error": f"the queued job is malformed: {exc}", "status": 400}
-    return BatchOutcome(results, expired, 0, forward_s)
+    return BatchOutcome(results, expired, 0, forward_s, elsewhere)
 
 
 def served_elsewhere(classifier, job):
@@ -159,7 +165,7 @@ class ImageReader:
                 return None
             image = open_image(job["data"], settings.MAX_IMAGE_PIXELS, settings.ALLOWED_FORMATS)
             cost = decode_reduced(image, (width, height), channels)
-            with self.budget.reserve(cost, job["deadline"]):
+            with self.budget.reserve(cost, job["deadline"] - jobqueue.CLOCK.offset):
                 decode_image(image, job["data"], (width, height), channels, out=row)
             return None
         except ServiceError as refusal:
@@ -181,7 +187,9 @@ class Heartbeat:
         self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
 
     def beat(self):
-        """Publish a heartbeat, then re-queue orphaned jobs; raises what Redis raises."""
+        """Measure the offset to Redis's clock, publish a heartbeat, then re-queue orphaned
+        jobs; raises what Redis raises."""
+        metrics.CLOCK_OFFSET.set(jobqueue.CLOCK.measure(self.store))
         jobqueue.publish_heartbeat(self.store, self.keys, self.worker_id,
                                    {**self.fields(), "requeued": self.requeued},
                                    settings.HEARTBEAT_TTL_S, self.claim_ttl_s)
@@ -268,6 +276,7 @@ class ModelWorker:
                 "precision_check": json.dumps(classifier.precision_check), "warm": int(warm),
                 "input_shape": ",".join(map(str, classifier.input_shape)),
                 "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
+                "clock_offset": f"{jobqueue.CLOCK.offset:.3f}",
                 jobqueue.JOB_FORMAT_FIELD: jobqueue.JOB_FORMAT, **stats}
 
     def start_beating(self):
@@ -348,7 +357,9 @@ class ModelWorker:
             if self.claims_unsure:
                 entries = [entry for entry in jobqueue.claimed_jobs(self.store, self.keys, self.id)
                            if entry not in self.held]
-                self.claims_unsure = False
+                # A batch at most: the rest is taken back by the next claim.
+                self.claims_unsure = len(entries) > self.batch_size
+                entries = entries[:self.batch_size]
                 claimed = jobqueue.take_claimed(self.store, self.keys, self.id, entries,
                                                 self.claim_ttl_s) if entries else []
                 if claimed:
@@ -399,25 +410,47 @@ class ModelWorker:
         metered, answered = self.meter.start(), 0
         try:  # a pass that raises must end too: a meter left running holds every partial batch
             with self.loader_pause:
-                outcome = process_batch(self.classifier, self.images, jobs, time.time(),
+                outcome = process_batch(self.classifier, self.images, jobs, jobqueue.CLOCK.now(),
                                         self.meter.batch_s())
             answered = len(jobs) - len(outcome.expired)
         finally:
             self.meter.finish(metered, answered)
         self.account(outcome, answered)
+        passed = self.pass_on(outcome.elsewhere, claimed)
         results = {job_id: {**result, "worker": self.id}
-                   for job_id, result in outcome.results.items()}
+                   for job_id, result in outcome.results.items() if job_id not in passed}
         give_up_at = max((job["deadline"] for job in jobs), default=0)
         backoff = Backoff()
         while True:
             try:
                 return jobqueue.store_results(self.store, self.keys, self.id, results,
-                                              [entry for entry, _ in claimed],
+                                              [entry for entry, _ in claimed
+                                               if job_id_of(entry) not in passed],
                                               settings.RESULT_TTL_S)
             except REDIS_ERRORS as exc:
-                if time.time() > give_up_at:
+                if jobqueue.CLOCK.now() > give_up_at:
                     raise  # the claims stay: the next claim takes them back, drops them as expired
                 backoff.wait(f"cannot store results ({exc})", None)
+
+    def pass_on(self, elsewhere, claimed):
+        """Put back on the queue the jobs that name a model version this worker does not serve
+        and another live worker does (during a rollout, a job pinned to the version being
+        replaced); returns their ids. The others get their 404."""
+        if not elsewhere:
+            return set()
+        served = {(model_name(beat["model"]), beat["version"])
+                  for beat in jobqueue.live_workers(self.store, self.keys)
+                  if beat.get("warm") == "1" and beat.get("id") != self.id and "model" in beat}
+        passed = {job_id for job_id, (model, version) in elsewhere.items()
+                  if any(model in (None, name) and version in (None, served_version)
+                         for name, served_version in served)}
+        if passed:
+            jobqueue.requeue_jobs(self.store, self.keys, self.id,
+                                  [entry for entry, _ in claimed if job_id_of(entry) in passed])
+            log.info("passed %d jobs on to the workers of the version they name", len(passed))
+            if len(passed) == len(claimed):  # they may come back at once: not a spin meanwhile
+                self.stopping.wait(PASS_ON_PAUSE_S)
+        return passed
 
     def account(self, outcome, answered):
         """Count a processed batch in the heartbeat's figures and the Prometheus metrics."""
@@ -444,6 +477,16 @@ class ModelWorker:
         if policy != "noeviction":
             log.warning("Redis' maxmemory-policy is %s: set noeviction, or jobs and results may be "
                         "evicted under memory pressure and their requests lost", policy)
+
+
+# A lane that passed its whole batch on waits this long before it claims again.
+PASS_ON_PAUSE_S = 0.05
+
+
+def job_id_of(entry):
+    """The id of a job from its entry (the whole job for the format before this one)."""
+    return jobqueue.read_job(entry, None)["id"] if entry.startswith(b"{") else \
+        entry.split(b":", 1)[0].decode()
 
 
 def parse_jobs(claimed):

@@ -203,7 +203,9 @@ class Processes:
         env = dict(os.environ)
         env.update({"REDIS_URL": self.redis_url, "IMAGE_QUEUE": self.queue, "PYTHONUNBUFFERED": "1",
                     "TF_CPP_MIN_LOG_LEVEL": "2", "MODEL_WEIGHTS": "none", "WEB_WORKERS": "1",
-                    "HEARTBEAT_INTERVAL_S": "0.5", "HEARTBEAT_TTL_S": "2"})
+                    "HEARTBEAT_INTERVAL_S": "0.5", "HEARTBEAT_TTL_S": "2",
+                    # The tests' models are built under pytest's base temporary folder.
+                    "MODELS_DIR": str(Path(self.logdir).parent)})
         env.update({name: str(value) for name, value in overrides.items()})
         return env
 

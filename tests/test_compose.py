@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 
+import jobqueue
 import settings
 from conftest import ROOT
 
@@ -52,10 +53,27 @@ def test_every_variable_is_a_setting(compose, gpu_override):
     for name, service in {**compose["services"], **gpu_override["services"]}.items():
         unknown = set(environment(service)) - SETTING_NAMES
         assert not unknown, f"{name} sets variables settings.py does not read: {unknown}"
-    # So are the variables a user may set in the shell or .env to configure the stack.
+    # So are the variables a user may set in the shell or .env to configure the stack, but for
+    # Redis' passwords (`make secrets` writes them into .env).
+    passwords = {f"REDIS_{user.upper()}_PASSWORD" for user in [*jobqueue.REDIS_USERS, "admin"]}
     for path in ("docker-compose.yml", "docker-compose.gpu.yml"):
         interpolated = set(re.findall(r"\$\{(\w+)", (ROOT / path).read_text()))
-        assert interpolated <= SETTING_NAMES, f"{path}: {interpolated - SETTING_NAMES}"
+        assert interpolated <= SETTING_NAMES | passwords, path
+
+
+def test_redis_defines_the_services_users_and_each_tier_logs_in_as_its_own(compose):
+    """(tests/test_redis_acl.py runs redis-server with these arguments, and the tiers with
+    these users, and shows that every path of the service works within them.)"""
+    services = compose["services"]
+    command = services["redis"]["command"]
+    users = [*jobqueue.REDIS_USERS, "admin"]
+    assert command[command.index("--user"):] == jobqueue.redis_server_users(
+        "${IMAGE_QUEUE:-image_queue}",
+        {user: f"${{REDIS_{user.upper()}_PASSWORD:?run make secrets}}" for user in users})
+    for tier in ("model", "web"):
+        env = environment(services[tier])
+        assert env["REDIS_USERNAME"] == tier
+        assert env["REDIS_PASSWORD"] == f"${{REDIS_{tier.upper()}_PASSWORD:?run make secrets}}"
 
 
 def test_every_setting_can_be_given_to_the_stack(compose):

@@ -297,3 +297,61 @@ def test_a_client_that_hangs_up_has_its_job_withdrawn_before_any_worker_takes_it
     wait_until(lambda: redis_client.llen(keys.queue) == 1, what="the job to be queued")
     sock.close()
     wait_until(lambda: redis_client.llen(keys.queue) == 0, timeout=5, what="the job to be withdrawn")
+
+
+# --- Clients that send their bodies slowly --------------------------------------------------
+
+def test_clients_trickling_bodies_a_byte_a_second_cannot_take_every_connection(tmp_path):
+    """A slowloris: 3,000 connections send their headers, then their bodies a byte a second. The
+    web tier cuts each off (408) once it falls behind the pace a body must keep, so ordinary
+    clients started at the same time get their answers within their deadline."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 3,000 sockets here, the service's
+    process, url = start_whole_service(tmp_path / "service.log")  # (default settings)
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        web = [pid for pid in descendants(process.pid) if b"gunicorn" in cmdline(pid)]
+        baseline = resident_bytes(web)
+        head = (f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+                "Content-Length: 100000\r\n\r\n").encode()
+        trickles = []
+        for _ in range(3000):
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(head)
+            sock.setblocking(False)
+            trickles.append(sock)
+        started, ordinary, peak = time.monotonic(), [], [baseline]
+        with ThreadPoolExecutor(8) as pool:
+            sent = [pool.submit(timed_post, url, image_bytes(seed=i)) for i in range(8)]
+            while time.monotonic() - started < 45 and not (
+                    all(f.done() for f in sent) and len(trickles) <= 1000):
+                for sock in list(trickles):  # a byte a second each
+                    try:
+                        sock.send(b"x")
+                    except BlockingIOError:
+                        pass
+                    except OSError:  # cut off
+                        trickles.remove(sock)
+                peak.append(resident_bytes(web))
+                time.sleep(1)
+            ordinary = [future.result() for future in sent]
+        cut = 3000 - len(trickles)
+        for sock in trickles:
+            sock.close()
+    finally:
+        stop_whole_service(process)
+    growth = max(peak) - baseline
+    print(f"ordinary answers {[(r.status_code, round(s, 1)) for r, s in ordinary]}; "
+          f"{cut} of 3000 trickling connections cut off; web tier grew {growth >> 20} MiB")
+    assert [r.status_code for r, _ in ordinary] == [200] * 8, [r.text for r, _ in ordinary]
+    assert all(seconds < settings.REQUEST_TIMEOUT_S for _, seconds in ordinary), ordinary
+    assert cut >= 2000  # (those the server had taken up: the others were in its backlog)
+    assert growth < settings.WEB_WORKERS * settings.DECODE_BUDGET_BYTES, f"{growth >> 20} MiB"
+
+
+def timed_post(url, data):
+    started = time.monotonic()
+    response = post_image(url, data, timeout=120)
+    return response, time.monotonic() - started

@@ -2,9 +2,11 @@
 from PyPI, against real processes: a model worker, gunicorn and redis-server.
 """
 import base64
+import json
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -198,8 +200,13 @@ def test_errors_in_the_protocols_shape(served, redis_client, keys):
                        headers={"Inference-Header-Content-Length": "9" * 5000}), 400,
          "must be a byte count"),
         (requests.get(f"{url}/v2/nowhere"), 404, "not found"),
+        # Refused before parsing: more lists than any input of this model has room for, or than
+        # the declared shape has (the parser would build about 60 bytes for each byte of it).
         (requests.post(f"{url}/v2/models/{name}/infer", data=b"[" * 100_000), 400,
-         "not valid JSON"),
+         "more values or lists than its input's shape [32, 32, 32, 3] has room for"),
+        (requests.post(f"{url}/v2/models/{name}/infer", data=json.dumps({"inputs": [
+            {**pixels, "data": [[]] * 300_000}]})), 400,
+         "more values or lists than its input's shape [1, 32, 32, 3] has room for"),
         (requests.post(f"{url}/v2/models/{name}/infer", json={"inputs": [
             {"name": "image", "datatype": "BYTES", "shape": [1],
              "parameters": {"binary_data_size": 16}}]}), 400, "16"),
@@ -207,4 +214,32 @@ def test_errors_in_the_protocols_shape(served, redis_client, keys):
     for response, status, message in cases:
         assert response.status_code == status, response.text
         assert set(response.json()) == {"error"} and message in response.json()["error"]
+    assert redis_client.llen(keys.queue) == 0
+
+
+def test_a_request_pinned_to_a_version_is_answered_by_it_while_two_versions_serve(
+        service, tiny_model, redis_client, keys):
+    # Mid-rollout, one worker serves version 1 and another version 2 of the same model, on one
+    # queue: a request pinned to a version is answered by that version, whichever worker claims
+    # its jobs first, and never with 404 while the version still serves.
+    service.worker(MODEL_VERSION="1", BATCH_SIZE=4, **tiny_settings(tiny_model))
+    redis_client.delete(keys.model_history)  # (else the second would start at the first's)
+    service.worker(MODEL_VERSION="2", BATCH_SIZE=4, **tiny_settings(tiny_model))
+    web = service.web()
+    wait_until(lambda: requests.get(f"{web.url}/v2/models/tiny").json().get("versions")
+               == ["1", "2"], what="both versions to serve")
+    images = distinct_images(4)
+
+    def infer(version):  # (a client each: tritonclient's is not for several threads at once)
+        client = triton.InferenceServerClient(url=web.url.removeprefix("http://"))
+        try:
+            result = client.infer("tiny", [image_input(images, binary=True)],
+                                  model_version=version)
+        finally:
+            client.close()
+        return version, result.get_response()["model_version"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(infer, ["1", "2"] * 12))
+    assert all(asked == answered for asked, answered in answers), answers
     assert redis_client.llen(keys.queue) == 0

@@ -2,6 +2,7 @@
 Kubernetes schemas (kubernetes-validate) and KEDA's ScaledObject schema, and agrees with the code:
 settings that exist, probes on real routes, KEDA watching the queue the workers read.
 """
+import shutil
 import subprocess
 from urllib.parse import urlsplit
 
@@ -10,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import jobqueue
 import run_keras_server
 import settings
 from conftest import ROOT
@@ -18,10 +20,21 @@ OVERLAYS = ["cpu", "gpu"]
 KUBERNETES_VERSION = "1.33.0"
 
 
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A copy of deploy/ with Redis' passwords generated, as `make secrets` does."""
+    folder = tmp_path_factory.mktemp("checkout")
+    shutil.copytree(ROOT / "deploy", folder / "deploy",
+                    ignore=shutil.ignore_patterns("redis-passwords.env"))
+    subprocess.run(["sh", str(folder / "deploy/make-secrets.sh")], check=True,
+                   capture_output=True)
+    return folder
+
+
 @pytest.fixture(scope="module", params=OVERLAYS)
-def rendered(request):
+def rendered(request, checkout):
     """The overlay's manifests, by kind and name."""
-    output = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy/k8s/overlays" /
+    output = subprocess.run(["kubectl", "kustomize", str(checkout / "deploy/k8s/overlays" /
                                                          request.param)],
                             capture_output=True, text=True, check=True).stdout
     manifests = [doc for doc in yaml.safe_load_all(output) if doc]
@@ -31,21 +44,27 @@ def rendered(request):
     return {"overlay": request.param, "all": manifests, **by_kind}
 
 
-def scaled_object_schema():
-    crd = next(doc for doc in yaml.safe_load_all((ROOT / "tests/data/keda-scaledobject-crd.yaml")
-                                                 .read_text()) if doc)
+def keda_schema(kind):
+    """KEDA's schema of a kind (tests/data holds its CRDs)."""
+    path = ROOT / f"tests/data/keda-{kind.lower()}-crd.yaml"
+    crd = next(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
     return next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")["schema"][
         "openAPIV3Schema"]
 
 
+def scaled_object_schema():
+    return keda_schema("ScaledObject")
+
+
 def test_manifests_validate_against_their_schemas(rendered):
     for manifest in rendered["all"]:
-        if manifest["kind"] == "ScaledObject":
-            jsonschema.validate(manifest, scaled_object_schema())
+        if manifest["apiVersion"].startswith("keda.sh/"):
+            jsonschema.validate(manifest, keda_schema(manifest["kind"]))
         else:
             kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
     assert {"Deployment", "Service", "StatefulSet", "Ingress", "PodDisruptionBudget",
-            "ConfigMap", "ScaledObject"} <= set(rendered)
+            "ConfigMap", "ScaledObject", "TriggerAuthentication", "Secret",
+            "NetworkPolicy"} <= set(rendered)
 
 
 def test_a_bad_manifest_is_caught():
@@ -75,7 +94,7 @@ def settings_given(rendered, container):
 
 def test_every_variable_is_a_setting_and_every_probe_a_route(rendered):
     known = {name for name in vars(settings) if name.isupper()}
-    routes = {rule.rule for rule in run_keras_server.app.url_map.iter_rules()}
+    routes = {rule.rule for rule in run_keras_server.create_app().url_map.iter_rules()}
     for container in containers(rendered):
         if container["name"] == "redis":
             continue
@@ -126,3 +145,52 @@ def test_gpu_overlay_gives_each_worker_a_gpu(rendered):
     images = {container["image"] for container in containers(rendered)
               if container["name"] != "redis"}
     assert len(images) == 1  # one image for both tiers
+
+
+def test_redis_is_locked_and_every_tier_logs_in_as_its_own_user(rendered):
+    secret = rendered["Secret"]["redis-passwords"]
+    users = [*jobqueue.REDIS_USERS, "admin"]
+    password_keys = {f"REDIS_{user.upper()}_PASSWORD" for user in users}
+    assert set(secret["data"]) == password_keys
+    assert len(set(secret["data"].values())) == len(users)  # generated, one each
+
+    # Redis defines the users with the service's own rules, each password from the Secret.
+    redis_container = rendered["StatefulSet"]["redis"]["spec"]["template"]["spec"][
+        "containers"][0]
+    queue = rendered["ConfigMap"]["keras-server-settings"]["data"]["IMAGE_QUEUE"]
+    expected = jobqueue.redis_server_users(queue, {user: f"$(REDIS_{user.upper()}_PASSWORD)"
+                                                   for user in users})
+    args = redis_container["args"]
+    assert args[args.index("--user"):] == expected
+    secret_env = {item["name"]: item["valueFrom"]["secretKeyRef"]
+                  for item in redis_container["env"] if "valueFrom" in item}
+    assert secret_env == {key: {"name": "redis-passwords", "key": key} for key in password_keys}
+
+    for tier in ("web", "model"):
+        container = rendered["Deployment"][tier]["spec"]["template"]["spec"]["containers"][0]
+        env = {item["name"]: item for item in container["env"]}
+        assert env["REDIS_USERNAME"]["value"] == tier
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "redis-passwords", "key": f"REDIS_{tier.upper()}_PASSWORD"}
+
+    # KEDA logs in as `keda`, its password through the TriggerAuthentication.
+    trigger = rendered["ScaledObject"]["model"]["spec"]["triggers"][0]
+    assert trigger["metadata"]["username"] == "keda"
+    auth = rendered["TriggerAuthentication"][trigger["authenticationRef"]["name"]]
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "redis-passwords", "key": "REDIS_KEDA_PASSWORD"}]
+
+    # Only the two tiers and KEDA's namespace reach Redis.
+    policy = rendered["NetworkPolicy"]["redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis_container_labels(rendered)
+    peers = policy["ingress"][0]["from"]
+    assert peers[0]["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": ["web", "model"]}]
+    assert peers[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
+    for tier in ("web", "model"):
+        labels = rendered["Deployment"][tier]["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == tier
+
+
+def redis_container_labels(rendered):
+    return rendered["StatefulSet"]["redis"]["spec"]["template"]["metadata"]["labels"]

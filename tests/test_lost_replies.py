@@ -153,3 +153,28 @@ def test_jobs_whose_claim_reply_is_lost_are_answered_once_by_the_next_claim(
         got = {p["label"]: p["probability"] for p in json.loads(results[0])["predictions"]}
         expected = tiny_direct(tiny_model, data)
         assert all(abs(p - expected[int(label.split("_")[1])]) < 1e-5 for label, p in got.items())
+
+
+def test_claims_taken_back_come_a_batch_at_a_time(store, redis_client, tiny_model):
+    # Claims whose replies were lost pile up in the processing list: taken back, they make
+    # batches of BATCH_SIZE at most (a larger one would be a batch size the model never warmed up
+    # for), and the rest comes with the next claim.
+    from classifier import load_classifier
+    from worker import ModelWorker
+
+    keys = Keys(settings.IMAGE_QUEUE)
+    classifier = load_classifier(tiny_model["MODEL"], "none", tiny_model["LABELS"], "scale_0_1")
+    worker = ModelWorker(store, classifier, 4, {"id": "recovering"})
+    jobs = [jobqueue.new_job(data, time.time() + 30, 3) for data in distinct_images(6)]
+    jobqueue.enqueue_jobs(store, keys, jobs, 100, 10**9)
+    while redis_client.lmove(keys.queue, keys.processing(worker.id)):  # claimed, replies lost
+        pass
+    worker.claims_unsure = True
+
+    sizes = []
+    for _ in range(2):
+        assert worker.serve_once()
+        sizes.append(worker.stats["jobs"] - sum(sizes))
+    assert sizes == [4, 2]
+    assert redis_client.llen(keys.processing(worker.id)) == 0
+    assert all(redis_client.exists(keys.result(job.id)) for job in jobs)

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -213,7 +214,15 @@ def bad_specs(digits, tiny_model, folder):
     (folder / "five-labels.txt").write_text("a\nb\nc\nd\ne\n")
     (folder / "corrupt.keras").write_bytes(b"PK\x03\x04 this is not a Keras archive" * 50)
     v2 = digits["v2"]
+    elsewhere = Path(tempfile.mkdtemp(prefix="not-models-dir-"))  # outside pytest's folders
+    for name in ("digits.keras", "labels.txt"):
+        shutil.copy(v2 / name, elsewhere / name)
     return [
+        ("a file outside MODELS_DIR", reload_args(elsewhere, "bad"), ROOT,
+         "is not under MODELS_DIR", 2),
+        # Every answer carries the version in a header, which takes printable Latin-1 only.
+        ("a version no header can carry", reload_args(v2, "v2\u2013rc"), ROOT,
+         "every answer carries it in a header", 2),
         ("missing file", reload_args(folder, "bad", model="missing.keras"), ROOT,
          "is neither one of", 2),
         ("wrong label count", reload_args(v2, "bad") [:2] + [
@@ -251,6 +260,53 @@ def test_bad_reloads_fail_with_the_reason_and_the_last_good_version_stays(
     restarted = service.worker(**digits_settings(digits["v1"], "1"))
     assert versions_served(redis_client, keys) == {str(restarted.pid): "2"}
     assert post_image(web.url, digits["images"][0], "d.png").headers["X-Model-Version"] == "2"
+
+
+def test_at_default_settings_a_version_may_name_only_files_under_models_dir(
+        service, digits, redis_client, keys, tmp_path):
+    """MODELS_DIR unset: the folder `models` where the service runs. A proposal written straight
+    into Redis (as whoever reaches Redis could) is refused by the worker, and reload refuses the
+    same spec before proposing it; the worker's own files, anywhere, serve."""
+    defaults = {"MODELS_DIR": ""}
+    worker = service.worker(**defaults, **digits_settings(digits["v1"], "1"))
+    spec = {"model": str(digits["v2"] / "digits.keras"), "weights": "imagenet",
+            "labels": str(digits["v2"] / "labels.txt"), "preprocess": "scale_0_1",
+            "version": "2", "precision": "fp32", "calibration_images": ""}
+    rollout = jobqueue.propose_model(redis_client, keys, spec)
+
+    def refused():
+        return jobqueue.refusals(redis_client, keys, rollout)
+    wait_until(refused, timeout=120, what="the worker to refuse the proposal")
+    reason = refused()[next(iter(refused()))]
+    assert "is not under MODELS_DIR" in reason and str(ROOT / "models") in reason, reason
+    assert worker_stats(redis_client, keys)[str(worker.pid)]["version"] == "1"
+
+    done = subprocess.run([sys.executable, "run_keras_server.py", "reload",
+                           *reload_args(digits["v2"], "3")], cwd=ROOT,
+                          env=service.env(defaults), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "is not under MODELS_DIR" in done.stderr, done.stderr
+
+
+def test_a_legacy_h5_model_with_a_lambda_layer_is_refused_without_running_it(service, digits,
+                                                                              tmp_path):
+    """Keras' safe mode: a Lambda layer's Python code in an .h5 file is not run, and the version
+    is refused with the reason."""
+    import keras
+
+    marker = tmp_path / "the-lambda-ran"
+    marker_name = str(marker)  # (a closure's values are saved with the code)
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Lambda(lambda x: x + 0 * len(open(marker_name, "w").name)),
+        keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
+    model.save(tmp_path / "lambda.h5")
+    marker.unlink()  # (the lambda ran once, here, as Keras traced it)
+    (tmp_path / "labels.txt").write_text("".join(f"{n}\n" for n in range(10)))
+    service.worker(**digits_settings(digits["v1"], "1"))
+
+    status, log = reload(service, *reload_args(tmp_path, "2", model="lambda.h5"))
+    assert status == 2 and "does not load" in log and "unsafe" in log.lower(), log
+    assert not marker.exists()
 
 
 def test_overlapping_reloads_end_with_the_last_one_everywhere(service, digits, redis_client,

@@ -106,7 +106,7 @@ def test_docs_load_offline_and_list_every_operation(browser, url, tmp_path):
 def test_openapi_document_is_valid_and_names_every_route(service):
     document = requests.get(f"{service.web().url}/openapi.json").json()
     validate(document)
-    for rule in run_keras_server.app.url_map.iter_rules():
+    for rule in run_keras_server.create_app().url_map.iter_rules():
         path = rule.rule.replace("<", "{").replace(">", "}").replace("{path:", "{")
         assert path in document["paths"], path
         for method in rule.methods - {"HEAD", "OPTIONS"}:

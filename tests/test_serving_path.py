@@ -9,13 +9,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from PIL import Image
 
 import jobqueue
-from conftest import (ROOT, assert_own_predictions, distinct_images, image_bytes, post_image,
-                      tiny_settings, wait_until, warm_workers)
+from conftest import (QUEUE, ROOT, assert_own_predictions, digits_settings, distinct_images, image_bytes,
+                      post_image, tiny_settings, wait_until, warm_workers)
 from helpers import encode_array, prepare_image
 
 
@@ -56,6 +57,20 @@ def test_healthz_answers_at_once_while_a_30_megapixel_jpeg_is_classified(service
     during = waits[polled_before:]
     assert len(during) >= 5, waits  # /healthz was asked all the while
     assert max(during) < 0.050, f"slowest /healthz {max(during) * 1000:.0f} ms"
+
+
+def test_a_request_sent_before_any_worker_beats_is_decoded_at_the_models_input(
+        service, digits, redis_client, keys):
+    # The web tier knows no model yet: it queues the upload as it came, and the digits CNN's
+    # worker, started after it, decodes it to its own 8 x 8 x 1.
+    web = service.web()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post_image, web.url, digits["images"][0], "digit.png")
+        wait_until(lambda: redis_client.llen(keys.queue) == 1, what="the upload to be queued")
+        service.worker(**digits_settings(digits["v1"], "1"))
+        response = waiting.result()
+    assert response.status_code == 200, response.text
+    assert {p["label"] for p in response.json()["predictions"]} <= set("0123456789")
 
 
 def test_the_image_may_come_as_the_raw_body(service, tiny_model):
@@ -215,3 +230,33 @@ print(estimate, memory("VmHWM:") - before)
     assert growth <= estimate
     if progressive:  # the coefficients of 40 MP: 2 bytes each, at least one per pixel
         assert estimate >= 2 * 7300 * 5480
+
+
+def test_waiting_requests_hold_no_uploads(service, redis_client):
+    """150 requests of 1.4 MB images wait (no worker answers them): the web process holds the
+    jobs' ids, not their images, so its memory grows by far less than the 200 MB they sent."""
+    # glibc's malloc at a fixed mmap threshold: a freed upload leaves the resident memory at once
+    # (by default the threshold rises to the size of the last one freed, and later ones stay
+    # resident after they are freed), so what is resident is what the process holds.
+    web = service.web(MALLOC_MMAP_THRESHOLD_=2**16)
+    gunicorn_worker = next(child for child in psutil.Process(web.pid).children())
+    pixels = np.random.default_rng(0).integers(0, 256, (1000, 1200, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    image = buffer.getvalue()
+    assert len(image) > 1_300_000
+
+    def rss():
+        return gunicorn_worker.memory_info().rss
+
+    before, count = rss(), 150
+    with ThreadPoolExecutor(count) as pool:
+        waiting = [pool.submit(post_image, web.url, image, timeout=60,
+                               headers={"X-Request-Timeout-S": "20"}) for _ in range(count)]
+        wait_until(lambda: redis_client.llen(QUEUE) == count, timeout=60,
+                   what="every request to be queued")
+        grown = rss() - before
+        # Their jobs gone from Redis, their clients get 503 within seconds.
+        redis_client.delete(QUEUE, *redis_client.keys(f"{{{QUEUE}}}:job:*"))
+        assert all(answer.result().status_code in (503, 504) for answer in waiting)
+    assert grown < 40 * 2**20, f"the web process grew {grown / 2**20:.0f} MB"

@@ -222,7 +222,7 @@ def test_the_cpu_split_names_each_part_of_the_service_and_counts_new_processes_f
     python = "/srv/.venv/bin/python"
     assert process_role("redis-server", ["redis-server *:6379"]) == "redis"
     assert process_role("python", [python, "-m", "gunicorn", "-c", "gunicorn.conf.py",
-                                   "run_keras_server:app"]) == "web"
+                                   "run_keras_server:create_app()"]) == "web"
     assert process_role("gunicorn", ["/srv/.venv/bin/gunicorn", "run_keras_server:app"]) == "web"
     assert process_role("python", [python, "/srv/run_keras_server.py", "model"]) == "model"
     assert process_role("python", [python, "/srv/run_keras_server.py", "model-process", "5"]) \

@@ -139,6 +139,30 @@ def test_process_batch_with_every_job_expired_runs_no_forward_pass(tiny, images)
     assert outcome.expired == [job["id"] for job in jobs]
 
 
+def test_a_model_whose_output_is_not_a_number_fails_those_jobs_with_500_in_valid_json(tmp_path):
+    import json
+
+    import keras
+
+    from classifier import load_classifier
+
+    keras.utils.set_random_seed(0)
+    dense = keras.layers.Dense(3)
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), dense])
+    dense.set_weights([np.zeros((16, 3), np.float32), np.full(3, np.nan, np.float32)])
+    model.save(tmp_path / "nan.keras")
+    (tmp_path / "labels.txt").write_text("a\nb\nc\n")
+    broken = load_classifier(str(tmp_path / "nan.keras"), "none", str(tmp_path / "labels.txt"),
+                             "none", runtime="keras")
+    jobs = [as_claimed(jobqueue.new_job(np.zeros((4, 4, 1), np.uint8), NOW + 30, 3, (4, 4, 1)))
+            for _ in range(2)]
+    outcome = process_batch(broken, ImageReader(broken.input_shape, 1, 2**30), jobs, NOW)
+    for job in jobs:
+        assert outcome.results[job["id"]] == {
+            "error": "the model's output for this image is not a number", "status": 500}
+    json.loads(json.dumps(outcome.results, allow_nan=False))
+
+
 class Clock:
     def __init__(self):
         self.now = 100.0
