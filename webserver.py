@@ -1,7 +1,8 @@
 """What the web tier needs from its server: gunicorn's gevent worker, which holds thousands of
 waiting requests per process at the cost of a greenlet each.
 
-- StampingGeventWorker notes when each request arrived, where its deadline starts.
+- StampingGeventWorker notes when each request arrived, where its deadline starts, and closes
+  idle kept-alive connections as soon as it stops.
 - off_loop runs CPU work (parsing a large body) in a native thread, so that it does not stall the
   event loop: other requests are still accepted, refused or answered meanwhile.
 - PacedBody cuts off a client that sends its request's body too slowly (408).
@@ -16,6 +17,7 @@ import time
 
 import gevent
 from gevent import monkey
+from gunicorn.http.errors import NoMoreData
 from gunicorn.workers.ggevent import GeventWorker
 
 import settings
@@ -40,6 +42,28 @@ class StampingGeventWorker(GeventWorker):
     def handle(self, listener, client, addr):
         gevent.getcurrent().arrived_at = time.time()
         super().handle(listener, client, addr)
+
+    @contextlib.contextmanager
+    def timeout_ctx(self):
+        """The wait for a kept-alive connection's next request (up to `keepalive` s). Once the
+        worker stops, the waiting connections are closed at once (as nginx does on a graceful
+        shutdown) rather than held open until they time out: requests in progress still finish."""
+        waiting = gevent.getcurrent()
+        self.idle_connections.add(waiting)
+        try:
+            with gevent.Timeout(self.cfg.keepalive, False):
+                yield
+        finally:
+            self.idle_connections.discard(waiting)
+
+    def handle_exit(self, sig, frame):
+        super().handle_exit(sig, frame)
+        # As if the client had left: gunicorn closes the connection without a word in its log.
+        gevent.spawn(gevent.killall, list(self.idle_connections), NoMoreData, block=False)
+
+    def init_process(self):
+        self.idle_connections = set()
+        super().init_process()
 
     def handle_request(self, listener_name, req, sock, addr):
         handler = gevent.getcurrent()

@@ -4,6 +4,7 @@ left behind in Redis.
 """
 import io
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,25 @@ def test_jobs_past_their_deadline_are_not_computed_and_clients_get_504(
     assert stats["batches"] == "0" and stats["jobs"] == "0"
     assert post_image(web.url, image_bytes()).status_code == 200
     assert_nothing_left(redis_client)
+
+
+def test_a_web_instance_stops_at_once_while_a_kept_alive_connection_waits(service):
+    """SIGTERM: gunicorn finishes the requests in progress, and closes a connection that waits for
+    its next request at once, not when its keep-alive runs out (set to 120 s here, past gunicorn's
+    35 s graceful timeout, so a wait for it would show)."""
+    web = service.web(GUNICORN_CMD_ARGS="--keep-alive 120")
+    idle = socket.create_connection(("127.0.0.1", int(web.url.rsplit(":", 1)[1])))
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+    started = time.monotonic()
+
+    web.send_signal(signal.SIGTERM)
+    web.wait(timeout=60)
+
+    assert web.returncode == 0 and time.monotonic() - started < 20, time.monotonic() - started
+    idle.settimeout(5)
+    assert idle.recv(1) == b""  # closed by the server
+    idle.close()
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "soon", "inf", "nan"])
