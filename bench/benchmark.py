@@ -815,8 +815,8 @@ def parse_args(argv):
                              "no (d), e.g. where one client process cannot send that many)")
     parser.add_argument("--batch-size", type=int, help="BATCH_SIZE of the service")
     parser.add_argument("--batch-timeout-ms", type=float, help="BATCH_TIMEOUT_MS of the service")
-    parser.add_argument("--concurrency", type=int, help="clients at saturation (32, or "
-                        "2 x BATCH_SIZE if more; sweep: 2 x the largest batch size)")
+    parser.add_argument("--concurrency", type=int, help="clients at saturation (4 x BATCH_SIZE, "
+                        "64 at least; sweep: 2 x the largest batch size)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8", "auto"),
                         help="PRECISION of the bare model and the service (int8 calibrates on "
                              "CALIBRATION_IMAGES, else on crops of photos: calibration_images)")
