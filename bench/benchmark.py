@@ -657,7 +657,8 @@ def settings_used(heartbeat):
     return knobs
 
 
-VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+VECTOR_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 
 
 def machine_info():
@@ -876,8 +877,9 @@ def main(argv=None):
                 o["service_img_per_s"] / k["bare_best_img_per_s"]
                 for k, o in zip(rounds["keras"], rounds["openvino"]) if o["service_img_per_s"])
         print_summary(summary, rounds, service_settings, args, result)
-        print(f"plot of the last saturation phase: {args.plot}")
-        result.update(settings=service_settings, plot=Path(args.plot).name, rounds_run=args.rounds,
+        plot = Path(args.plot).name if Path(args.plot).exists() else None  # (d)-(e) ran
+        print(f"plot of the last overload phase: {args.plot if plot else 'none (no overload)'}")
+        result.update(settings=service_settings, plot=plot, rounds_run=args.rounds,
                       phase_seconds=args.phase_seconds, warmup_seconds=args.warmup_seconds,
                       overload_seconds=args.overload_seconds,
                       summary=summary, rounds=rounds)
