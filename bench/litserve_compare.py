@@ -33,6 +33,8 @@ from benchmark import (MODEL_SEED, free_port, machine_info, run_wrk, running_ser
                        write_json)
 
 LITSERVE = "litserve==0.2.19"
+# Starlette's form parser, which LitServe's multipart requests need and do not install.
+MULTIPART = "python-multipart==0.0.32"
 VENV = HERE / ".litserve-venv"
 # What the LitServe server imports of the service (classifier, helpers), at the service's versions.
 SHARED = ("openvino", "numpy", "pillow", "simplejpeg", "opencv-python-headless", "pybase64")
@@ -46,7 +48,7 @@ def pins(names):
 
 def litserve_python():
     """The LitServe environment's python, made (or made again) when the versions change."""
-    wanted = "\n".join([LITSERVE, *pins(SHARED)])
+    wanted = "\n".join([LITSERVE, MULTIPART, *pins(SHARED)])
     stamp = VENV / "installed.txt"
     if not stamp.exists() or stamp.read_text() != wanted:
         print(f"making {VENV} ({LITSERVE}) ...", flush=True)
@@ -157,8 +159,9 @@ def main(argv=None):
           f"{machine['cpu_model']}; {' '.join(machine['vector_flags'])}), {machine['cores']} cores")
     summary = {}
     for precision, rounds in results.items():
-        summary[precision] = {name: {figure: statistics.median(r[figure] for r in rounds[name])
-                                     for figure in ("img_per_s", "p50_ms", "p99_ms")}
+        summary[precision] = {name: {**{figure: statistics.median(r[figure] for r in rounds[name])
+                                        for figure in ("img_per_s", "p50_ms", "p99_ms")},
+                                     "failed": sum(r["failed"] for r in rounds[name])}
                               for name in ("service", "litserve")}
         medians = summary[precision]
         medians["ratio"] = statistics.median(
@@ -173,8 +176,10 @@ def main(argv=None):
 
 
 def line(figures):
-    return (f"{figures['img_per_s']:.1f} img/s, p50 {figures['p50_ms']:.0f} ms, "
-            f"p99 {figures['p99_ms']:.0f} ms")
+    rate = figures["img_per_s"]
+    return (f"{rate:.1f} img/s" if rate else "no answers") + (
+        f", p50 {figures['p50_ms']:.0f} ms, p99 {figures['p99_ms']:.0f} ms, "
+        f"{figures['failed']} failed")
 
 
 if __name__ == "__main__":
