@@ -2,9 +2,9 @@
 hostile uploads. Every accepted request must be answered or refused clearly, and nothing may be
 left behind in Redis.
 """
+import http.client
 import io
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -90,9 +90,11 @@ def test_a_web_instance_stops_at_once_while_a_kept_alive_connection_waits(servic
     its next request at once, not when its keep-alive runs out (set to 120 s here, past gunicorn's
     35 s graceful timeout, so a wait for it would show)."""
     web = service.web(GUNICORN_CMD_ARGS="--keep-alive 120")
-    idle = socket.create_connection(("127.0.0.1", int(web.url.rsplit(":", 1)[1])))
-    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
-    assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+    connection = http.client.HTTPConnection("127.0.0.1", int(web.url.rsplit(":", 1)[1]))
+    connection.request("GET", "/healthz")
+    answer = connection.getresponse()
+    assert answer.status == 200 and answer.read()  # the whole answer: nothing more is due
+    idle = connection.sock  # kept alive, waiting for its next request
     started = time.monotonic()
 
     web.send_signal(signal.SIGTERM)
