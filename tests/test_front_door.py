@@ -30,10 +30,18 @@ CAPACITY_S = 12
 OVERLOAD_S = 30
 
 
-def completions(records, start_s, end_s):
-    """Answers with predictions that arrived between start_s and end_s of the run."""
-    return [r for r in records
-            if r["ok"] and start_s <= r["t_s"] + r["latency_ms"] / 1000 <= end_s]
+def answered_per_s(records, start_s, end_s):
+    """Answers per second between start_s and end_s of the run, batch by batch: the images of the
+    whole batches answered after the first whole one, over the time from its answer to the last's.
+    A count over a fixed window would be off by up to a batch (here some 20 images a second)."""
+    done = sorted(r["t_s"] + r["latency_ms"] / 1000 for r in records if r["ok"])
+    done = [t for t in done if start_s <= t <= end_s]
+    # One batch at a time, about a second each: a batch's answers arrive within milliseconds of
+    # each other, and a gap of over 0.2 s starts the next batch's. The window cuts the first and
+    # the last batch, so only the batches between the first and the last start are whole.
+    starts = [i for i in range(1, len(done)) if done[i] - done[i - 1] > 0.2]
+    assert len(starts) >= 5, done
+    return (starts[-1] - starts[1]) / (done[starts[-2]] - done[starts[0]])
 
 
 def capacity(url):
@@ -41,11 +49,22 @@ def capacity(url):
     records = stress_test.run_closed_loop(f"{url}/predict", [("a.jpg", image_bytes())], 32,
                                           10**6, CAPACITY_S, 60)
     assert all(r["ok"] for r in records), [r["error"] for r in records if not r["ok"]][:5]
-    return len(completions(records, 2, CAPACITY_S)) / (CAPACITY_S - 2)
+    return answered_per_s(records, 2, CAPACITY_S)
+
+
+def steal_share(since):
+    """The share of the CPUs' time the hypervisor took since `since` (/proc/stat's fields)."""
+    now = [int(n) for n in open("/proc/stat").readline().split()[1:]]
+    spent = [b - a for a, b in zip(since, now)]
+    return now, spent[7] / max(1, sum(spent))
 
 
 def assert_overload_is_refused_fast_and_capacity_kept(url):
+    # Capacity is measured before and after the overload, and the overload is held to their mean:
+    # a shared machine that slows down or speeds up during the test moves both sides alike.
+    mark, _ = steal_share([0] * 10)
     before = capacity(url)
+    mark, steal_before = steal_share(mark)
     rate = 3 * before
     images = [(f"{i}.jpg", image_bytes(seed=i)) for i in range(16)]
     records = stress_test.run_open_loop(f"{url}/predict", images, int(rate * OVERLOAD_S), rate,
@@ -56,10 +75,14 @@ def assert_overload_is_refused_fast_and_capacity_kept(url):
     others = [(r["status"], r["error"]) for r in records if not r["ok"] and r not in refused]
     batch_s = max(r["inference_ms"] for r in ok) / 1000
     slowest_s = max(r["latency_ms"] for r in records) / 1000
-    served = len(completions(records, 5, OVERLOAD_S)) / (OVERLOAD_S - 5)
-    seen = (f"capacity {before:.1f}/s, sent {len(records)} at {rate:.1f}/s: {len(ok)} answered "
-            f"({served:.1f}/s), {len(refused)} refused, others {others[:5]}, slowest "
-            f"{slowest_s:.1f} s, batch {batch_s:.2f} s")
+    served = answered_per_s(records, 5, OVERLOAD_S)
+    mark, steal_during = steal_share(mark)
+    after = capacity(url)  # every request of the overload has its answer: the queue is empty
+    _, steal_after = steal_share(mark)
+    seen = (f"capacity {before:.1f}/s before, {after:.1f}/s after, sent {len(records)} at "
+            f"{rate:.1f}/s: {len(ok)} answered ({served:.1f}/s), {len(refused)} refused, others "
+            f"{others[:5]}, slowest {slowest_s:.1f} s, batch {batch_s:.2f} s, CPU time stolen "
+            f"{steal_before:.0%} / {steal_during:.0%} / {steal_after:.0%}")
     print(seen)
     assert not others, seen
     assert refused and ok, seen
@@ -67,7 +90,7 @@ def assert_overload_is_refused_fast_and_capacity_kept(url):
     assert max(r["latency_ms"] for r in refused) < 1000, seen
     assert all(int(r["retry_after"] or 0) >= 1 for r in refused), (
         seen, {r["error"] for r in refused if not r["retry_after"]})
-    assert served >= 0.9 * before, seen
+    assert served >= 0.9 * (before + after) / 2, seen
     # Every refusal is counted where it happened: at admission, before decoding, or at the enqueue.
     scrape = requests.get(f"{url}/metrics").text
     stages = {stage: metric(scrape, "keras_overload_refusals_total", f'{{stage="{stage}"}}') or 0
