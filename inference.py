@@ -18,7 +18,7 @@ import metrics
 import settings
 from helpers import ServiceError, decoding_bytes, is_whole_number, open_image
 from jobqueue import REDIS_ERRORS
-from webserver import ARRIVED_AT, ClientGone, client_watch
+from webserver import ClientGone, client_watch
 
 log = logging.getLogger("keras_server.web")
 # A job is admitted only if the work queued ahead of it, at the workers' measured rate, ends within
@@ -128,41 +128,6 @@ def parse_top_k(value):
     if not is_whole_number(value) or int(value) < 1:
         raise ServiceError("top_k must be a positive whole number", 400)
     return int(value)
-
-
-def request_deadline(environ):
-    """When this request's answer is due: REQUEST_TIMEOUT_S (or the client's shorter
-    X-Request-Timeout-S) after it arrived. It arrived when nginx received it (X-Request-Start,
-    which nginx sets) or, without nginx, when the web server accepted its connection; the earlier
-    of the two counts, so the header can only shorten a deadline."""
-    arrived = environ.get(ARRIVED_AT) or time.time()
-    started = parse_request_start(environ.get("HTTP_X_REQUEST_START"))
-    if started is not None:
-        arrived = min(arrived, started)
-    return arrived + parse_timeout(environ.get("HTTP_X_REQUEST_TIMEOUT_S"))
-
-
-def parse_request_start(value):
-    """Seconds since the epoch from X-Request-Start ("t=1700000000.123", nginx's $msec); None if
-    absent or unreadable (the header is a proxy's hint, not the client's request)."""
-    try:
-        seconds = float(value.removeprefix("t="))
-    except (AttributeError, ValueError):
-        return None
-    return seconds if math.isfinite(seconds) else None
-
-
-def parse_timeout(value):
-    """Seconds this request may take: REQUEST_TIMEOUT_S, or less if the client asks for less."""
-    if value is None:
-        return settings.REQUEST_TIMEOUT_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise ServiceError("X-Request-Timeout-S must be a positive number of seconds", 400)
-    return min(seconds, settings.REQUEST_TIMEOUT_S)
 
 
 def admit_or_refuse(store, keys, workers, deadline):

@@ -30,9 +30,9 @@ import settings
 from api_docs import documented
 from helpers import ServiceError, decode_array, is_whole_number, model_name
 from inference import (admit_or_refuse, check_upload, find_warm, fresh_heartbeats, input_shape_of,
-                       request_deadline, submit, timing_headers)
+                       submit, timing_headers)
 from jobqueue import new_job
-from webserver import off_loop
+from webserver import off_loop, request_deadline
 
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
 OUTPUT = "probabilities"

@@ -20,9 +20,9 @@ import multipart
 import metrics
 import settings
 from helpers import ServiceError, is_whole_number
-from inference import (admit_or_refuse, check_upload, parse_top_k, request_deadline, submit,
-                       timing_headers)
+from inference import admit_or_refuse, check_upload, parse_top_k, submit, timing_headers
 from jobqueue import REDIS_ERRORS, new_job
+from webserver import request_deadline
 
 log = logging.getLogger("keras_server.web")
 MULTIPART = "multipart/form-data"

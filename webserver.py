@@ -5,12 +5,14 @@ waiting requests per process at the cost of a greenlet each.
   idle kept-alive connections as soon as it stops.
 - off_loop runs CPU work (parsing a large body) in a native thread, so that it does not stall the
   event loop: other requests are still accepted, refused or answered meanwhile.
+- request_deadline: when a request's answer is due.
 - PacedBody cuts off a client that sends its request's body too slowly (408).
 - client_watch stops a request's wait when its client hangs up, so its job can be withdrawn.
 
 Outside gevent (e.g. the Flask development server) the same calls work, without the first four.
 """
 import contextlib
+import math
 import select
 import socket
 import time
@@ -25,6 +27,41 @@ from helpers import ServiceError
 
 
 ARRIVED_AT = "keras_server.arrived_at"  # environ key: time.time() when the request arrived
+
+
+def request_deadline(environ):
+    """When this request's answer is due: REQUEST_TIMEOUT_S (or the client's shorter
+    X-Request-Timeout-S) after it arrived. It arrived when nginx received it (X-Request-Start,
+    which nginx sets) or, without nginx, when the web server accepted its connection; the earlier
+    of the two counts, so the header can only shorten a deadline."""
+    arrived = environ.get(ARRIVED_AT) or time.time()
+    started = parse_request_start(environ.get("HTTP_X_REQUEST_START"))
+    if started is not None:
+        arrived = min(arrived, started)
+    return arrived + parse_timeout(environ.get("HTTP_X_REQUEST_TIMEOUT_S"))
+
+
+def parse_request_start(value):
+    """Seconds since the epoch from X-Request-Start ("t=1700000000.123", nginx's $msec); None if
+    absent or unreadable (the header is a proxy's hint, not the client's request)."""
+    try:
+        seconds = float(value.removeprefix("t="))
+    except (AttributeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def parse_timeout(value):
+    """Seconds this request may take: REQUEST_TIMEOUT_S, or less if the client asks for less."""
+    if value is None:
+        return settings.REQUEST_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ServiceError("X-Request-Timeout-S must be a positive number of seconds", 400)
+    return min(seconds, settings.REQUEST_TIMEOUT_S)
 
 
 class StampingGeventWorker(GeventWorker):
@@ -79,10 +116,20 @@ class StampingGeventWorker(GeventWorker):
 
         def stamped(environ, start_response):
             arrived = environ[ARRIVED_AT] = getattr(gevent.getcurrent(), "arrived_at", None)
-            environ["wsgi.input"] = PacedBody(environ["wsgi.input"], arrived or time.time())
+            environ["wsgi.input"] = PacedBody(environ["wsgi.input"], arrived or time.time(),
+                                              body_deadline(environ))
             return app(environ, start_response)
 
         self.wsgi = stamped
+
+
+def body_deadline(environ):
+    """The request's deadline, by which its body must have come; REQUEST_TIMEOUT_S after it
+    arrived where its X-Request-Timeout-S is unreadable (the application refuses it with 400)."""
+    try:
+        return request_deadline(environ)
+    except ServiceError:
+        return (environ.get(ARRIVED_AT) or time.time()) + settings.REQUEST_TIMEOUT_S
 
 
 class SlowUpload(ServiceError):
@@ -91,8 +138,8 @@ class SlowUpload(ServiceError):
     def __init__(self, received):
         super().__init__(f"the request's body came too slowly ({received} bytes in time): it must "
                          f"keep arriving at {settings.MIN_UPLOAD_BYTES_PER_S} bytes a second "
-                         f"after {settings.UPLOAD_TIMEOUT_S:g} s, and in full within "
-                         f"{settings.REQUEST_TIMEOUT_S:g} s", 408, {"Connection": "close"})
+                         f"after {settings.UPLOAD_TIMEOUT_S:g} s, and in full before the request's "
+                         f"deadline", 408, {"Connection": "close"})
 
 
 class PacedBody:
@@ -106,14 +153,14 @@ class PacedBody:
 
     FIRST_PIECE = 4096
 
-    def __init__(self, stream, arrived):
-        self.stream, self.arrived, self.received = stream, arrived, 0
+    def __init__(self, stream, arrived, deadline):
+        self.stream, self.arrived, self.deadline, self.received = stream, arrived, deadline, 0
 
     def due(self, size):
         """When `size` more bytes must have arrived (time.time())."""
         paced = self.arrived + settings.UPLOAD_TIMEOUT_S + (
             self.received + size) / settings.MIN_UPLOAD_BYTES_PER_S
-        return min(self.arrived + settings.REQUEST_TIMEOUT_S, paced)
+        return min(self.deadline, paced)
 
     def paced(self, read, size, expected):
         """read(size), due when `expected` more bytes are (SlowUpload if they are not)."""

@@ -4,6 +4,7 @@ Redis that answers errors. Real processes throughout: redis-server, model worker
 """
 import io
 import os
+import select
 import signal
 import socket
 import struct
@@ -372,6 +373,30 @@ def test_clients_trickling_bodies_a_byte_a_second_cannot_take_every_connection(t
     assert all(seconds < settings.REQUEST_TIMEOUT_S for _, seconds in ordinary), ordinary
     assert cut >= 2000  # (those the server had taken up: the others were in its backlog)
     assert growth < settings.WEB_WORKERS * settings.DECODE_BUDGET_BYTES, f"{growth >> 20} MiB"
+
+
+def test_a_body_must_be_in_by_the_requests_own_deadline(service):
+    """X-Request-Timeout-S: 2 shortens the deadline, and the body is due by then too: a client
+    that keeps to twice the minimum pace, but whose body would take 50 s, is cut off with 408 at
+    the 2 s deadline, not at REQUEST_TIMEOUT_S's."""
+    web = service.web()
+    host, port = web.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall((f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+                  "X-Request-Timeout-S: 2\r\nContent-Length: 50000\r\n\r\n").encode())
+    started, answer = time.monotonic(), b""
+    pace = 2 * settings.MIN_UPLOAD_BYTES_PER_S // 10  # bytes every 0.1 s
+    while not answer and time.monotonic() - started < settings.REQUEST_TIMEOUT_S + 10:
+        try:
+            sock.sendall(b"x" * pace)
+        except OSError:  # cut off while sending: the answer is waiting to be read
+            pass
+        if select.select([sock], [], [], 0.1)[0]:
+            answer = sock.recv(65536)
+    seconds = time.monotonic() - started
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert 2 <= seconds < 4, seconds
 
 
 def timed_post(url, data):
