@@ -9,10 +9,11 @@ batches it holds, the new one takes over the queue, and the old one exits. Old a
 a heap, and loading competes with serving on equal terms for the CPU only when it would otherwise
 starve (LOADER_WINDOW_S).
 
-`run_keras_server.py reload` checks the model where it runs, proposes it under a new rollout
-number, and waits until every live worker serves it or one refuses. A refusal or a timeout takes
-the proposal back (the workers return to the last accepted version), so the model that workers
-started later load is always one that was accepted.
+`run_keras_server.py reload` checks the spec's files where it runs (it loads no model), proposes
+it under a new rollout number, and waits until every live worker serves it or one refuses (the
+candidate does not load, or does not fit the labels or the queue's input). A refusal or a timeout
+takes the proposal back (the workers return to the last accepted version), so the model that
+workers started later load is always one that was accepted.
 """
 import json
 import logging
@@ -537,11 +538,8 @@ class SpecRefused(RolloutFailed):
 
 
 def run_reload(args):
-    """The `reload` command: check the model here, then switch every worker to it (or, with
-    --rollback, to the accepted version before the current one); 0 once all serve it."""
-    # Checking loads the model beside the serving workers: at the lowest priority (for good:
-    # this process ends soon).
-    idle_every_thread()
+    """The `reload` command: check the spec here (check_model), then switch every worker to it
+    (or, with --rollback, to the accepted version before the current one); 0 once all serve it."""
     # SIGTERM as an exception, as Ctrl-C is: a proposal made by now is taken back (roll_out).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # Ctrl-C too where a shell started this in the background: it hands SIGINT ignored, and
@@ -558,7 +556,7 @@ def run_reload(args):
             spec = {"model": args.model, "weights": args.weights, "labels": args.labels,
                     "preprocess": args.preprocess, "version": args.version,
                     "precision": args.precision, "calibration_images": args.calibration_images}
-        check_model(store, keys, spec)
+        check_model(spec)
         roll_out(store, keys, spec, args.timeout_s, rollback=args.rollback)
     except RolloutFailed as exc:
         log.error("reload failed: %s", exc)
@@ -574,21 +572,29 @@ def previous_model(store, keys):
     return history[-2]
 
 
-def check_model(store, keys, spec):
-    """Refuse a spec here, before any worker sees it: the files must load, the labels must
-    match the outputs, and the input must be the one the queue's jobs are resized for."""
+def check_model(spec):
+    """Refuse a spec here, before any worker sees it, by what can be told without loading it: its
+    files are under MODELS_DIR, exist and can be read, and its labels read. Whether the model
+    loads, its outputs match the labels and its input the queue's is checked where it is loaded
+    anyway, by the workers' held candidate processes, whose refusal comes back with the reason.
+    So `reload` never loads a model, nor imports a deep learning framework, on a serving
+    machine."""
+    from classifier import APPLICATIONS, ModelLoadError, load_labels
+
     try:
-        # (Its precision is the workers' to check: they load it where it will serve.)
-        classifier = load_model(spec, runtime="keras", precision="fp32")
-    except Exception as exc:  # whatever a bad file raises, it is a refusal with its reason
-        raise SpecRefused(f"version {spec['version']} does not load: {exc}") from exc
-    shapes = {beat["input_shape"] for beat in jobqueue.live_workers(store, keys)
-              if "input_shape" in beat}
-    shape = ",".join(map(str, classifier.input_shape))
-    if shapes and shapes != {shape}:
-        raise SpecRefused(f"version {spec['version']} takes input {shape}, but the queue's "
-                            f"jobs are resized for {', '.join(sorted(shapes))}; serve it on a "
-                            "queue of its own")
+        check_files(spec)
+        if spec["model"] not in APPLICATIONS and not os.path.isfile(spec["model"]):
+            raise ModelLoadError(f"--model {spec['model']!r} is neither one of "
+                                 f"{', '.join(APPLICATIONS)} nor an existing .keras/.h5 file")
+        for path in files_named(spec):
+            if not os.access(path, os.R_OK):
+                raise ModelLoadError(f"{path} cannot be read")
+        if spec.get("calibration_images") and not os.path.isdir(spec["calibration_images"]):
+            raise ModelLoadError(f"--calibration-images {spec['calibration_images']} is not a "
+                                 "folder")
+        load_labels(spec["labels"])
+    except ModelLoadError as exc:
+        raise SpecRefused(f"version {spec['version']} cannot serve: {exc}") from exc
 
 
 def roll_out(store, keys, spec, timeout_s, rollback=False):

@@ -210,7 +210,8 @@ def test_reload_and_rollback_under_load_fail_no_request_and_switch_each_worker_o
 
 def bad_specs(digits, tiny_model, folder):
     """(what is wrong, reload arguments, working folder, a phrase of the expected reason, exit
-    status: 2 if reload itself refuses, 1 if a worker does)."""
+    status: 2 if reload itself refuses, by the spec's files, 1 if a worker does, by the model it
+    loads)."""
     (folder / "five-labels.txt").write_text("a\nb\nc\nd\ne\n")
     (folder / "corrupt.keras").write_bytes(b"PK\x03\x04 this is not a Keras archive" * 50)
     v2 = digits["v2"]
@@ -227,12 +228,12 @@ def bad_specs(digits, tiny_model, folder):
          "is neither one of", 2),
         ("wrong label count", reload_args(v2, "bad") [:2] + [
             "--labels", str(folder / "five-labels.txt"), "--preprocess", "scale_0_1",
-            "--version", "bad"], ROOT, "10 outputs but 5 labels", 2),
+            "--version", "bad"], ROOT, "10 outputs but 5 labels", 1),
         ("other input shape", ["--model", tiny_model["MODEL"], "--labels", tiny_model["LABELS"],
                                "--preprocess", "scale_0_1", "--version", "bad"], ROOT,
-         "jobs are resized for 8,8,1", 2),
+         "differs from the served [8, 8, 1]", 1),
         ("corrupt file", reload_args(folder, "bad", model="corrupt.keras",
-                                     labels="five-labels.txt"), ROOT, "cannot load", 2),
+                                     labels="five-labels.txt"), ROOT, "cannot load", 1),
         # A path that exists where reload runs but not where the worker runs: the worker
         # refuses, and reload takes the proposal back.
         ("refused by the worker", reload_args(v2.name, "bad"), v2.parent, "refused by worker",
@@ -287,6 +288,44 @@ def test_at_default_settings_a_version_may_name_only_files_under_models_dir(
     assert done.returncode == 2 and "is not under MODELS_DIR" in done.stderr, done.stderr
 
 
+FRAMEWORKS = {"keras", "tensorflow", "openvino", "jax", "torch", "nncf"}
+
+
+def reload_importing(service, *args):
+    """`reload ARGS` run under `python -X importtime`: (exit status, its log, every module it
+    imported)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "run_keras_server.py"),
+                           "reload", *args], cwd=ROOT, env=service.env({}), capture_output=True,
+                          text=True, timeout=300)
+    lines = done.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    log = "\n".join(line for line in lines if not line.startswith("import time:"))
+    return done.returncode, log, imported - {"package"}  # (less the column's title)
+
+
+def test_reload_imports_no_deep_learning_framework_and_the_worker_refuses_what_does_not_load(
+        service, digits, redis_client, keys, tmp_path):
+    """`reload` checks a spec's files, never loads the model: whether it loads is the workers' to
+    say, from the candidate each loads anyway. A refused spec, one a worker refuses and one every
+    worker serves: no deep learning framework in the reload process in any of them."""
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
+    (tmp_path / "corrupt.keras").write_bytes(b"PK\x03\x04 this is not a Keras archive" * 50)
+    shutil.copy(digits["v2"] / "labels.txt", tmp_path / "labels.txt")
+    runs = {
+        "refused by reload": (reload_args(tmp_path, "2", model="missing.keras"), 2,
+                              "is neither one of"),
+        "refused by the worker": (reload_args(tmp_path, "2", model="corrupt.keras"), 1,
+                                  "cannot load the Keras model"),
+        "served": (reload_args(digits["v2"], "2"), 0, "serves version 2")}
+    for what, (args, expected_status, phrase) in runs.items():
+        status, log, imported = reload_importing(service, *args)
+        assert status == expected_status and phrase in log, f"{what}: {status}\n{log}"
+        assert {"redis", "flask", "classifier", "rollout"} <= imported, what  # (read them all)
+        assert not {name.split(".")[0] for name in imported} & FRAMEWORKS, (what, sorted(
+            name for name in imported if name.split(".")[0] in FRAMEWORKS))
+    assert versions_served(redis_client, keys) == {str(worker.pid): "2"}
+
+
 def test_a_legacy_h5_model_with_a_lambda_layer_is_refused_without_running_it(service, digits,
                                                                               tmp_path):
     """Keras' safe mode: a Lambda layer's Python code in an .h5 file is not run, and the version
@@ -305,7 +344,7 @@ def test_a_legacy_h5_model_with_a_lambda_layer_is_refused_without_running_it(ser
     service.worker(**digits_settings(digits["v1"], "1"))
 
     status, log = reload(service, *reload_args(tmp_path, "2", model="lambda.h5"))
-    assert status == 2 and "does not load" in log and "unsafe" in log.lower(), log
+    assert status == 1 and "cannot load" in log and "unsafe" in log.lower(), log
     assert not marker.exists()
 
 
