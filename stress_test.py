@@ -96,6 +96,8 @@ def send_one(url, image, timeout_s, origin, scheduled=None):
         record["batch_size"] = int(response.getheader("X-Batch-Size", 0)) or None
         record["inference_ms"] = float(response.getheader("X-Inference-Ms", 0)) or None
         record["retry_after"] = response.getheader("Retry-After")
+        record["version"] = response.getheader("X-Model-Version")
+        record["worker"] = response.getheader("X-Model-Worker")
     except (OSError, http.client.HTTPException) as exc:
         connection.close()
         record["error"] = f"{type(exc).__name__} (no HTTP answer)"
@@ -104,9 +106,11 @@ def send_one(url, image, timeout_s, origin, scheduled=None):
 
 
 def new_record(t_s, error=None, latency_ms=None):
-    """One request's record: send time (s since the run's start), outcome, server's batch."""
+    """One request's record: send time (s since the run's start), outcome, server's batch, the
+    model version and the worker that answered."""
     return {"t_s": t_s, "latency_ms": latency_ms, "status": 0, "ok": False, "error": error,
-            "batch_size": None, "inference_ms": None, "retry_after": None}
+            "batch_size": None, "inference_ms": None, "retry_after": None, "version": None,
+            "worker": None}
 
 
 def read_answer(status, answer):

@@ -1,20 +1,22 @@
 """Do model reloads disturb the requests being served? Latency during 10 reloads against steady.
 
-    python bench/reload.py                       # 10 reloads, without and with jemalloc
-    python bench/reload.py --reloads 3 --allocators default
+    python bench/reload.py                       # 10 reloads at the service's defaults
+    python bench/reload.py --runtime keras --reloads 3
 
 Starts the whole service (`python run_keras_server.py`, private Redis, default settings) with
-ResNet50 (seeded random weights), measures its capacity with a short closed loop at 2 x BATCH_SIZE
-clients, then keeps a closed loop at about half of it: CLIENTS clients, each pausing between its
-requests. After a steady phase, it runs `run_keras_server.py reload` 10 times one after another
-(versions 2, 3, ...), with a pause after each. For each reload it prints p99 and p999 latency of
-the requests sent from the reload's start until a second after it returned, as ratios to the
-steady phase's, the failed requests, whether each worker's answers switched version exactly
-once, and the peak memory (PSS) of the model processes, steady and while two versions are loaded
-(sampled every second). With --allocators default,jemalloc it does it all twice, the second time
-with jemalloc (LD_PRELOAD) in every process of the service.
+ResNet50 (seeded random weights) and measures its capacity with a short closed loop at 2 x
+BATCH_SIZE clients. Then an open loop sends requests at half of that capacity, at fixed times
+whatever the answers do (a closed loop sends fewer requests while the service slows down, and so
+hides part of a spike). After a steady phase it runs `run_keras_server.py reload` 10 times one
+after another (versions 2, 3, ...), with a pause after each. For each reload it prints p99 and
+p999 latency of the requests sent from the reload's start until a second after it returned, as
+ratios to the steady phase's, and where in the reload the requests slower than steady p99 were
+sent (by tenths of the reload); then the failed requests, whether each worker's answers switched
+version exactly once, and the peak memory (PSS) of the model processes, steady and while two
+versions are loaded (sampled every second). The record names the CPU it ran on.
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -22,17 +24,17 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import psutil
-import requests
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+import stress_test  # noqa: E402
 from benchmark import (ROOT, machine_info, running_service, service_processes,  # noqa: E402
                        write_json)
 
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"  # Debian's libjemalloc2
 TARGET_RATIO = 1.2
 
 
@@ -48,37 +50,32 @@ def test_image():
     return buffer.getvalue()
 
 
-class ClosedLoop:
-    """`clients` threads, each sending one request, waiting for its answer, pausing `pause_s`."""
+class OpenLoop:
+    """Requests at `rate` per second, each sent at its own time (1 / rate after the one before)
+    from a pool of threads, whatever the answers do, until finish(); stress_test's records, with
+    t_s on time.perf_counter() less `origin`."""
 
-    def __init__(self, url, clients, pause_s, image):
-        self.url, self.pause_s, self.image = url, pause_s, image
-        self.records, self.stop = [], threading.Event()
-        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
-        self.began = time.monotonic()
-        for thread in self.threads:
-            thread.start()
+    def __init__(self, url, rate, image):
+        self.url, self.rate, self.image = url, rate, image
+        self.origin, self.futures, self.stop = time.perf_counter(), [], threading.Event()
+        self.pool = ThreadPoolExecutor(256, thread_name_prefix="client")
+        self.thread = threading.Thread(target=self.send, daemon=True)
+        self.thread.start()
 
-    def client(self):
-        session = requests.Session()
-        while not self.stop.is_set():
-            sent = time.monotonic()
-            try:
-                response = session.post(f"{self.url}/predict", files={"image": self.image},
-                                        timeout=120)
-                record = (sent, time.monotonic() - sent, response.status_code,
-                          response.headers.get("X-Model-Version"),
-                          response.headers.get("X-Model-Worker"))
-            except requests.RequestException as exc:
-                record = (sent, time.monotonic() - sent, type(exc).__name__, None, None)
-            self.records.append(record)
-            self.stop.wait(self.pause_s)
+    def send(self):
+        for number in itertools.count():
+            scheduled = self.origin + number / self.rate
+            if self.stop.wait(max(0.0, scheduled - time.perf_counter())):
+                return
+            self.futures.append(self.pool.submit(stress_test.send_one, f"{self.url}/predict",
+                                                 ("a.jpg", self.image), 120, self.origin,
+                                                 scheduled))
 
     def finish(self):
         self.stop.set()
-        for thread in self.threads:
-            thread.join()
-        return self.records
+        self.thread.join()
+        self.pool.shutdown(wait=True)
+        return sorted((future.result() for future in self.futures), key=lambda r: r["t_s"])
 
 
 class ModelMemory:
@@ -114,11 +111,9 @@ class ModelMemory:
 
 def capacity(url, concurrency, seconds, image):
     """Images per second of a closed loop without pauses (after 3 s unmeasured)."""
-    loop = ClosedLoop(url, concurrency, 0, image)
-    time.sleep(3 + seconds)
-    records = loop.finish()
-    ok = [r for r in records if r[2] == 200 and r[0] - loop.began >= 3]
-    return len(ok) / seconds
+    records = stress_test.run_closed_loop(f"{url}/predict", [("a.jpg", image)], concurrency,
+                                          10**9, 3 + seconds, 120)
+    return sum(r["ok"] and r["t_s"] >= 3 for r in records) / seconds
 
 
 def percentiles(latencies):
@@ -132,9 +127,9 @@ def switches_once_per_reload(records):
     """Every model process (worker id SUPERVISOR/N) answered with one version, and each worker's
     processes, in the order they started, served each version once, in the order asked."""
     versions = {}
-    for _, _, status, version, process in records:
-        if status == 200:
-            versions.setdefault(process, set()).add(version)
+    for record in records:
+        if record["ok"]:
+            versions.setdefault(record["worker"], set()).add(record["version"])
     if any(len(v) != 1 for v in versions.values()):
         return False
     by_worker = {}
@@ -144,81 +139,78 @@ def switches_once_per_reload(records):
                for sequence in by_worker.values())
 
 
-def reload(version, env):
-    started = time.monotonic()
+def slow_by_tenth(records, started, ended, threshold_ms):
+    """How many requests slower than threshold_ms were sent in each tenth of [started, ended]."""
+    tenths = [0] * 10
+    for record in records:
+        if record["latency_ms"] > threshold_ms and started <= record["t_s"] <= ended:
+            tenths[min(9, int(10 * (record["t_s"] - started) / (ended - started)))] += 1
+    return tenths
+
+
+def reload(version, env, origin):
+    """`reload` to ResNet50 version `version`: (start, end, both s since origin, exit status,
+    log)."""
+    started = time.perf_counter()
     done = subprocess.run([sys.executable, "run_keras_server.py", "reload", "--model", "resnet50",
                            "--weights", "none", "--version", str(version)],
                           cwd=ROOT, env=env, capture_output=True, text=True)
-    return started, time.monotonic(), done.returncode, done.stderr[-2000:]
+    return started - origin, time.perf_counter() - origin, done.returncode, done.stderr[-2000:]
 
 
-def run_allocator(allocator, args, workdir, image):
+def measure_reloads(args, workdir, image):
     from run_keras_server import start_private_redis, stop_processes
 
     redis_process, redis_url = start_private_redis(workdir)  # one `reload` can reach too
-    overrides = {"REDIS_URL": redis_url}
-    if allocator == "jemalloc":
-        overrides["LD_PRELOAD"] = JEMALLOC
-    print(f"\n== allocator: {allocator}", flush=True)
-    if args.runtime:
-        overrides["RUNTIME"] = args.runtime
+    overrides = {"REDIS_URL": redis_url, **({"RUNTIME": args.runtime} if args.runtime else {})}
     try:
-        return measure_reloads(allocator, args, workdir, image, overrides)
-    except RuntimeError as exc:  # e.g. a runtime that crashes with this allocator
-        print(f"the service failed with {allocator}: {str(exc)[-600:]}")
-        return {"allocator": allocator, "runtime": args.runtime or "auto",
-                "error": str(exc)[-3000:]}
+        with running_service(overrides, workdir) as (url, heartbeat, pid):
+            memory = ModelMemory(pid)
+            batch_size = int(heartbeat["batch_size"])
+            full = capacity(url, 2 * batch_size, args.capacity_seconds, image)
+            loop = OpenLoop(url, full / 2, image)
+            print(f"capacity {full:.1f} img/s at batch size {batch_size}; open loop at "
+                  f"{full / 2:.1f} requests/s", flush=True)
+            time.sleep(2)  # (unmeasured: the loop's threads and connections start)
+            steady_from, memory.phase = time.perf_counter() - loop.origin, "steady"
+            time.sleep(args.steady_seconds)
+            steady_to, memory.phase = time.perf_counter() - loop.origin, "reloads"
+            env = {**os.environ, "REDIS_URL": redis_url}
+            windows = []
+            for number in range(args.reloads):
+                started, ended, status, log = reload(number + 2, env, loop.origin)
+                windows.append({"version": number + 2, "started": started, "ended": ended,
+                                "status": status, "log": log if status else ""})
+                print(f"reload to version {number + 2}: exit {status} after "
+                      f"{ended - started:.1f} s", flush=True)
+                time.sleep(args.pause_seconds)
+            records = loop.finish()
+            peaks = memory.finish()
     finally:
         stop_processes([redis_process])
-
-
-def measure_reloads(allocator, args, workdir, image, overrides):
-    with running_service(overrides, workdir) as (url, heartbeat, pid):
-        memory = ModelMemory(pid)
-        batch_size = int(heartbeat["batch_size"])
-        full = capacity(url, 2 * batch_size, args.capacity_seconds, image)
-        forward_s = float(heartbeat.get("batch_s") or 0)
-        # CLIENTS clients at half of the capacity: each sends every CLIENTS / (capacity / 2) s.
-        cycle_s = args.clients / (full / 2)
-        loop = ClosedLoop(url, args.clients, 0, image)
-        time.sleep(2)
-        latency_s = float(np.median([r[1] for r in loop.records if r[2] == 200] or [0.1]))
-        loop.pause_s = max(0.0, cycle_s - latency_s)
-        print(f"capacity {full:.1f} img/s at batch size {batch_size}; {args.clients} clients "
-              f"pausing {loop.pause_s * 1000:.0f} ms (about {full / 2:.1f} req/s)", flush=True)
-        steady_from, memory.phase = time.monotonic(), "steady"
-        time.sleep(args.steady_seconds)
-        steady_to, memory.phase = time.monotonic(), "reloads"
-        env = {**os.environ, "REDIS_URL": overrides["REDIS_URL"]}
-        windows = []
-        for number in range(args.reloads):
-            started, ended, status, log = reload(number + 2, env)
-            windows.append({"version": number + 2, "started": started, "ended": ended,
-                            "status": status, "log": log if status else ""})
-            print(f"reload to version {number + 2}: exit {status} after {ended - started:.1f} s",
-                  flush=True)
-            time.sleep(args.pause_seconds)
-        records = loop.finish()
-        peaks = memory.finish()
-    raw = Path(workdir) / f"requests-{allocator}.json"
+    raw = Path(workdir) / "requests.json"
     raw.write_text(json.dumps({"records": records, "steady": [steady_from, steady_to],
                                "reloads": windows}))
-    steady = [r[1] for r in records if steady_from <= r[0] < steady_to and r[2] == 200]
-    result = {"allocator": allocator, "runtime": heartbeat.get("runtime"),
-              "batch_size": batch_size, "capacity_img_per_s": full,
-              "forward_s_at_start": forward_s, "clients": args.clients,
-              "pause_ms": loop.pause_s * 1000, "steady": percentiles(steady),
+    measured = [r for r in records if r["t_s"] >= steady_from]
+    steady = [r["latency_ms"] / 1000 for r in measured if r["t_s"] < steady_to and r["ok"]]
+    result = {"runtime": heartbeat.get("runtime"), "batch_size": batch_size,
+              "capacity_img_per_s": full, "rate_per_s": full / 2,
+              "forward_s_at_start": float(heartbeat.get("batch_s") or 0),
+              "steady": percentiles(steady),
               "model_pss_mb": {"steady": peaks.get("steady"), "reloads": peaks.get("reloads")},
-              "failed": sum(r[2] != 200 for r in records if r[0] >= steady_from),
-              "switches_once_per_reload": switches_once_per_reload(
-                  [r for r in records if r[0] >= steady_from]),
+              "failed": sum(not r["ok"] for r in measured),
+              "failures": sorted({r["error"] for r in measured if not r["ok"]})[:10],
+              "switches_once_per_reload": switches_once_per_reload(measured),
               "reloads": []}
     for window in windows:
-        inside = [r for r in records
-                  if window["started"] <= r[0] <= window["ended"] + 1 and r[2] == 200]
-        figures = percentiles([r[1] for r in inside]) if inside else {}
+        inside = [r for r in measured if window["started"] <= r["t_s"] <= window["ended"] + 1]
+        figures = percentiles([r["latency_ms"] / 1000 for r in inside if r["ok"]]) \
+            if inside else {}
         figures.update(version=window["version"], exit_status=window["status"],
-                       seconds=window["ended"] - window["started"], log=window["log"])
+                       seconds=window["ended"] - window["started"], log=window["log"],
+                       failed=sum(not r["ok"] for r in inside),
+                       slow_by_tenth=slow_by_tenth(inside, window["started"], window["ended"] + 1,
+                                                   result["steady"]["p99_ms"]))
         if inside:
             figures["p99_ratio"] = figures["p99_ms"] / result["steady"]["p99_ms"]
             figures["p999_ratio"] = figures["p999_ms"] / result["steady"]["p999_ms"]
@@ -227,19 +219,19 @@ def measure_reloads(allocator, args, workdir, image, overrides):
 
 
 def print_table(result):
-    if "error" in result:
-        return
     steady = result["steady"]
-    print(f"\n{result['allocator']}, {result['runtime']}: steady p50 {steady['p50_ms']:.0f} ms, "
-          f"p99 "
-          f"{steady['p99_ms']:.0f} ms, p999 {steady['p999_ms']:.0f} ms "
-          f"({steady['requests']} requests); failed {result['failed']}; each worker switched "
-          f"once per reload: {result['switches_once_per_reload']}")
-    print("reload  exit  seconds  requests  p99 ms  p999 ms  p99/steady  p999/steady")
+    print(f"\n{result['runtime']}, {result['rate_per_s']:.1f} requests/s: steady p50 "
+          f"{steady['p50_ms']:.0f} ms, p99 {steady['p99_ms']:.0f} ms, p999 "
+          f"{steady['p999_ms']:.0f} ms ({steady['requests']} requests); failed "
+          f"{result['failed']}; each worker switched once per reload: "
+          f"{result['switches_once_per_reload']}")
+    print("reload  exit  seconds  requests  p99 ms  p999 ms  p99/steady  p999/steady  "
+          "slower than steady p99, by tenth of the reload")
     for r in result["reloads"]:
         print(f"{r['version']:6d}  {r['exit_status']:4d}  {r['seconds']:7.1f}  "
               f"{r.get('requests', 0):8d}  {r.get('p99_ms', 0):6.0f}  {r.get('p999_ms', 0):7.0f}"
-              f"  {r.get('p99_ratio', 0):10.2f}  {r.get('p999_ratio', 0):11.2f}")
+              f"  {r.get('p99_ratio', 0):10.2f}  {r.get('p999_ratio', 0):11.2f}  "
+              f"{' '.join(map(str, r['slow_by_tenth']))}")
     memory = result["model_pss_mb"]
     print(f"model processes' memory (PSS), peak: {memory['steady']} MB steady, "
           f"{memory['reloads']} MB during the reloads")
@@ -250,25 +242,21 @@ def print_table(result):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reloads", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--steady-seconds", type=float, default=60)
     parser.add_argument("--pause-seconds", type=float, default=5,
                         help="steady time after each reload (5)")
     parser.add_argument("--capacity-seconds", type=float, default=15)
-    parser.add_argument("--allocators", default="default,jemalloc")
     parser.add_argument("--runtime", help="RUNTIME of the service (its default: auto)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / (
         f"{time.strftime('%Y-%m-%d')}-{os.uname().nodename}-reload.json")))
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="reload-bench-")
-    image = test_image()
     record = {**machine_info(), "command": " ".join(sys.argv), "target_ratio": TARGET_RATIO,
-              "runs": []}
-    for allocator in args.allocators.split(","):
-        record["runs"].append(run_allocator(allocator, args, workdir, image))
-        print_table(record["runs"][-1])
-        write_json(args.out, record)
-    print(f"service logs: {workdir}")
+              "load": "open loop at half of the capacity measured first"}
+    record["run"] = measure_reloads(args, workdir, test_image())
+    print_table(record["run"])
+    write_json(args.out, record)
+    print(f"service logs and every request's record: {workdir}")
     return 0
 
 
