@@ -129,6 +129,10 @@ class ModelProcess:
         self.process = subprocess.Popen(
             [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
+        if order["low_priority"] and can_leave_idle(order["niceness"]):
+            # From its first import on (Python and the web modules alone hold a CPU for about a
+            # second): still one thread, whose later threads inherit it.
+            os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
         theirs.close()
         self.channel = Channel(ours)
         self.spec, self.rollout = spec, rollout
@@ -473,6 +477,17 @@ def lower_priority(niceness):
     Returning needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 - niceness: a probe thread tries
     both steps first, so that a process never stays at the lowest priority for good.
     """
+    if not can_leave_idle(niceness):
+        log.warning("this version loads at normal CPU priority and may slow the requests being "
+                    "served meanwhile: returning from the lowest priority needs CAP_SYS_NICE or an "
+                    "RLIMIT_NICE of %d (ulimit -e; compose: ulimits nice)", 20 - niceness)
+        return False
+    idle_every_thread()
+    return True
+
+
+def can_leave_idle(niceness):
+    """Whether a process can go to SCHED_IDLE and return to `niceness`: a probe thread tries."""
     returned = []
 
     def probe():
@@ -486,13 +501,7 @@ def lower_priority(niceness):
     thread = threading.Thread(target=probe)
     thread.start()
     thread.join()
-    if not returned:
-        log.warning("this version loads at normal CPU priority and may slow the requests being "
-                    "served meanwhile: returning from the lowest priority needs CAP_SYS_NICE or an "
-                    "RLIMIT_NICE of %d (ulimit -e; compose: ulimits nice)", 20 - niceness)
-        return False
-    idle_every_thread()
-    return True
+    return bool(returned)
 
 
 def idle_every_thread():
