@@ -88,7 +88,7 @@ def check_files(spec):
                                  "`reload` may only name files there")
 
 
-def load_model(spec, runtime=None, precision=None):
+def load_model(spec):
     """Load the classifier a model spec describes, once check_files passes it (raises
     classifier.ModelLoadError)."""
     from classifier import load_classifier
@@ -97,9 +97,8 @@ def load_model(spec, runtime=None, precision=None):
     # (A spec recorded by a version before precisions takes the worker's own settings.)
     return load_classifier(spec["model"], spec["weights"], spec["labels"], spec["preprocess"],
                            settings.MODEL_SEED, settings.MODEL_THREADS, spec["version"],
-                           runtime or settings.RUNTIME, settings.OPENVINO_CACHE_DIR,
-                           settings.BATCHES_IN_FLIGHT,
-                           precision or spec.get("precision") or settings.PRECISION,
+                           settings.RUNTIME, settings.OPENVINO_CACHE_DIR,
+                           settings.BATCHES_IN_FLIGHT, spec.get("precision") or settings.PRECISION,
                            spec.get("calibration_images", settings.CALIBRATION_IMAGES))
 
 
@@ -130,8 +129,8 @@ class ModelProcess:
             [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
         if order["low_priority"] and can_leave_idle(order["niceness"]):
-            # From its first import on (Python and the web modules alone hold a CPU for about a
-            # second): still one thread, whose later threads inherit it.
+            # From its first import on, not only once it has its order: it has one thread yet,
+            # and the threads it starts inherit the policy.
             os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
         theirs.close()
         self.channel = Channel(ours)

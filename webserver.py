@@ -115,21 +115,11 @@ class StampingGeventWorker(GeventWorker):
         app = self.wsgi
 
         def stamped(environ, start_response):
-            arrived = environ[ARRIVED_AT] = getattr(gevent.getcurrent(), "arrived_at", None)
-            environ["wsgi.input"] = PacedBody(environ["wsgi.input"], arrived or time.time(),
-                                              body_deadline(environ))
+            environ[ARRIVED_AT] = getattr(gevent.getcurrent(), "arrived_at", None)
+            environ["wsgi.input"] = PacedBody(environ["wsgi.input"], environ)
             return app(environ, start_response)
 
         self.wsgi = stamped
-
-
-def body_deadline(environ):
-    """The request's deadline, by which its body must have come; REQUEST_TIMEOUT_S after it
-    arrived where its X-Request-Timeout-S is unreadable (the application refuses it with 400)."""
-    try:
-        return request_deadline(environ)
-    except ServiceError:
-        return (environ.get(ARRIVED_AT) or time.time()) + settings.REQUEST_TIMEOUT_S
 
 
 class SlowUpload(ServiceError):
@@ -153,11 +143,18 @@ class PacedBody:
 
     FIRST_PIECE = 4096
 
-    def __init__(self, stream, arrived, deadline):
-        self.stream, self.arrived, self.deadline, self.received = stream, arrived, deadline, 0
+    def __init__(self, stream, environ):
+        self.stream, self.environ, self.received = stream, environ, 0
+        self.arrived = environ.get(ARRIVED_AT) or time.time()
+        self.deadline = None  # the request's, once its body is read (a GET's never is)
 
     def due(self, size):
         """When `size` more bytes must have arrived (time.time())."""
+        if self.deadline is None:
+            try:
+                self.deadline = request_deadline(self.environ)
+            except ServiceError:  # an unreadable X-Request-Timeout-S: the application says 400
+                self.deadline = self.arrived + settings.REQUEST_TIMEOUT_S
         paced = self.arrived + settings.UPLOAD_TIMEOUT_S + (
             self.received + size) / settings.MIN_UPLOAD_BYTES_PER_S
         return min(self.deadline, paced)
