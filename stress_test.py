@@ -126,8 +126,11 @@ def read_answer(status, answer):
     return False, str(body.get("error") or f"HTTP {status}")
 
 
-def run_open_loop(url, images, count, rate, duration_s, timeout_s, on_done=lambda r: None):
-    """Start `count` requests at `rate` per second (or until `duration_s`), whatever comes back."""
+def run_open_loop(url, images, count, rate, duration_s, timeout_s, on_done=lambda r: None,
+                  stop=None):
+    """Start `count` requests at `rate` per second (or until `duration_s`, or until the event
+    `stop` is set), whatever comes back."""
+    stop = stop or threading.Event()
     origin = time.perf_counter()
     pool = ThreadPoolExecutor(min(count, MAX_THREADS), thread_name_prefix="client")
     started = []
@@ -136,7 +139,8 @@ def run_open_loop(url, images, count, rate, duration_s, timeout_s, on_done=lambd
             scheduled = origin + i / rate
             if duration_s is not None and scheduled - origin >= duration_s:
                 break
-            time.sleep(max(0.0, scheduled - time.perf_counter()))
+            if stop.wait(max(0.0, scheduled - time.perf_counter())):
+                break
             future = pool.submit(send_one, url, images[i % len(images)], timeout_s, origin,
                                  scheduled)
             future.add_done_callback(lambda f: on_done(f.result()))

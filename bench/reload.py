@@ -16,7 +16,6 @@ version exactly once, and the peak memory (PSS) of the model processes, steady a
 versions are loaded (sampled every second). The record names the CPU it ran on.
 """
 import argparse
-import itertools
 import json
 import os
 import subprocess
@@ -24,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,31 +49,21 @@ def test_image():
 
 
 class OpenLoop:
-    """Requests at `rate` per second, each sent at its own time (1 / rate after the one before)
-    from a pool of threads, whatever the answers do, until finish(); stress_test's records, with
-    t_s on time.perf_counter() less `origin`."""
+    """stress_test's open loop at `rate` requests per second, in a thread, until finish(); its
+    records' t_s count from `origin` (time.perf_counter(), taken as the loop starts)."""
 
     def __init__(self, url, rate, image):
-        self.url, self.rate, self.image = url, rate, image
-        self.origin, self.futures, self.stop = time.perf_counter(), [], threading.Event()
-        self.pool = ThreadPoolExecutor(256, thread_name_prefix="client")
-        self.thread = threading.Thread(target=self.send, daemon=True)
+        self.stop, self.records = threading.Event(), []
+        self.thread = threading.Thread(target=lambda: self.records.extend(
+            stress_test.run_open_loop(f"{url}/predict", [("a.jpg", image)], 10**9, rate, None,
+                                      120, stop=self.stop)), daemon=True)
+        self.origin = time.perf_counter()
         self.thread.start()
-
-    def send(self):
-        for number in itertools.count():
-            scheduled = self.origin + number / self.rate
-            if self.stop.wait(max(0.0, scheduled - time.perf_counter())):
-                return
-            self.futures.append(self.pool.submit(stress_test.send_one, f"{self.url}/predict",
-                                                 ("a.jpg", self.image), 120, self.origin,
-                                                 scheduled))
 
     def finish(self):
         self.stop.set()
         self.thread.join()
-        self.pool.shutdown(wait=True)
-        return sorted((future.result() for future in self.futures), key=lambda r: r["t_s"])
+        return self.records
 
 
 class ModelMemory:
