@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import socket
+import statistics
 import struct
 import threading
 import time
@@ -34,13 +35,14 @@ OVERLOAD_S = 30
 def answered_per_s(records, start_s, end_s):
     """Answers per second between start_s and end_s of the run, batch by batch: the images of the
     whole batches answered after the first whole one, over the time from its answer to the last's.
-    A count over a fixed window would be off by up to a batch (here some 20 images a second)."""
+    A count over a fixed window would be off by up to a batch."""
     done = sorted(r["t_s"] + r["latency_ms"] / 1000 for r in records if r["ok"])
     done = [t for t in done if start_s <= t <= end_s]
-    # One batch at a time, about a second each: a batch's answers arrive within milliseconds of
-    # each other, and a gap of over 0.2 s starts the next batch's. The window cuts the first and
-    # the last batch, so only the batches between the first and the last start are whole.
-    starts = [i for i in range(1, len(done)) if done[i] - done[i - 1] > 0.2]
+    # One batch at a time: a batch's answers arrive within milliseconds of each other, a forward
+    # pass after the batch before's, so a gap of over half the median pass starts the next
+    # batch's. The window cuts the first and the last batch: only those between are whole.
+    gap_s = statistics.median(r["inference_ms"] for r in records if r["ok"]) / 2000
+    starts = [i for i in range(1, len(done)) if done[i] - done[i - 1] > gap_s]
     assert len(starts) >= 5, done
     return (starts[-1] - starts[1]) / (done[starts[-2]] - done[starts[0]])
 
