@@ -613,10 +613,19 @@ def roll_out(store, keys, spec, timeout_s, rollback=False):
     served = {beat.get("spec") for beat in jobqueue.live_workers(store, keys)}
     if len(served) == 1 and None not in served:
         jobqueue.accept_first_model(store, keys, json.loads(served.pop()))
-    rollout = jobqueue.propose_model(store, keys, spec)
-    log.info("rollout %d: asked every worker on %s to serve version %s", rollout,
-             settings.IMAGE_QUEUE, spec["version"])
+    # Ctrl-C or SIGTERM waits until the proposal is made and can be taken back: arriving while
+    # Redis answered the proposal, it would leave it proposed.
+    interrupts = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, interrupts)
     try:
+        rollout = jobqueue.propose_model(store, keys, spec)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, interrupts)
+        log.info("rollout %d: asked every worker on %s to serve version %s", rollout,
+                 settings.IMAGE_QUEUE, spec["version"])
         failure = wait_for_rollout(store, keys, rollout, spec, time.monotonic() + timeout_s)
     except BaseException:  # Ctrl-C, SIGTERM, Redis gone: no proposal is left open
         try:
