@@ -26,8 +26,8 @@ RUN if [ "$GPU" = "1" ]; then \
     fi
 
 COPY *.py ./
+COPY serving/ serving/
 COPY data/ data/
-COPY static/ static/
 
 # Not root. Keras caches downloaded ImageNet weights in ~/.keras; compose mounts a volume there so
 # each model container downloads them once.

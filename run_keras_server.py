@@ -1,7 +1,7 @@
 """Entry points of the service: the Flask web tier, the model worker, and both at once.
 
     python run_keras_server.py          # private Redis + one model worker + the web server
-    python run_keras_server.py web      # the web tier alone (gunicorn, 'run_keras_server:create_app()')
+    python run_keras_server.py web      # the web tier alone (gunicorn, serving.web.app:create_app)
     python run_keras_server.py model    # one model worker; start several on one queue to scale
     python run_keras_server.py reload --model PATH --version V   # switch workers, no downtime
     python run_keras_server.py reload --rollback                   # back to the version before
@@ -15,12 +15,11 @@ import os
 import sys
 
 # `reload` runs beside serving workers: it takes the lowest CPU priority before its imports, which
-# alone hold a CPU for half a second (see rollout.run_reload).
+# alone hold a CPU for half a second (see serving.rollout.reload.run_reload).
 if __name__ == "__main__" and sys.argv[1:2] == ["reload"]:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 import argparse
-import json
 import logging
 import signal
 import socket
@@ -29,166 +28,29 @@ import tempfile
 import time
 
 import redis
-from flask import Flask, Response, g, jsonify, request, send_from_directory
-from prometheus_client import CONTENT_TYPE_LATEST
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-import api_docs
-import inference_protocol
-import jobqueue
-import metrics
 import settings
-from api_docs import documented
-from helpers import Keys, MemoryBudget, ServiceError
-from inference import WorkerView, find_warm, fresh_heartbeats, input_shape_of
-from jobqueue import REDIS_ERRORS, connect_redis
-from predict import PredictEndpoint
-from rollout import run_model_process, run_reload, run_supervisor
+from serving import metrics
+from serving.rollout.model_process import run_model_process
+from serving.rollout.reload import run_reload
+from serving.rollout.supervisor import run_supervisor
+from serving.wire.connection import check_login
 
 log = logging.getLogger("keras_server")
 HERE = os.path.dirname(os.path.abspath(__file__))
-PAGE_FOLDER = os.path.join(HERE, "static")  # the page at / and its assets, served offline
 
 
 # --- Web tier -------------------------------------------------------------------------------
 
-def create_app(redis_client=None):
-    """The Flask app: POST /predict, the page at /, health, /model, /metrics, the API's
-    document and docs, the Open Inference Protocol under /v2; errors as JSON. Only the web tier
-    makes one (gunicorn calls this factory in each of its processes): no other command connects
-    the web tier's Redis client or builds its routes."""
-    app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
-    store = redis_client or connect_redis()
-    keys = Keys(settings.IMAGE_QUEUE)
-    workers = WorkerView(store, keys)
-    budget = MemoryBudget(settings.DECODE_BUDGET_BYTES)  # for parsing /v2 bodies
-
-    endpoint = app.wsgi_app = PredictEndpoint(app.wsgi_app, store, keys, workers)
-
-    @app.post("/predict")
-    @documented(**api_docs.PREDICT)
-    def predict():
-        """Classify one image, or several (repeat the field `image`), each a job of its own.
-
-        The image comes as the multipart/form-data field `image` (the classic tutorial's form),
-        or as the body itself (Content-Type image/...). One image gets the classic tutorial's
-        answer; several get one result each, in order, with its own error if it alone failed. The
-        images of a request are enqueued all or none.
-        """
-        # PredictEndpoint answers POST /predict in front of Flask (this view is reached only
-        # without it); the route documents it, and answers 405 to other methods.
-        status, headers, body = endpoint.answer(request.environ)
-        return Response(body, status, headers)
-
-    @app.get("/")
-    @documented(**api_docs.PAGE)
-    def page():
-        """A page to try the model in a browser: drop, pick or paste images."""
-        return send_from_directory(PAGE_FOLDER, "index.html")
-
-    @app.get("/assets/<path:filename>")
-    @documented(**api_docs.PAGE)
-    def asset(filename):
-        """The page's script and style sheet."""
-        return send_from_directory(PAGE_FOLDER, filename)
-
-    @app.get("/healthz")
-    @documented(**api_docs.HEALTH)
-    def healthz():
-        """The web instance answers (liveness)."""
-        return jsonify(success=True, instance=settings.INSTANCE_NAME, pid=os.getpid())
-
-    @app.get("/readyz")
-    @documented(**api_docs.READY)
-    def readyz():
-        """Some model worker is warm (readiness), with every live worker's heartbeat."""
-        beats = fresh_heartbeats(store, keys)
-        if not any(beat.get("warm") == "1" for beat in beats):
-            reason = ("model workers are still warming up" if beats
-                      else "no model worker has sent a heartbeat recently")
-            return jsonify(success=False, error=reason, workers=beats), 503
-        return jsonify(success=True, workers=beats)
-
-    @app.get("/model")
-    @documented(**api_docs.MODEL)
-    def model():
-        """The model the warm workers serve, and the versions served now."""
-        warm = find_warm(fresh_heartbeats(store, keys))
-        return jsonify(success=True, model=describe_model(warm[-1]),
-                       versions=sorted({beat["version"] for beat in warm}))
-
-    @app.get("/metrics")
-    @documented(**api_docs.METRICS)
-    def prometheus_metrics():
-        """Prometheus metrics of every process of this web instance, and the queue's."""
-        return Response(metrics.web_metrics(store, keys), mimetype=CONTENT_TYPE_LATEST)
-
-    api_docs.register(app)
-    inference_protocol.add_routes(app, store, keys, workers, budget)
-
-    @app.before_request
-    def start_clock():
-        g.started = time.perf_counter()
-
-    @app.errorhandler(ServiceError)
-    def service_error(exc):
-        return error_answer(exc.message, exc.status, exc.headers, exc.body)
-
-    def redis_error(exc):
-        # Unreachable, out of memory, read-only after a failover, an ACL denial, a cluster
-        # re-sharding: all are 503.
-        log.warning("Redis failed on %s %s: %s", request.method, request.path, exc)
-        return error_answer(f"the job queue (Redis) failed: {exc}", 503, {"Retry-After": "1"})
-
-    for kind in REDIS_ERRORS:
-        app.register_error_handler(kind, redis_error)
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc):
-        if isinstance(exc, RequestEntityTooLarge) and (
-                (request.content_length or 0) > settings.MAX_UPLOAD_BYTES):
-            return error_answer(f"the upload is larger than the {settings.MAX_UPLOAD_BYTES} "
-                                "bytes allowed", 413)
-        return error_answer(exc.description, exc.code)
-
-    @app.errorhandler(Exception)
-    def unexpected_error(exc):
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_answer("internal server error", 500)
-
-    @app.after_request
-    def name_instance_and_count(response):
-        response.headers["X-Served-By"] = settings.INSTANCE_NAME
-        if request.endpoint == "infer":  # (PredictEndpoint counts /predict's)
-            metrics.REQUESTS.labels(str(response.status_code)).inc()
-            metrics.REQUEST_SECONDS.observe(time.perf_counter() - g.started)
-        return response
-
-    return app
 
 
-def error_answer(message, status, headers=None, body=None):
-    """An error in the shape of the route's protocol: the tutorial's, or under /v2 the Open
-    Inference Protocol's."""
-    if request.path == "/v2" or request.path.startswith("/v2/"):
-        return jsonify(error=message), status, headers or {}
-    return jsonify(success=False, error=message, **(body or {})), status, headers or {}
 
 
-def describe_model(beat):
-    """GET /model's description of the model one worker serves, from its heartbeat."""
-    return {"name": beat["model"], "version": beat["version"], "weights": beat["weights"],
-            "input_shape": list(input_shape_of(beat)),
-            "labels": int(beat["labels"]), "preprocess": beat["preprocess"],
-            "batch_size": beat["batch_size"], "device": beat["device"],
-            "runtime": beat.get("runtime", "keras"), "precision": beat.get("precision", "fp32"),
-            "precision_check": json.loads(beat.get("precision_check", "null"))}
 
 
 def run_model_worker(args=None):
     """The `model` command: a supervisor that serves the wanted model from a child process and
-    rolls out reloads (see rollout.py); exits 2 if no model loads."""
+    rolls out reloads (see serving/rollout/); exits 2 if no model loads."""
     if settings.WORKER_METRICS_PORT:
         metrics.serve_model_metrics(settings.WORKER_METRICS_PORT)
     return run_supervisor()
@@ -197,12 +59,12 @@ def run_model_worker(args=None):
 # --- Running the processes ------------------------------------------------------------------
 
 def run_web(args=None):
-    """The `web` command: this app under gunicorn with the project's gunicorn.conf.py (once Redis
+    """The `web` command: this app under gunicorn with serving/web/gunicorn.conf.py (once Redis
     has taken this tier's login, or does not answer yet: the web tier answers 503 until it does)."""
-    jobqueue.check_login(patience_s=5)
+    check_login(patience_s=5)
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--chdir", HERE,
-                              "-c", os.path.join(HERE, "gunicorn.conf.py"),
-                              "run_keras_server:create_app()"])
+                              "-c", os.path.join(HERE, "serving", "web", "gunicorn.conf.py"),
+                              "serving.web.app:create_app()"])
 
 
 def start_private_redis(workdir):

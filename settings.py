@@ -8,7 +8,8 @@ import os
 
 from PIL import Image
 
-from helpers import cluster_address, header_value_problem, sentinel_address
+from serving.text import header_value_problem
+from serving.wire.urls import cluster_address, sentinel_address
 
 
 class SettingsError(ValueError):
@@ -49,7 +50,7 @@ def env_float(name, default, minimum=None, maximum=None):
 
 
 def env_header_value(name, default):
-    """A value the service sends in an HTTP header (see helpers.header_value_problem)."""
+    """A value the service sends in an HTTP header (see serving.text.header_value_problem)."""
     value = _raw(name, default)
     problem = header_value_problem(value)
     if problem:
@@ -266,7 +267,7 @@ if HEARTBEAT_TTL_S <= HEARTBEAT_INTERVAL_S:
 
 
 def check_web_tier():
-    """What only the web tier checks at start (gunicorn.conf.py), so that model workers sharing
+    """What only the web tier checks at start (its gunicorn.conf.py), so that model workers sharing
     its settings (one ConfigMap) are not stopped by a web knob."""
     if WEB_CONNECTIONS * WEB_WORKERS <= MAX_QUEUE_LENGTH:
         # Otherwise requests would wait unseen in the kernel's backlog before the queue bound

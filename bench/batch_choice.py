@@ -42,7 +42,7 @@ def time_every_size(runtime, largest, rounds):
     import numpy as np
 
     import settings
-    from classifier import load_classifier
+    from serving.model.loader import load_classifier
 
     classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,
                                  runtime=runtime, cache_dir=settings.OPENVINO_CACHE_DIR)

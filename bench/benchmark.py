@@ -82,7 +82,7 @@ def serve_bare_model(conn, runtime, cores=None):
     import numpy as np
 
     import settings
-    from classifier import load_classifier
+    from serving.model.loader import load_classifier
 
     # The same loader and thread setting as the model worker, so threads and memory match.
     classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,
@@ -210,7 +210,7 @@ def web_connections(root_pid, url):
 def move_all_but_the_model(root_pid, cores):
     """Every thread of the service's processes but the model's onto `cores` (threads they start
     later inherit it)."""
-    from rollout import for_every_thread  # (imports settings: not before main() sets its knobs)
+    from serving.rollout.priority import for_every_thread
 
     for process, role in service_processes(root_pid):
         if role != "model":

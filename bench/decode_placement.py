@@ -33,11 +33,13 @@ SIZE, BATCH = (224, 224), 16
 
 def web_side(url, queue, place, image, count, start, spent):
     """Queue `count` jobs of one image as the web tier would with decoding at `place`."""
-    import jobqueue
-    from helpers import Keys, prepare_image
-    from inference import check_upload
+    from serving.images import prepare_image
+    from serving.web.submit import check_upload
+    from serving.wire import job_format, jobqueue
+    from serving.wire.connection import connect_redis
+    from serving.wire.keys import Keys
 
-    store, keys = jobqueue.connect_redis(url), Keys(queue)
+    store, keys = connect_redis(url), Keys(queue)
     store.ping()
     start.wait()
     began = time.process_time()
@@ -45,21 +47,23 @@ def web_side(url, queue, place, image, count, start, spent):
         deadline = time.time() + 60
         if place == "web tier":
             pixels = prepare_image(image, SIZE)
-            job = jobqueue.new_job(pixels, deadline, 5, pixels.shape)
+            job = job_format.new_job(pixels, deadline, 5, pixels.shape)
         else:
             check_upload(image)
-            job = jobqueue.new_job(image, deadline, 5)
+            job = job_format.new_job(image, deadline, 5)
         jobqueue.enqueue_jobs(store, keys, [job], 10**9, 2**40)
     spent.put(("web", time.process_time() - began))
 
 
 def model_side(url, queue, count, start, spent):
     """Claim the jobs in batches and put each image into a batch buffer (decoding uploads)."""
-    import jobqueue
-    from helpers import Keys
-    from worker import ImageReader, parse_jobs
+    from serving.model.reader import ImageReader
+    from serving.model.worker import parse_jobs
+    from serving.wire import jobqueue
+    from serving.wire.connection import connect_redis
+    from serving.wire.keys import Keys
 
-    store, keys = jobqueue.connect_redis(url), Keys(queue)
+    store, keys = connect_redis(url), Keys(queue)
     reader = ImageReader((SIZE[1], SIZE[0], 3), 1, 2**30)
     store.ping()
     start.wait()

@@ -61,9 +61,9 @@ def litserve_python():
 
 def openvino_model(cache_dir):
     """The OpenVINO IR of ResNet50 (seeded), converted by the service's own code into its cache."""
-    script = ("import classifier, sys; c = classifier.load_classifier('resnet50', 'none', "
+    script = ("import sys; from serving.model.loader import load_classifier; from serving.model.openvino_runtime import cache_key; c = load_classifier('resnet50', 'none', "
               f"seed={MODEL_SEED}, runtime='openvino', cache_dir=sys.argv[1]); "
-              f"print(classifier.cache_key('resnet50', 'none', {MODEL_SEED}, '1'))")
+              f"print(cache_key('resnet50', 'none', {MODEL_SEED}, '1'))")
     key = subprocess.run([sys.executable, "-c", script, cache_dir], cwd=ROOT, check=True,
                          capture_output=True, text=True).stdout.split()[-1]
     return str(Path(cache_dir) / f"{key}.xml")

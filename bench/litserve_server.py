@@ -1,6 +1,6 @@
 """LitServe serving this service's model, for bench/litserve_compare.py: the same OpenVINO IR with
 the same preprocessing inside (OpenVINO's PrePostProcessor), the same precision, the same decoding
-of uploads (helpers.prepare_image), the same answer. It runs in LitServe's own virtual environment
+of uploads (serving.images.prepare_image), the same answer. It runs in LitServe's own virtual environment
 (bench/.litserve-venv), which litserve_compare.py makes.
 
     .litserve-venv/bin/python bench/litserve_server.py --port 8000 --xml MODEL.xml --precision f32
@@ -13,8 +13,9 @@ import litserve
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from classifier import load_labels, with_openvino_preprocessing  # noqa: E402
-from helpers import prepare_image  # noqa: E402
+from serving.model.classifier import load_labels
+from serving.model.openvino_runtime import with_openvino_preprocessing
+from serving.images import prepare_image
 
 
 class ClassifierAPI(litserve.LitAPI):

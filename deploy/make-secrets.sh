@@ -1,5 +1,5 @@
 #!/bin/sh
-# Redis' passwords, one per ACL user (jobqueue.REDIS_USERS and admin), each 32 random bytes in
+# Redis' passwords, one per ACL user (serving.wire.connection.REDIS_USERS and admin), each 32 random bytes in
 # hex: into .env for docker compose, and into deploy/k8s/base/redis-passwords.env for the
 # Kubernetes base's Secret. A password already there is kept; neither file is committed.
 set -eu

@@ -23,8 +23,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import jobqueue  # noqa: E402
-from helpers import Keys, prepare_image  # noqa: E402
+from serving.images import prepare_image  # noqa: E402
+from serving.wire import jobqueue  # noqa: E402
+from serving.wire.connection import connect_redis  # noqa: E402
+from serving.wire.keys import Keys  # noqa: E402
 
 QUEUE = "test_queue"
 STARTUP_TIMEOUT_S = 120  # a worker imports TensorFlow and warms up on 2 busy cores
@@ -98,7 +100,7 @@ def redis_client(redis_server):
 def store(redis_server, redis_client):
     """A client of the test Redis as the service makes them (bytes in and out, no retries), on the
     database redis_client has flushed."""
-    return jobqueue.connect_redis(redis_server["url"])
+    return connect_redis(redis_server["url"])
 
 
 @pytest.fixture
@@ -227,7 +229,7 @@ class Processes:
         return process
 
     def wait_warm(self, process):
-        store = jobqueue.connect_redis(self.redis_url)  # any REDIS_URL: Sentinel, Cluster too
+        store = connect_redis(self.redis_url)  # any REDIS_URL: Sentinel, Cluster too
         queue = Keys(process.queue)
 
         def warm():

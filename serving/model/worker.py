@@ -1,0 +1,391 @@
+"""The model worker: claims batches from the queue, one forward pass per batch, answers every job.
+
+- `process_batch`: a claimed batch in, every job's answer out. Pure: no Redis, no clock of its own.
+- `ModelWorker`: the lanes that claim a batch, process it and store the results, until SIGTERM.
+Its parts live beside it: heartbeat.py (alive, and how it does), reader.py (uploads into the batch
+buffer), meters.py (drain and arrival rates for the fill window), loader_pause.py. Loading a model
+is loader.py's, choosing the batch size batch_size.py's; switching between model versions is
+serving.rollout's (each version runs in a process of its own)."""
+import json
+import logging
+import os
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+import settings
+from serving import metrics
+from serving.model.heartbeat import Heartbeat
+from serving.model.loader_pause import LoaderPause
+from serving.model.meters import ArrivalRate, Backoff, DrainMeter
+from serving.model.reader import ImageReader
+from serving.text import model_name
+from serving.wire import job_format, jobqueue
+from serving.wire.connection import CLOCK, REDIS_ERRORS
+from serving.wire.job_format import encode_array
+from serving.wire.keys import Keys
+
+log = logging.getLogger("keras_server.worker")
+
+
+class BatchOutcome(NamedTuple):
+    results: dict  # job id -> result record (predictions, or an error and its status)
+    expired: list  # ids of jobs dropped unanswered: their deadline passes before the pass ends
+    failed: int  # jobs answered with an error by a failed forward pass
+    forward_s: float  # seconds of the forward pass (0 if none ran)
+    elsewhere: dict = {}  # job id -> (model, version) it names, not this worker's (404 results)
+
+
+def process_batch(classifier, images, jobs, now, pass_s=0.0, clock=time.perf_counter):
+    """Every job's answer for one claimed batch, from one forward pass.
+
+    images: the ImageReader that puts the jobs' images into this lane's batch buffer. now: the
+    claim's time on Redis's clock, as deadlines are (queue waits are measured to it); pass_s: how
+    long a forward pass takes lately. A job whose deadline falls before now + pass_s is dropped
+    unanswered (its client gets 504 without the model spending time on it); a job whose image
+    does not decode gets a 4xx record; a failed forward pass gets every job a 500 record.
+    """
+    results, elsewhere = {}, {}
+    expired = [job["id"] for job in jobs if job["deadline"] <= now + pass_s]
+    wanted = []
+    for job in jobs:
+        if job["id"] in expired:
+            continue
+        reason = served_elsewhere(classifier, job)
+        if reason:
+            results[job["id"]] = {"error": reason, "status": 404}
+            elsewhere[job["id"]] = (job.get("model"), job.get("version"))
+        else:
+            wanted.append(job)
+    pixels, valid, refusals = images.read(wanted)
+    results.update(refusals)
+    if not valid:
+        return BatchOutcome(results, expired, 0, 0.0, elsewhere)
+    started = clock()
+    try:
+        probabilities = classifier.predict_batch(pixels)
+    except Exception as exc:
+        log.exception("forward pass failed for a batch of %d", len(valid))
+        results.update({job["id"]: {"error": f"inference failed: {exc}", "status": 500}
+                        for job in valid})
+        return BatchOutcome(results, expired, len(valid), clock() - started, elsewhere)
+    forward_s = clock() - started
+    for job, row in zip(valid, probabilities):
+        if not np.isfinite(row).all():  # a broken model: NaN is no probability (nor JSON)
+            results[job["id"]] = {"error": "the model's output for this image is not a number",
+                                  "status": 500}
+            continue
+        try:
+            results[job["id"]] = {
+                "predictions": classifier.top_predictions(row, job["top_k"]),
+                "batch_size": len(valid),
+                "inference_ms": forward_s * 1000,
+                "queue_wait_ms": max(0.0, now - job["enqueued_at"]) * 1000,
+                "model_version": classifier.version,
+                "precision": classifier.precision,
+                **extra_outputs(classifier, job, row),
+            }
+        except (TypeError, ValueError) as exc:  # an output asked for in a form nothing here writes
+            results[job["id"]] = {"error": f"the queued job is malformed: {exc}", "status": 400}
+    return BatchOutcome(results, expired, 0, forward_s, elsewhere)
+
+
+def served_elsewhere(classifier, job):
+    """Why a job that names a model (or version) other than this worker's is not answered here;
+    None if it may be (during a rollout, the job outlived the version it asked for)."""
+    name, version, served = job.get("model"), job.get("version"), model_name(classifier.name)
+    if name is not None and name != served:
+        return f"model {name} is not served any more (now: {served})"
+    if version is not None and version != classifier.version:
+        return f"version {version} of {name} is not served any more (now: {classifier.version})"
+    return None
+
+
+def extra_outputs(classifier, job, row):
+    """What a job asked for beyond its predictions (see job_format.new_job): the probabilities as
+    base64 float32 (exact, and a fifth of JSON's size), the classification strings."""
+    outputs = {}
+    if job.get("probabilities"):
+        outputs["probabilities"] = encode_array(row, np.float32)
+    if job.get("classification"):
+        outputs["classification"] = classifier.classification(row, int(job["classification"]))
+    return outputs
+
+
+class ModelWorker:
+    """Claims batches from the queue, runs one forward pass per batch, answers every job.
+
+    The classifier comes warm, with its batch size chosen. `identity` holds the heartbeat fields
+    that name this worker and its model (id, pid, spec, ...).
+    """
+
+    def __init__(self, store, classifier, batch_size, identity):
+        self.store = store
+        self.keys = Keys(settings.IMAGE_QUEUE)
+        self.classifier = classifier
+        self.batch_size = batch_size
+        self.batch_timeout_s = settings.BATCH_TIMEOUT_MS / 1000.0
+        self.identity = identity
+        self.id = identity["id"]
+        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0}
+        self.meter = DrainMeter()
+        self.arrivals = ArrivalRate()
+        self.loader_pause = LoaderPause()  # the supervisor names a process loading beside it
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()  # SIGTERM: claim no more, finish the batches in hand
+        self.drained = threading.Event()  # every lane has finished: stop beating
+        self.handing_over = False  # stopping for a warm successor (see stop)
+        self.beating = None
+        # One lane claims at a time, so a backlog is taken as full batches and a lane can tell
+        # which claimed jobs no lane holds (left by a claim whose reply was lost).
+        self.claim_lock = threading.Lock()
+        self.held = set()  # entries of the batches the lanes hold
+        self.claims_unsure = False  # a lane failed: the processing list may hold jobs no lane has
+        self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
+        self.heartbeat = Heartbeat(store, self.keys, self.id, self.heartbeat_fields)
+        self.images = ImageReader(classifier.input_shape, settings.DECODE_THREADS or len(
+            os.sched_getaffinity(0)), settings.DECODE_BUDGET_BYTES)
+
+    def heartbeat_fields(self):
+        classifier = self.classifier
+        with self.lock:
+            stats = dict(self.stats)
+        warm = self.handing_over or not self.stopping.is_set()
+        return {**self.identity, "model": classifier.name, "version": classifier.version,
+                "weights": classifier.weights, "labels": len(classifier.labels),
+                "preprocess": classifier.preprocess_name, "batch_size": self.batch_size,
+                "runtime": classifier.runtime, "precision": classifier.precision,
+                "precision_check": json.dumps(classifier.precision_check), "warm": int(warm),
+                "input_shape": ",".join(map(str, classifier.input_shape)),
+                "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
+                "clock_offset": f"{CLOCK.offset:.3f}",
+                job_format.JOB_FORMAT_FIELD: job_format.JOB_FORMAT, **stats}
+
+    def start_beating(self):
+        """Publish the first heartbeat, then beat in a thread until leave()."""
+        self.check_redis()
+        self.heartbeat.try_beat()
+        self.beating = threading.Thread(target=self.heartbeat.keep_beating, args=(self.drained,),
+                                        name="heartbeat", daemon=True)
+        self.beating.start()
+
+    def run(self):
+        """Serve until stop() (SIGTERM, or a hand-over): each lane finishes the batch in hand."""
+        log.info("worker %s serving: model %s version %s, batch size %s, %s", self.id,
+                 self.classifier.name, self.classifier.version, self.batch_size,
+                 self.identity.get("device"))
+        lanes = [threading.Thread(target=self.serve, name=f"lane-{n}")
+                 for n in range(settings.BATCHES_IN_FLIGHT)]
+        for lane in lanes:
+            lane.start()
+        for lane in lanes:
+            lane.join()
+        log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
+
+    def stop(self, successor=False):
+        """Claim no more jobs; the lanes finish their batches. With a warm successor about to
+        take over, the heartbeat keeps saying warm: the service stays ready throughout."""
+        self.handing_over = successor
+        self.loader_pause.follow(None)  # the successor must run now
+        self.stopping.set()
+
+    def leave(self):
+        """Stop beating and deregister (anything still claimed goes back on the queue)."""
+        self.drained.set()
+        if self.beating:
+            self.beating.join()
+        self.heartbeat.stop()
+
+    def serve(self):
+        """One lane of the worker: claim a batch, answer it, again, until told to stop.
+
+        Lanes share the model. With two, one batch's forward pass overlaps the other's Redis
+        round trips and decoding, and when a neighbour (the web tier, say) takes a core from one
+        forward pass the other keeps computing; one batch at a time would stall instead.
+        """
+        backoff = Backoff()
+        while not self.stopping.is_set():
+            if self.serve_once():
+                backoff.reset()
+            else:
+                backoff.wait("batch lane failed", self.stopping)
+
+    def serve_once(self):
+        """Claim one batch (if any comes within a second) and answer it; False if anything failed.
+
+        A lane must outlive any error: it is logged, and the next claim takes back what the
+        processing list holds and no lane has (a failed claim may have moved jobs; a failed
+        batch left its jobs there).
+        """
+        claimed, failed = [], True
+        try:
+            claimed = self.claim()
+            if claimed:
+                self.answer(claimed)
+            failed = False
+        except Exception as exc:
+            log.warning("batch lane: %s: %s", type(exc).__name__, exc,
+                        exc_info=not isinstance(exc, REDIS_ERRORS))
+        finally:
+            self.release([entry for entry, _ in claimed], failed)
+        return not failed
+
+    def claim(self):
+        """This lane's next batch, as (entry, body) pairs: jobs that a failed claim left unheld,
+        else new ones."""
+        with self.claim_lock:
+            if self.stopping.is_set():
+                return []
+            if self.claims_unsure:
+                entries = [entry for entry in jobqueue.claimed_jobs(self.store, self.keys, self.id)
+                           if entry not in self.held]
+                # A batch at most: the rest is taken back by the next claim.
+                self.claims_unsure = len(entries) > self.batch_size
+                entries = entries[:self.batch_size]
+                claimed = jobqueue.take_claimed(self.store, self.keys, self.id, entries,
+                                                self.claim_ttl_s) if entries else []
+                if claimed:
+                    log.warning("recovered %d claimed jobs that no lane held", len(claimed))
+            else:
+                claimed = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
+                                               1.0, self.claim_ttl_s, self.fill_timer())
+                self.arrivals.note(len(claimed))
+            self.held.update(entry for entry, _ in claimed)
+            return claimed
+
+    def fill_timer(self):
+        """claim_batch's time_to_fill: how long a partial batch should wait for more jobs.
+
+        While another lane's forward pass runs, it waits for that pass to end (started beside it,
+        it would share the cores with that pass, and a backlog would be split into a full and a
+        small batch).
+        With the model idle, it waits out BATCH_TIMEOUT_MS only if the recent arrival rate makes
+        another job likely within it: at light load a request never waits for company.
+        """
+        window_end = None
+
+        def time_to_fill(claimed):
+            nonlocal window_end
+            if not self.meter.wait_idle(0.01):
+                return 0.0001  # claim what came meanwhile, then ask again
+            if window_end is None:
+                expected = self.arrivals.per_second(claimed) * self.batch_timeout_s
+                window_end = time.monotonic() + (self.batch_timeout_s if expected >= 1 else 0)
+            return window_end - time.monotonic()
+        return time_to_fill
+
+    def release(self, entries, failed):
+        """Forget a batch that was answered, or that failed: then the next claim recovers what
+        the processing list holds and no lane has. Both in one step, or another lane's claim in
+        between would see the failed batch still held and recover nothing."""
+        with self.claim_lock:
+            self.held.difference_update(entries)
+            self.claims_unsure = self.claims_unsure or failed
+
+    def answer(self, claimed):
+        """Process one claimed batch and store every job's result.
+
+        While Redis is away the results are retried until the last job's deadline: after it
+        nobody waits for them.
+        """
+        jobs = parse_jobs(claimed)
+        metered, answered = self.meter.start(), 0
+        try:  # a pass that raises must end too: a meter left running holds every partial batch
+            with self.loader_pause:
+                outcome = process_batch(self.classifier, self.images, jobs, CLOCK.now(),
+                                        self.meter.batch_s())
+            answered = len(jobs) - len(outcome.expired)
+        finally:
+            self.meter.finish(metered, answered)
+        self.account(outcome, answered)
+        passed = self.pass_on(outcome.elsewhere, claimed)
+        results = {job_id: {**result, "worker": self.id}
+                   for job_id, result in outcome.results.items() if job_id not in passed}
+        give_up_at = max((job["deadline"] for job in jobs), default=0)
+        backoff = Backoff()
+        while True:
+            try:
+                return jobqueue.store_results(self.store, self.keys, self.id, results,
+                                              [entry for entry, _ in claimed
+                                               if job_id_of(entry) not in passed],
+                                              settings.RESULT_TTL_S)
+            except REDIS_ERRORS as exc:
+                if CLOCK.now() > give_up_at:
+                    raise  # the claims stay: the next claim takes them back, drops them as expired
+                backoff.wait(f"cannot store results ({exc})", None)
+
+    def pass_on(self, elsewhere, claimed):
+        """Put back on the queue the jobs that name a model version this worker does not serve
+        and another live worker does (during a rollout, a job pinned to the version being
+        replaced); returns their ids. The others get their 404."""
+        if not elsewhere:
+            return set()
+        served = {(model_name(beat["model"]), beat["version"])
+                  for beat in jobqueue.live_workers(self.store, self.keys)
+                  if beat.get("warm") == "1" and beat.get("id") != self.id and "model" in beat}
+        passed = {job_id for job_id, (model, version) in elsewhere.items()
+                  if any(model in (None, name) and version in (None, served_version)
+                         for name, served_version in served)}
+        if passed:
+            jobqueue.requeue_jobs(self.store, self.keys, self.id,
+                                  [entry for entry, _ in claimed if job_id_of(entry) in passed])
+            log.info("passed %d jobs on to the workers of the version they name", len(passed))
+            if len(passed) == len(claimed):  # they may come back at once: not a spin meanwhile
+                self.stopping.wait(PASS_ON_PAUSE_S)
+        return passed
+
+    def account(self, outcome, answered):
+        """Count a processed batch in the heartbeat's figures and the Prometheus metrics."""
+        for job_id in outcome.expired:
+            log.info("job %s dropped: it cannot be answered before its deadline", job_id)
+        metrics.EXPIRED.inc(len(outcome.expired))
+        if outcome.forward_s and not outcome.failed:
+            metrics.BATCH_SIZE.observe(answered)
+            metrics.FORWARD_SECONDS.observe(outcome.forward_s)
+        with self.lock:
+            self.stats["expired"] += len(outcome.expired)
+            self.stats["failed"] += outcome.failed
+            if outcome.forward_s and not outcome.failed:
+                self.stats["batches"] += 1
+                self.stats["jobs"] += answered
+
+    def check_redis(self):
+        """Warn when Redis may evict keys: an evicted job or result is a request lost silently."""
+        try:
+            policy = self.store.info("memory").get("maxmemory_policy", "noeviction")
+        except REDIS_ERRORS as exc:
+            log.warning("cannot read Redis' maxmemory-policy: %s", exc)
+            return
+        if policy != "noeviction":
+            log.warning("Redis' maxmemory-policy is %s: set noeviction, or jobs and results may be "
+                        "evicted under memory pressure and their requests lost", policy)
+
+
+# A lane that passed its whole batch on waits this long before it claims again.
+PASS_ON_PAUSE_S = 0.05
+
+
+def job_id_of(entry):
+    """The id of a job from its entry (the whole job for the format before this one)."""
+    return job_format.read_job(entry, None)["id"] if entry.startswith(b"{") else \
+        entry.split(b":", 1)[0].decode()
+
+
+def parse_jobs(claimed):
+    """The claimed (entry, body) pairs as job dicts (see job_format.read_job). One that is not a job
+    is logged and left out, as is one whose body has gone with its deadline; both are released
+    with the batch."""
+    jobs = []
+    for entry, body in claimed:
+        try:
+            job = job_format.read_job(entry, body)
+        except (ValueError, AttributeError) as exc:
+            log.error("dropping a queued item that is not a job (%s): %.80r", exc, entry)
+            continue
+        if job is None:
+            log.info("job %s dropped: its deadline passed before it was claimed", entry)
+        else:
+            jobs.append(job)
+    return jobs

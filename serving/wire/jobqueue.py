@@ -1,0 +1,394 @@
+"""The Redis protocol between web handlers and model workers.
+
+A job is a body under a key of its own, {IMAGE_QUEUE}:job:<id>: one line of JSON (deadline, top_k,
+what the answer carries) and then the image, as uploaded (the model worker decodes it) or as raw
+uint8 pixels. The IMAGE_QUEUE list holds only each job's entry, "<id>:<bytes of its body>", so
+that every step after the enqueue moves a few dozen bytes, not the image: a worker claims entries
+by moving them atomically into its own processing list (a job is never in two places, and a worker
+that dies leaves its entries where another worker can re-queue them), gets their bodies in the same
+script, and answers each job by pushing its result onto a per-job list that the waiting handler
+pops with a blocking call: nobody sleeps on a timer.
+
+Every script is sent once and then run by its SHA1 (Script). The client reads replies as bytes:
+nothing an image passes through is decoded to text. Deadlines are written and checked on Redis's
+clock (RedisClock), not on the clocks of the hosts that write and check them."""
+import hashlib
+import json
+import logging
+import time
+
+from redis.exceptions import NoScriptError
+
+from serving.errors import ServiceError
+from serving.wire.connection import REDIS_ERRORS, WAIT_SLICE_S
+from serving.wire.job_format import text, text_hash
+
+log = logging.getLogger(__name__)
+
+
+class Script:
+    """A Lua script that Redis runs by its SHA1 (EVALSHA). Redis forgets scripts when it restarts
+    or fails over: then it is sent whole once more (EVAL caches it again). A script that was not
+    found did not run, so that is safe."""
+
+    def __init__(self, source):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, client, keys, args):
+        try:
+            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.execute_command("EVAL", self.source, len(keys), *keys, *args)
+
+    def queue(self, pipe, keys, args):
+        """Add a call to a pipeline (by SHA1: see claim_batch for a script Redis lacks)."""
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+# Pushes a request's jobs, all or none: none if they would take the queue past ARGV[1] jobs or its
+# bodies past ARGV[2] bytes (KEYS[2] counts the bytes of the queued bodies). An empty queue takes
+# any request, so one larger than the bound is not refused for ever. Checking and pushing in one
+# script keeps the bounds exact with many web processes. Returns the depth, negative if full.
+# Each body (KEYS[3] on) lives ARGV[3] ms, to its deadline: written with its entry, in one script,
+# a body is lost with it when a Redis failover loses the last writes (replication is
+# asynchronous), and a waiting handler that finds it gone knows its job is gone.
+ENQUEUE = Script("""
+local n = #KEYS - 2
+local depth = redis.call('LLEN', KEYS[1])
+local queued = 0
+if depth > 0 then queued = tonumber(redis.call('GET', KEYS[2]) or 0) end
+local size = 0
+for i = 1, n do size = size + string.len(ARGV[3 + n + i]) end
+if depth > 0 and (depth + n > tonumber(ARGV[1]) or queued + size > tonumber(ARGV[2])) then
+  return -depth
+end
+for i = 1, n do redis.call('SET', KEYS[2 + i], ARGV[3 + n + i], 'PX', ARGV[3]) end
+redis.call('SET', KEYS[2], queued + size)
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 4, 3 + n))
+""")
+
+
+# Takes `size` bytes of bodies that leave the queue out of its count; the count goes when the queue
+# is empty (an empty queue holds no bytes: a count that drifted heals there).
+FORGET_BYTES = """
+local function forget_bytes(queue, count, size)
+  if redis.call('LLEN', queue) == 0 then
+    redis.call('DEL', count)
+  elseif size > 0 then
+    redis.call('DECRBY', count, size)
+  end
+end
+"""
+
+
+# Moves up to ARGV[1] entries from the queue into a processing list in one atomic step, so two
+# workers can never claim the same job and a claimed job is always somewhere in Redis, and returns
+# each moved entry with its body, after those of the entries ARGV[4] on (already moved, by the
+# blocking move that starts a claim). The bodies' keys are made here from the prefix ARGV[3]: the
+# ids are known only once the entries are moved (each is in the queue's slot, on a Cluster too).
+# An entry of the format before this one is the whole job: its body is nil. It (re)sets the
+# processing list's expiry: claim_batch's last call is always this script.
+TAKE = Script(FORGET_BYTES + """
+local entries = {unpack(ARGV, 4)}
+for i = 1, tonumber(ARGV[1]) do
+  local entry = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not entry then break end
+  entries[#entries + 1] = entry
+end
+local reply, taken = {}, 0
+for _, entry in ipairs(entries) do
+  local id, size = string.match(entry, '^(%x+):(%d+)$')
+  reply[#reply + 1] = entry
+  if id then
+    reply[#reply + 1] = redis.call('GET', ARGV[3] .. id)
+    taken = taken + tonumber(size)
+  else
+    reply[#reply + 1] = false
+  end
+end
+forget_bytes(KEYS[1], KEYS[3], taken)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return reply
+""")
+
+
+# Answers a batch and releases its claims: replaces each result list KEYS[1 + i] by the one result
+# ARGV[2 + i] (ARGV[2] of them), kept ARGV[1] seconds, then takes the batch's entries (the rest of
+# ARGV) out of the processing list KEYS[1] and deletes their bodies (the rest of KEYS). One
+# script: no result is ever left without its expiry, and the waiting handlers wake as it ends.
+ANSWER = Script("""
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  redis.call('DEL', KEYS[1 + i])
+  redis.call('RPUSH', KEYS[1 + i], ARGV[2 + i])
+  redis.call('EXPIRE', KEYS[1 + i], ARGV[1])
+end
+for i = n + 3, #ARGV do redis.call('LREM', KEYS[1], 1, ARGV[i]) end
+for i = n + 2, #KEYS do redis.call('DEL', KEYS[i]) end
+""")
+
+
+# Takes entries (ARGV) off the queue KEYS[1] that no worker has claimed yet, with their bodies
+# (KEYS[3] on) and their bytes in the count KEYS[2]; returns how many were there.
+WITHDRAW = Script(FORGET_BYTES + """
+local removed, freed = 0, 0
+for i, entry in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[1], 1, entry) > 0 then
+    removed = removed + 1
+    freed = freed + tonumber(string.match(entry, ':(%d+)$') or 0)
+    redis.call('DEL', KEYS[2 + i])
+  end
+end
+forget_bytes(KEYS[1], KEYS[2], freed)
+return removed
+""")
+
+
+# Moves a worker's claimed entries (ARGV) from its processing list (KEYS[2]) to the tail of the
+# queue (KEYS[1]), their bytes back into the count (KEYS[3]).
+REQUEUE = Script("""
+local size = 0
+for _, entry in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[2], 1, entry) > 0 then
+    redis.call('RPUSH', KEYS[1], entry)
+    size = size + tonumber(string.match(entry, '^%x+:(%d+)$') or 0)
+  end
+end
+if size > 0 then redis.call('INCRBY', KEYS[3], size) end
+""")
+
+
+# Puts a dead worker's claimed entries (KEYS[2]) back at the head of the queue (KEYS[3]), in their
+# order, and their bytes back in the count (KEYS[5]). It checks the heartbeat (KEYS[1]) inside the
+# script so that a worker which is alive keeps its claim.
+REQUEUE_ORPHANS = Script("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local moved, size = 0, 0
+while true do
+  local entry = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
+  if not entry then break end
+  moved = moved + 1
+  size = size + tonumber(string.match(entry, '^%x+:(%d+)$') or 0)
+end
+if size > 0 then redis.call('INCRBY', KEYS[5], size) end
+redis.call('SREM', KEYS[4], ARGV[1])
+return moved
+""")
+
+
+class QueueFull(Exception):
+    """The queue is at MAX_QUEUE_LENGTH or MAX_QUEUE_BYTES; `depth` jobs are waiting."""
+
+    def __init__(self, depth, count=1):
+        super().__init__(f"the queue is full ({depth} jobs waiting)" if count == 1 else
+                         f"the queue has no room for {count} images ({depth} jobs waiting)")
+        self.depth = depth
+
+
+def queue_depth(redis, keys):
+    """Jobs waiting in the queue now."""
+    return redis.llen(keys.queue)
+
+
+def enqueue_jobs(redis, keys, jobs, max_length, max_bytes):
+    """Push a request's jobs, all of them or none if the queue is full; returns the queue's length
+    with them.
+
+    If Redis fails, the reply may have been lost after the push: the jobs are withdrawn (when
+    Redis answers again) before the error goes on, so a client told 503 has no job left behind.
+    """
+    lifetime_ms = int((max(job.deadline for job in jobs) - time.time()) * 1000) + 1000
+    try:
+        depth = ENQUEUE(redis, [keys.queue, keys.queued_bytes, *[keys.job(j.id) for j in jobs]],
+                        [max_length, max_bytes, max(lifetime_ms, 1), *[j.entry for j in jobs],
+                         *[j.body for j in jobs]])
+    except REDIS_ERRORS:
+        withdraw_jobs(redis, keys, jobs)
+        raise
+    if depth <= 0:
+        raise QueueFull(-depth, len(jobs))
+    return depth
+
+
+def withdraw_jobs(redis, keys, jobs):
+    """Take jobs off the queue that no worker has claimed yet, in one round trip; how many were
+    there (0 if Redis cannot be asked)."""
+    if not jobs:
+        return 0
+    try:
+        return WITHDRAW(redis, [keys.queue, keys.queued_bytes, *[keys.job(j.id) for j in jobs]],
+                        [j.entry for j in jobs])
+    except REDIS_ERRORS as exc:
+        log.warning("could not withdraw %d jobs (Redis: %s); a worker may still compute them",
+                    len(jobs), exc)
+        return 0
+
+
+def wait_for_result(redis, keys, job, deadline):
+    """Block until the job's result arrives; at the deadline withdraw the job and raise 504; and
+    raise 503 as soon as the job is known to be gone (its body lost in a Redis failover).
+
+    BLMOVE from the result list onto itself reads the result without taking it away, so a read
+    whose reply is lost can be repeated. The key is left to expire (RESULT_TTL_S after the worker
+    stored it): deleting it would cost every request one more round trip. The wait is cut in
+    slices of WAIT_SLICE_S (one call for most requests), and the body is looked for between them:
+    it lives until the job is answered (or its deadline).
+    """
+    key = keys.result(job.id)
+    while True:
+        timeout = deadline - time.time()
+        if timeout <= 0:
+            # Past the deadline a result that came meanwhile (e.g. while the handler collected
+            # a request's other results) still counts.
+            reply = redis.lindex(key, 0)
+            break
+        # (Redis reads a timeout under 1 ms as 0, "block forever".)
+        reply = redis.blmove(key, key, min(max(timeout, 0.01), WAIT_SLICE_S), "LEFT", "RIGHT")
+        if reply is not None:
+            break
+        if not redis.exists(keys.job(job.id)) and deadline - time.time() > 0:
+            reply = redis.lindex(key, 0)  # answered just now: the answer deletes the body
+            if reply is not None:
+                break
+            raise ServiceError("the job was lost: Redis failed over before it had copied the "
+                               "job to the new master; retry", 503, {"Retry-After": "1"})
+    if reply is None:
+        # Nobody will wait for this job any more: take it off the queue if no worker has it yet.
+        withdraw_jobs(redis, keys, [job])
+        raise ServiceError("no result within the request timeout; the model workers are busy "
+                           "or not running", 504)
+    return json.loads(reply)
+
+
+# The part of a batch window that claim_batch polls rather than blocks (see there).
+FILL_POLL_S = 0.1
+
+
+def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_to_fill):
+    """Claim up to batch_size jobs: block up to block_s for the first, then take more for as long
+    as time_to_fill(claimed) says more are worth waiting for (it may block; 0: start now).
+
+    Returns (entry, body) pairs (none if no job came within block_s). Their entries stay in this
+    worker's processing list until store_results removes them.
+    """
+    processing = keys.processing(worker_id)
+
+    def take(client, count, moved=()):
+        return pairs(TAKE(client, [keys.queue, processing, keys.queued_bytes],
+                          [count, int(claim_ttl_s), keys.job_prefix, *moved]))
+
+    # The first claim of more is sent with the blocking move, in one round trip: Redis runs it as
+    # soon as the move is served (a client's commands run in order), so a lone job's worker does
+    # not wait for a second reply before it starts. (So it sees the queue as it was then: a job
+    # that comes while this worker is slow to read the reply is left to time_to_fill's claims
+    # below, or to the next batch.) The first entry's body comes with the next take.
+    pipe = redis.pipeline(transaction=False)
+    pipe.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
+    TAKE.queue(pipe, [keys.queue, processing, keys.queued_bytes],
+               [batch_size - 1, int(claim_ttl_s), keys.job_prefix])
+    first, more = pipe.execute(raise_on_error=False)
+    if isinstance(first, Exception):
+        raise first
+    moved = [first] if first is not None else []
+    if isinstance(more, NoScriptError):  # Redis has forgotten it (a restart): sent whole now
+        batch, moved = (take(redis, batch_size - 1, moved) if moved else []), []
+    elif isinstance(more, Exception):
+        raise more
+    else:
+        batch = pairs(more)
+    while batch or moved:
+        count = len(batch) + len(moved)
+        remaining = time_to_fill(count) if count < batch_size else 0
+        if remaining <= 0:
+            return batch + (take(redis, 0, moved) if moved else [])
+        # A push wakes a blocked client at once, but Redis ends a blocking wait that times out
+        # only on its clock tick (10 Hz by default): a 5 ms BLMOVE would take 100 ms. So the last
+        # 100 ms of a wait are polled every millisecond (a few calls for a typical window).
+        # (A timeout under 1 ms must never be sent: Redis reads it as 0, "block forever".)
+        if remaining > FILL_POLL_S + 0.01:
+            entry = redis.blmove(keys.queue, processing,
+                                 min(remaining - FILL_POLL_S, WAIT_SLICE_S), "LEFT", "RIGHT")
+            moved += [entry] if entry is not None else []
+        else:
+            time.sleep(min(remaining, 0.001))
+        batch += take(redis, max(0, batch_size - len(batch) - len(moved)), moved)
+        moved = []
+    return batch
+
+
+def pairs(reply):
+    """TAKE's flat reply [entry, body, entry, body, ...] as (entry, body) pairs."""
+    return list(zip(reply[::2], reply[1::2]))
+
+
+def claimed_jobs(redis, keys, worker_id):
+    """Every entry in a worker's processing list (to recover claims whose reply was lost)."""
+    return redis.lrange(keys.processing(worker_id), 0, -1)
+
+
+def take_claimed(redis, keys, worker_id, entries, claim_ttl_s):
+    """(entry, body) pairs of entries already in this worker's processing list."""
+    return pairs(TAKE(redis, [keys.queue, keys.processing(worker_id), keys.queued_bytes],
+                      [0, int(claim_ttl_s), keys.job_prefix, *entries]))
+
+
+def requeue_jobs(redis, keys, worker_id, entries):
+    """Give claimed jobs back to the queue (at its tail), for another worker to take."""
+    REQUEUE(redis, [keys.queue, keys.processing(worker_id), keys.queued_bytes], entries)
+
+
+def store_results(redis, keys, worker_id, results, entries, ttl_s):
+    """Answer the jobs of one batch, then release their claims, in one script.
+
+    Only this batch's entries leave the processing list: a worker may hold another batch. Safe to
+    repeat when a reply is lost: each result list is replaced, not appended to, and a released
+    claim is not found again.
+    """
+    ids = [entry.split(b":", 1)[0].decode() for entry in entries if not entry.startswith(b"{")]
+    ANSWER(redis, [keys.processing(worker_id), *[keys.result(job_id) for job_id in results],
+                   *[keys.job(job_id) for job_id in ids]],
+           [int(ttl_s), len(results), *[json.dumps(result) for result in results.values()],
+            *entries])
+
+
+def publish_heartbeat(redis, keys, worker_id, fields, ttl_s, registry_ttl_s):
+    """Say this worker is alive (and how it is doing) for ttl_s seconds."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.hset(keys.heartbeat(worker_id), mapping=fields)
+    pipe.pexpire(keys.heartbeat(worker_id), int(ttl_s * 1000))
+    pipe.sadd(keys.workers, worker_id)
+    pipe.expire(keys.workers, int(registry_ttl_s))
+    pipe.execute()
+
+
+def live_workers(redis, keys):
+    """Heartbeats of the workers alive now, as dicts of strings."""
+    ids = sorted(text(worker_id) for worker_id in redis.smembers(keys.workers))
+    pipe = redis.pipeline(transaction=False)
+    for worker_id in ids:
+        pipe.hgetall(keys.heartbeat(worker_id))
+    return [text_hash(beat) for beat in pipe.execute() if beat]
+
+
+def requeue_claims(redis, keys, worker_id):
+    """Put a silent worker's claimed jobs back on the queue and deregister it; -1 if it beats."""
+    return REQUEUE_ORPHANS(redis, [keys.heartbeat(worker_id), keys.processing(worker_id),
+                                   keys.queue, keys.workers, keys.queued_bytes], [worker_id])
+
+
+def requeue_orphans(redis, keys):
+    """Re-queue the claimed jobs of every registered worker whose heartbeat has expired."""
+    requeued = 0
+    for worker_id in map(text, redis.smembers(keys.workers)):
+        moved = requeue_claims(redis, keys, worker_id)
+        if moved > 0:
+            log.warning("re-queued %d jobs of dead worker %s", moved, worker_id)
+            requeued += moved
+    return requeued
+
+
+def remove_worker(redis, keys, worker_id):
+    """Deregister a worker that is exiting cleanly; anything it still claims goes back first."""
+    redis.delete(keys.heartbeat(worker_id))
+    requeue_claims(redis, keys, worker_id)

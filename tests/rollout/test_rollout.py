@@ -1,0 +1,43 @@
+"""Rollout parts that need no service: CPU priority while loading, and how reload reads the
+heartbeats. (Reloads end to end are in test_model_lifecycle.py.)"""
+import subprocess
+import sys
+import textwrap
+
+from conftest import ROOT
+from serving.rollout.spec import spec_text
+from serving.rollout.reload import workers_not_serving
+
+
+def test_a_loading_process_and_the_threads_it_starts_idle_then_all_return_to_normal():
+    script = textwrap.dedent("""
+        import os, threading
+        from rollout import lower_priority, restore_priority
+
+        def policies():
+            return {os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
+
+        assert lower_priority(0)
+        pool = [threading.Thread(target=threading.Event().wait, daemon=True) for _ in range(3)]
+        for thread in pool:  # like a runtime's thread pool, started while loading
+            thread.start()
+        assert policies() == {os.SCHED_IDLE}, policies()
+        restore_priority(0)
+        assert policies() == {os.SCHED_OTHER}, policies()
+        assert {os.getpriority(os.PRIO_PROCESS, int(t))
+                for t in os.listdir("/proc/self/task")} == {0}
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_reload_waits_for_every_process_of_every_worker():
+    new, old = spec_text({"model": "m", "version": "2"}), spec_text({"version": "1", "model": "m"})
+    beats = [{"supervisor": "a", "spec": new, "warm": "1"},
+             {"supervisor": "b", "spec": new, "warm": "1"},
+             {"supervisor": "b", "spec": old, "warm": "1"},  # b's old process has not left yet
+             {"supervisor": "c", "spec": new, "warm": "0"}]  # c's is not warm
+    assert workers_not_serving(beats, new) == ["b", "c"]
+    assert workers_not_serving(beats[:2], new) == []
