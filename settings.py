@@ -9,7 +9,7 @@ import os
 from PIL import Image
 
 from serving.text import header_value_problem
-from serving.wire.urls import cluster_address, sentinel_address
+from serving.redis_urls import cluster_address, sentinel_address
 
 
 class SettingsError(ValueError):

@@ -7,7 +7,8 @@
 - model/    the model worker: runtimes and precisions, batch sizing, claiming and answering jobs;
 - rollout/  model versions: the supervisor, the process that serves one version, `reload`.
 
-images.py, errors.py, text.py and metrics.py are shared by the web tier and the model worker.
+images.py, errors.py, text.py, redis_urls.py and metrics.py are shared by the web tier and the
+model worker; settings.py (at the root) reads text.py and redis_urls.py only.
 """
 import os
 

@@ -1,5 +1,9 @@
 """Real services for the tests: one redis-server per run, and factories for model workers and web
 instances started as the processes production runs (`run_keras_server.py model|web`).
+
+The tests sit in folders after the package's (wire/, web/, model/, rollout/), with deploy/ for the
+topology, compose and Kubernetes, shared/ for settings, images and the repository's layout, and
+end_to_end/ for the whole service driven as its users drive it. Every fixture is here.
 """
 import io
 import json
@@ -36,6 +40,16 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+class Clock:
+    """A clock that moves only when a test moves it (`clock.now += seconds`)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
 
 
 def wait_until(predicate, timeout=30.0, interval=0.05, what="condition"):

@@ -33,11 +33,10 @@ AUTO_ROUNDS = 7
 AUTO_ROUND_S = 2.0
 
 
-# Sizes this close to the best median throughput count as tied, and the largest of them wins. On
-# a flat curve, sizes of the same speed differ by 3-4% between runs (OpenVINO here: 28.8 img/s at
-# 4 and 27.9 at 8-32, all within 2% of each other in another timing), and the service gains from
-# the larger ones: each batch also costs the worker a claim and a store in Redis. 5% is what
-# bench/batch_choice.py counts as a good size.
+# Sizes this close to the best median throughput count as tied, and the largest of them wins: on
+# a flat curve, sizes of the same speed trade places from run to run by a few percent, and the
+# service gains from the larger ones (each batch also costs the worker a claim and a store in
+# Redis). bench/batch_choice.py checks the choice against a sweep of every size.
 AUTO_TOLERANCE = 0.05
 
 

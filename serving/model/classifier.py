@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 
-
 # One GPU holds more than one process here: a reload loads the new version beside the serving one,
 # and `reload` checks the model where it runs. TensorFlow and JAX would each take most of the GPU's
 # memory when they start, leaving the next too little; they take it as needed instead, unless the

@@ -1,4 +1,5 @@
 """A worker's heartbeat: what it serves and how fast, refreshed in Redis while it lives."""
+import json
 import logging
 
 import settings
@@ -60,3 +61,13 @@ class Heartbeat:
             jobqueue.remove_worker(self.store, self.keys, self.worker_id)
         except REDIS_ERRORS as exc:
             log.warning("could not deregister (Redis unreachable): %s", exc)
+
+
+def model_fields(classifier):
+    """What a heartbeat says of the model a worker serves (GET /model and /readyz show it)."""
+    return {"model": classifier.name, "version": classifier.version,
+            "weights": classifier.weights, "labels": len(classifier.labels),
+            "preprocess": classifier.preprocess_name, "runtime": classifier.runtime,
+            "precision": classifier.precision,
+            "precision_check": json.dumps(classifier.precision_check),
+            "input_shape": ",".join(map(str, classifier.input_shape))}

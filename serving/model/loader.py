@@ -3,9 +3,21 @@ precision asked for."""
 import logging
 import os
 
-from serving.model.classifier import (APPLICATIONS, Classifier, ModelLoadError, build_application,
-                                      keras_backend, load_labels, load_model_file)
-from serving.model.openvino_runtime import cache_key, device_name, set_precision, use_openvino
+from serving.model.classifier import (
+    APPLICATIONS,
+    Classifier,
+    ModelLoadError,
+    build_application,
+    keras_backend,
+    load_labels,
+    load_model_file,
+)
+from serving.model.openvino_runtime import (
+    cache_key,
+    device_name,
+    set_precision,
+    use_openvino,
+)
 
 log = logging.getLogger(__name__)
 

@@ -109,3 +109,33 @@ class Backoff:
             stop_event.wait(delay)
         else:
             time.sleep(delay)
+
+
+class FillWindow:
+    """How long a partial batch waits for more jobs, from the worker's drain and arrival meters.
+
+    While another lane's forward pass runs, it waits for that pass to end (started beside it, it
+    would share the cores with that pass, and a backlog would be split into a full and a small
+    batch). With the model idle, it waits out `timeout_s` (BATCH_TIMEOUT_MS) only if the recent
+    arrival rate makes another job likely within it: at light load a request never waits for
+    company.
+    """
+
+    def __init__(self, timeout_s, clock=time.monotonic):
+        self.timeout_s, self.clock = timeout_s, clock
+        self.drain = DrainMeter(clock=clock)
+        self.arrivals = ArrivalRate(clock=clock)
+
+    def timer(self):
+        """claim_batch's time_to_fill for one claim: seconds left to wait, given those claimed."""
+        window_end = None
+
+        def time_to_fill(claimed):
+            nonlocal window_end
+            if not self.drain.wait_idle(0.01):
+                return 0.0001  # claim what came meanwhile, then ask again
+            if window_end is None:
+                expected = self.arrivals.per_second(claimed) * self.timeout_s
+                window_end = self.clock() + (self.timeout_s if expected >= 1 else 0)
+            return window_end - self.clock()
+        return time_to_fill

@@ -10,7 +10,12 @@ import threading
 
 import numpy as np
 
-from serving.model.classifier import CHECK_TOP_K, PREPROCESSING, ModelLoadError, keras_backend
+from serving.model.classifier import (
+    CHECK_TOP_K,
+    PREPROCESSING,
+    ModelLoadError,
+    keras_backend,
+)
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ Its parts live beside it: heartbeat.py (alive, and how it does), reader.py (uplo
 buffer), meters.py (drain and arrival rates for the fill window), loader_pause.py. Loading a model
 is loader.py's, choosing the batch size batch_size.py's; switching between model versions is
 serving.rollout's (each version runs in a process of its own)."""
-import json
 import logging
 import os
 import threading
@@ -17,9 +16,10 @@ import numpy as np
 
 import settings
 from serving import metrics
-from serving.model.heartbeat import Heartbeat
+from serving.model.claims import Claims
+from serving.model.heartbeat import Heartbeat, model_fields
 from serving.model.loader_pause import LoaderPause
-from serving.model.meters import ArrivalRate, Backoff, DrainMeter
+from serving.model.meters import Backoff, FillWindow
 from serving.model.reader import ImageReader
 from serving.text import model_name
 from serving.wire import job_format, jobqueue
@@ -125,47 +125,33 @@ class ModelWorker:
         self.store = store
         self.keys = Keys(settings.IMAGE_QUEUE)
         self.classifier = classifier
+        self.model_fields = model_fields(classifier)
         self.batch_size = batch_size
-        self.batch_timeout_s = settings.BATCH_TIMEOUT_MS / 1000.0
         self.identity = identity
         self.id = identity["id"]
-        self.stats = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0}
-        self.meter = DrainMeter()
-        self.arrivals = ArrivalRate()
+        self.tally = Tally()
+        self.fill = FillWindow(settings.BATCH_TIMEOUT_MS / 1000.0)
+        self.claims = Claims(store, self.keys, self.id, batch_size, self.fill)
         self.loader_pause = LoaderPause()  # the supervisor names a process loading beside it
-        self.lock = threading.Lock()
         self.stopping = threading.Event()  # SIGTERM: claim no more, finish the batches in hand
         self.drained = threading.Event()  # every lane has finished: stop beating
         self.handing_over = False  # stopping for a warm successor (see stop)
         self.beating = None
-        # One lane claims at a time, so a backlog is taken as full batches and a lane can tell
-        # which claimed jobs no lane holds (left by a claim whose reply was lost).
-        self.claim_lock = threading.Lock()
-        self.held = set()  # entries of the batches the lanes hold
-        self.claims_unsure = False  # a lane failed: the processing list may hold jobs no lane has
-        self.claim_ttl_s = settings.REQUEST_TIMEOUT_S + settings.RESULT_TTL_S
         self.heartbeat = Heartbeat(store, self.keys, self.id, self.heartbeat_fields)
         self.images = ImageReader(classifier.input_shape, settings.DECODE_THREADS or len(
             os.sched_getaffinity(0)), settings.DECODE_BUDGET_BYTES)
 
     def heartbeat_fields(self):
-        classifier = self.classifier
-        with self.lock:
-            stats = dict(self.stats)
         warm = self.handing_over or not self.stopping.is_set()
-        return {**self.identity, "model": classifier.name, "version": classifier.version,
-                "weights": classifier.weights, "labels": len(classifier.labels),
-                "preprocess": classifier.preprocess_name, "batch_size": self.batch_size,
-                "runtime": classifier.runtime, "precision": classifier.precision,
-                "precision_check": json.dumps(classifier.precision_check), "warm": int(warm),
-                "input_shape": ",".join(map(str, classifier.input_shape)),
-                "rate": f"{self.meter.rate():.2f}", "batch_s": f"{self.meter.batch_s():.3f}",
+        return {**self.identity, **self.model_fields, "batch_size": self.batch_size,
+                "warm": int(warm), "rate": f"{self.fill.drain.rate():.2f}",
+                "batch_s": f"{self.fill.drain.batch_s():.3f}",
                 "clock_offset": f"{CLOCK.offset:.3f}",
-                job_format.JOB_FORMAT_FIELD: job_format.JOB_FORMAT, **stats}
+                job_format.JOB_FORMAT_FIELD: job_format.JOB_FORMAT, **self.tally.snapshot()}
 
     def start_beating(self):
         """Publish the first heartbeat, then beat in a thread until leave()."""
-        self.check_redis()
+        warn_if_redis_may_evict(self.store)
         self.heartbeat.try_beat()
         self.beating = threading.Thread(target=self.heartbeat.keep_beating, args=(self.drained,),
                                         name="heartbeat", daemon=True)
@@ -182,7 +168,7 @@ class ModelWorker:
             lane.start()
         for lane in lanes:
             lane.join()
-        log.info("worker %s stopped after %d batches", self.id, self.stats["batches"])
+        log.info("worker %s stopped after %d batches", self.id, self.tally.snapshot()["batches"])
 
     def stop(self, successor=False):
         """Claim no more jobs; the lanes finish their batches. With a warm successor about to
@@ -221,7 +207,7 @@ class ModelWorker:
         """
         claimed, failed = [], True
         try:
-            claimed = self.claim()
+            claimed = self.claims.claim(self.stopping)
             if claimed:
                 self.answer(claimed)
             failed = False
@@ -229,60 +215,8 @@ class ModelWorker:
             log.warning("batch lane: %s: %s", type(exc).__name__, exc,
                         exc_info=not isinstance(exc, REDIS_ERRORS))
         finally:
-            self.release([entry for entry, _ in claimed], failed)
+            self.claims.release([entry for entry, _ in claimed], failed)
         return not failed
-
-    def claim(self):
-        """This lane's next batch, as (entry, body) pairs: jobs that a failed claim left unheld,
-        else new ones."""
-        with self.claim_lock:
-            if self.stopping.is_set():
-                return []
-            if self.claims_unsure:
-                entries = [entry for entry in jobqueue.claimed_jobs(self.store, self.keys, self.id)
-                           if entry not in self.held]
-                # A batch at most: the rest is taken back by the next claim.
-                self.claims_unsure = len(entries) > self.batch_size
-                entries = entries[:self.batch_size]
-                claimed = jobqueue.take_claimed(self.store, self.keys, self.id, entries,
-                                                self.claim_ttl_s) if entries else []
-                if claimed:
-                    log.warning("recovered %d claimed jobs that no lane held", len(claimed))
-            else:
-                claimed = jobqueue.claim_batch(self.store, self.keys, self.id, self.batch_size,
-                                               1.0, self.claim_ttl_s, self.fill_timer())
-                self.arrivals.note(len(claimed))
-            self.held.update(entry for entry, _ in claimed)
-            return claimed
-
-    def fill_timer(self):
-        """claim_batch's time_to_fill: how long a partial batch should wait for more jobs.
-
-        While another lane's forward pass runs, it waits for that pass to end (started beside it,
-        it would share the cores with that pass, and a backlog would be split into a full and a
-        small batch).
-        With the model idle, it waits out BATCH_TIMEOUT_MS only if the recent arrival rate makes
-        another job likely within it: at light load a request never waits for company.
-        """
-        window_end = None
-
-        def time_to_fill(claimed):
-            nonlocal window_end
-            if not self.meter.wait_idle(0.01):
-                return 0.0001  # claim what came meanwhile, then ask again
-            if window_end is None:
-                expected = self.arrivals.per_second(claimed) * self.batch_timeout_s
-                window_end = time.monotonic() + (self.batch_timeout_s if expected >= 1 else 0)
-            return window_end - time.monotonic()
-        return time_to_fill
-
-    def release(self, entries, failed):
-        """Forget a batch that was answered, or that failed: then the next claim recovers what
-        the processing list holds and no lane has. Both in one step, or another lane's claim in
-        between would see the failed batch still held and recover nothing."""
-        with self.claim_lock:
-            self.held.difference_update(entries)
-            self.claims_unsure = self.claims_unsure or failed
 
     def answer(self, claimed):
         """Process one claimed batch and store every job's result.
@@ -291,76 +225,23 @@ class ModelWorker:
         nobody waits for them.
         """
         jobs = parse_jobs(claimed)
-        metered, answered = self.meter.start(), 0
+        metered, answered = self.fill.drain.start(), 0
         try:  # a pass that raises must end too: a meter left running holds every partial batch
             with self.loader_pause:
                 outcome = process_batch(self.classifier, self.images, jobs, CLOCK.now(),
-                                        self.meter.batch_s())
+                                        self.fill.drain.batch_s())
             answered = len(jobs) - len(outcome.expired)
         finally:
-            self.meter.finish(metered, answered)
-        self.account(outcome, answered)
-        passed = self.pass_on(outcome.elsewhere, claimed)
+            self.fill.drain.finish(metered, answered)
+        self.tally.add(outcome, answered)
+        passed = pass_on(self.store, self.keys, self.id, outcome.elsewhere, claimed)
+        if passed and len(passed) == len(claimed):  # they may come back at once: not a spin
+            self.stopping.wait(PASS_ON_PAUSE_S)
         results = {job_id: {**result, "worker": self.id}
                    for job_id, result in outcome.results.items() if job_id not in passed}
+        entries = [entry for entry, _ in claimed if job_id_of(entry) not in passed]
         give_up_at = max((job["deadline"] for job in jobs), default=0)
-        backoff = Backoff()
-        while True:
-            try:
-                return jobqueue.store_results(self.store, self.keys, self.id, results,
-                                              [entry for entry, _ in claimed
-                                               if job_id_of(entry) not in passed],
-                                              settings.RESULT_TTL_S)
-            except REDIS_ERRORS as exc:
-                if CLOCK.now() > give_up_at:
-                    raise  # the claims stay: the next claim takes them back, drops them as expired
-                backoff.wait(f"cannot store results ({exc})", None)
-
-    def pass_on(self, elsewhere, claimed):
-        """Put back on the queue the jobs that name a model version this worker does not serve
-        and another live worker does (during a rollout, a job pinned to the version being
-        replaced); returns their ids. The others get their 404."""
-        if not elsewhere:
-            return set()
-        served = {(model_name(beat["model"]), beat["version"])
-                  for beat in jobqueue.live_workers(self.store, self.keys)
-                  if beat.get("warm") == "1" and beat.get("id") != self.id and "model" in beat}
-        passed = {job_id for job_id, (model, version) in elsewhere.items()
-                  if any(model in (None, name) and version in (None, served_version)
-                         for name, served_version in served)}
-        if passed:
-            jobqueue.requeue_jobs(self.store, self.keys, self.id,
-                                  [entry for entry, _ in claimed if job_id_of(entry) in passed])
-            log.info("passed %d jobs on to the workers of the version they name", len(passed))
-            if len(passed) == len(claimed):  # they may come back at once: not a spin meanwhile
-                self.stopping.wait(PASS_ON_PAUSE_S)
-        return passed
-
-    def account(self, outcome, answered):
-        """Count a processed batch in the heartbeat's figures and the Prometheus metrics."""
-        for job_id in outcome.expired:
-            log.info("job %s dropped: it cannot be answered before its deadline", job_id)
-        metrics.EXPIRED.inc(len(outcome.expired))
-        if outcome.forward_s and not outcome.failed:
-            metrics.BATCH_SIZE.observe(answered)
-            metrics.FORWARD_SECONDS.observe(outcome.forward_s)
-        with self.lock:
-            self.stats["expired"] += len(outcome.expired)
-            self.stats["failed"] += outcome.failed
-            if outcome.forward_s and not outcome.failed:
-                self.stats["batches"] += 1
-                self.stats["jobs"] += answered
-
-    def check_redis(self):
-        """Warn when Redis may evict keys: an evicted job or result is a request lost silently."""
-        try:
-            policy = self.store.info("memory").get("maxmemory_policy", "noeviction")
-        except REDIS_ERRORS as exc:
-            log.warning("cannot read Redis' maxmemory-policy: %s", exc)
-            return
-        if policy != "noeviction":
-            log.warning("Redis' maxmemory-policy is %s: set noeviction, or jobs and results may be "
-                        "evicted under memory pressure and their requests lost", policy)
+        store_with_retry(self.store, self.keys, self.id, results, entries, give_up_at)
 
 
 # A lane that passed its whole batch on waits this long before it claims again.
@@ -389,3 +270,77 @@ def parse_jobs(claimed):
         else:
             jobs.append(job)
     return jobs
+
+
+
+class Tally:
+    """A worker's counts for its heartbeat (batches, jobs, expired, failed), and the Prometheus
+    metrics of each processed batch."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = {"batches": 0, "jobs": 0, "expired": 0, "failed": 0}
+
+    def add(self, outcome, answered):
+        for job_id in outcome.expired:
+            log.info("job %s dropped: it cannot be answered before its deadline", job_id)
+        metrics.EXPIRED.inc(len(outcome.expired))
+        if outcome.forward_s and not outcome.failed:
+            metrics.BATCH_SIZE.observe(answered)
+            metrics.FORWARD_SECONDS.observe(outcome.forward_s)
+        with self.lock:
+            self.counts["expired"] += len(outcome.expired)
+            self.counts["failed"] += outcome.failed
+            if outcome.forward_s and not outcome.failed:
+                self.counts["batches"] += 1
+                self.counts["jobs"] += answered
+
+    def snapshot(self):
+        with self.lock:
+            return dict(self.counts)
+
+
+def store_with_retry(store, keys, worker_id, results, entries, give_up_at):
+    """Store a batch's results and release its entries. While Redis is away they are retried
+    until `give_up_at`, the last job's deadline: after it nobody waits for them (the claims stay:
+    the next claim takes them back and drops them as expired)."""
+    backoff = Backoff()
+    while True:
+        try:
+            return jobqueue.store_results(store, keys, worker_id, results, entries,
+                                          settings.RESULT_TTL_S)
+        except REDIS_ERRORS as exc:
+            if CLOCK.now() > give_up_at:
+                raise
+            backoff.wait(f"cannot store results ({exc})", None)
+
+
+def pass_on(store, keys, worker_id, elsewhere, claimed):
+    """Put back on the queue the jobs that name a model version this worker does not serve and
+    another live worker does (during a rollout, a job pinned to the version being replaced);
+    returns their ids. The others get their 404."""
+    if not elsewhere:
+        return set()
+    served = {(model_name(beat["model"]), beat["version"])
+              for beat in jobqueue.live_workers(store, keys)
+              if beat.get("warm") == "1" and beat.get("id") != worker_id and "model" in beat}
+    passed = {job_id for job_id, (model, version) in elsewhere.items()
+              if any(model in (None, name) and version in (None, served_version)
+                     for name, served_version in served)}
+    if passed:
+        jobqueue.requeue_jobs(store, keys, worker_id,
+                              [entry for entry, _ in claimed if job_id_of(entry) in passed])
+        log.info("passed %d jobs on to the workers of the version they name", len(passed))
+    return passed
+
+
+def warn_if_redis_may_evict(store):
+    """Warn when Redis may evict keys: an evicted job or result is a request lost silently."""
+    try:
+        policy = store.info("memory").get("maxmemory_policy", "noeviction")
+    except REDIS_ERRORS as exc:
+        log.warning("cannot read Redis' maxmemory-policy: %s", exc)
+        return
+    if policy != "noeviction":
+        log.warning("Redis' maxmemory-policy is %s: set noeviction, or jobs and results may be "
+                    "evicted under memory pressure and their requests lost", policy)

@@ -16,92 +16,20 @@ takes the proposal back (the workers return to the last accepted version), so th
 workers started later load is always one that was accepted."""
 import logging
 import os
-import queue
 import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 
-import psutil
-
 import settings
-from serving.rollout.model_process import Channel
-from serving.rollout.priority import can_leave_idle, restore_priority
-from serving.rollout.spec import MALLOC_ARENAS, spec_from_settings, spec_text
+from serving.rollout.children import Children
+from serving.rollout.loader_watch import LoaderWatch
+from serving.rollout.spec import spec_from_settings, spec_text
 from serving.wire import records
 from serving.wire.connection import REDIS_ERRORS, check_login, connect_redis
 from serving.wire.keys import Keys
 
 log = logging.getLogger("keras_server.rollout")
-
-
-from serving import ROOT  # noqa: E402
-
-RUN_KERAS_SERVER = os.path.join(ROOT, "run_keras_server.py")
-
-
-# A new version loads at the lowest priority, held during forward passes, as long as it gets on. One
-# that used less than LOADER_MIN_SHARE of a core over LOADER_WINDOW_S (a busy worker leaves it next
-# to nothing) is held no more; if it still gets too little, it returns to normal priority. Slower
-# answers for a while, rather than a reload that takes longer than any reload waits.
-LOADER_WINDOW_S = 30.0
-
-
-LOADER_MIN_SHARE = 0.1
-
-
-class ModelProcess:
-    """A child process that loads one model version and, when told, serves it."""
-
-    def __init__(self, spec, rollout, order, events):
-        ours, theirs = socket.socketpair()
-        self.process = subprocess.Popen(
-            [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
-        if order["low_priority"] and can_leave_idle(order["niceness"]):
-            # From its first import on, not only once it has its order: it has one thread yet,
-            # and the threads it starts inherit the policy.
-            os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
-        theirs.close()
-        self.channel = Channel(ours)
-        self.spec, self.rollout = spec, rollout
-        self.batch_size = self.input_shape = None  # known once it is warm
-        self.gone = False  # set before its "gone" is queued: a message dropped while handing over
-        self.channel.send(**order)
-        threading.Thread(target=self.relay, args=(events,), daemon=True).start()
-
-    def relay(self, events):
-        """Put each message from the child on the supervisor's queue; "gone" when it closes."""
-        while (message := self.channel.receive()) is not None:
-            events.put((self, message))
-        self.process.wait()  # reaped here, whether it is still serving or long replaced
-        self.gone = True
-        events.put((self, {"state": "gone"}))
-
-    def note_warm(self, message):
-        """Keep what a warm child reports: its successor loads at the same size and shape."""
-        self.batch_size, self.input_shape = message["batch_size"], message["input_shape"]
-
-    def serve(self):
-        self.tell("serve")
-
-    def tell(self, state, **details):
-        try:
-            self.channel.send(state=state, **details)
-        except OSError:  # it has exited: its "gone" is on the way
-            pass
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.send_signal(signal.SIGCONT)  # a held process must run to stop
-
-    def exit_reason(self):
-        self.process.wait(5)
-        return f"the model process exited with status {self.process.returncode}"
 
 
 class Supervisor:
@@ -110,11 +38,10 @@ class Supervisor:
     def __init__(self, store):
         self.store, self.keys = store, Keys(settings.IMAGE_QUEUE)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.events = queue.Queue()
+        self.children = Children(self.id)
         self.serving = self.candidate = None
-        self.loader_mark = None  # the candidate's (when, CPU seconds, held) at its last check
+        self.watch = None  # the candidate's CPU share while it loads
         self.refused = set()  # rollout numbers this worker refused: not tried again
-        self.started = 0
         self.stopping = threading.Event()
 
     def run(self):
@@ -124,38 +51,26 @@ class Supervisor:
                 return 0 if self.stopping.is_set() else 2
             while not self.stopping.is_set():
                 self.follow_wanted()
-                self.spur_starving_candidate()
-                try:
-                    child, message = self.events.get(timeout=settings.HEARTBEAT_INTERVAL_S)
-                except queue.Empty:
-                    continue
-                if child is self.candidate:
+                if self.candidate:  # unheld, or at normal priority, if it gets too little CPU
+                    self.watch.spur(self.serving, self.candidate.spec["version"])
+                child, message = self.children.next_message(settings.HEARTBEAT_INTERVAL_S)
+                if child is not None and child is self.candidate:
                     self.candidate_says(message)
                 if self.serving.gone:  # (its "gone" may have come while handing over)
                     log.error("worker %s: %s", self.id, self.serving.exit_reason())
                     return 1
             return 0
         finally:
-            self.stop_children()
+            Children.stop([child for child in (self.candidate, self.serving) if child])
 
     def start_serving(self):
         """Start the first child: the wanted model, else the last accepted one, else the
         settings'. False if none loads."""
-        wanted, rollout = self.read_wanted()
-        choices = [(wanted, rollout)] if wanted else []
-        try:
-            choices += [(spec, 0) for spec in records.accepted_models(self.store, self.keys)[-1:]]
-        except REDIS_ERRORS:
-            pass
-        choices.append((spec_from_settings(), 0))
-        tried = set()
-        for spec, rollout in choices:
-            if spec_text(spec) in tried:
-                continue
-            tried.add(spec_text(spec))
-            child = self.start(spec, rollout, low_priority=False, batch_size=settings.BATCH_SIZE)
-            state, reason = self.wait_until_warm(child)
-            if state == "stopped":  # not a refusal: stop_children stops it with the others
+        for spec, rollout in first_choices(self.store, self.keys, *self.read_wanted()):
+            child = self.children.start(spec, rollout, low_priority=False,
+                                        batch_size=settings.BATCH_SIZE)
+            state, reason = self.children.wait_until_warm(child, self.stopping)
+            if state == "stopped":  # not a refusal: run stops it with the others
                 self.candidate = child
                 return False
             if state == "warm":
@@ -166,22 +81,6 @@ class Supervisor:
                 return True
             self.refuse(child, reason)
         return False
-
-    def wait_until_warm(self, child):
-        """("warm", None) or ("refused", reason) from a child that is loading."""
-        while not self.stopping.is_set():
-            try:
-                sender, message = self.events.get(timeout=1)
-            except queue.Empty:
-                continue
-            if sender is not child:  # e.g. the "gone" of one refused before it
-                continue
-            if message["state"] == "warm":
-                child.note_warm(message)
-                return "warm", None
-            if message["state"] in ("refused", "gone"):
-                return "refused", message.get("reason") or child.exit_reason()
-        return "stopped", "stopping"
 
     def follow_wanted(self):
         """Start loading the wanted model in a candidate child if it is not the one serving."""
@@ -200,44 +99,11 @@ class Supervisor:
             self.drop_candidate()
         log.info("rollout %d: loading version %s beside version %s", rollout, wanted["version"],
                  self.serving.spec["version"])
-        self.candidate = self.start(wanted, rollout, low_priority=True,
-                                    batch_size=self.serving.batch_size,
-                                    input_shape=self.serving.input_shape)
+        self.candidate = self.children.start(wanted, rollout, low_priority=True,
+                                             batch_size=self.serving.batch_size,
+                                             input_shape=self.serving.input_shape)
         self.serving.tell("loader", pid=self.candidate.process.pid)
-        self.loader_mark = (time.monotonic(), 0.0, True)
-
-    def spur_starving_candidate(self):
-        """A candidate that got less than LOADER_MIN_SHARE of a core over the last
-        LOADER_WINDOW_S goes on unheld; if it still gets too little, at normal priority."""
-        if not (self.candidate and self.loader_mark):
-            return
-        since, cpu_then, held = self.loader_mark
-        now, pid = time.monotonic(), self.candidate.process.pid
-        if now - since < LOADER_WINDOW_S:
-            return
-        try:
-            cpu = sum(psutil.Process(pid).cpu_times()[:2])  # user and system
-        except psutil.Error:
-            return  # it has ended: its "gone" is on the way
-        share = (cpu - cpu_then) / (now - since)
-        if share >= LOADER_MIN_SHARE:
-            self.loader_mark = (now, cpu, held)
-            return
-        self.loader_mark = (now, cpu, False) if held else None  # the next step is the last
-        version = self.candidate.spec["version"]
-        log.warning("version %s got %.2f of a core in the last %.0f s of loading: it loads on %s "
-                    "(requests served meanwhile may slow)", version, share, now - since,
-                    "unheld during forward passes" if held else "at normal priority")
-        if held:
-            self.serving.tell("loader", pid=0)  # the serving process holds it no more
-        try:
-            os.kill(pid, signal.SIGCONT)
-            if not held:
-                restore_priority(os.getpriority(os.PRIO_PROCESS, 0), pid)
-        except ProcessLookupError:
-            pass  # it has ended: its "gone" is on the way
-        except PermissionError as exc:  # (it could return itself, which is all the kernel asks)
-            log.warning("cannot return version %s to normal priority: %s", version, exc)
+        self.watch = LoaderWatch(self.candidate.process.pid)
 
     def candidate_says(self, message):
         """A message from the candidate: warm (take over), refused, or gone."""
@@ -264,37 +130,13 @@ class Supervisor:
         two never compute at once, and some heartbeat says warm throughout."""
         old = self.serving
         old.tell("hand-over")
-        self.wait_for(old, ("drained", "gone"), settings.REQUEST_TIMEOUT_S + 10)
+        self.children.wait_for(old, ("drained", "gone"), settings.REQUEST_TIMEOUT_S + 10)
         new.serve()
-        self.wait_for(new, ("serving", "gone"), 30)
+        self.children.wait_for(new, ("serving", "gone"), 30)
         old.tell("leave")
         self.serving, self.candidate = new, None
         log.info("worker %s now serves version %s (rollout %d)", self.id, new.spec["version"],
                  new.rollout)
-
-    def wait_for(self, child, states, timeout_s):
-        """Wait until `child` says one of `states` (other messages are dropped: while handing
-        over nothing else happens); on a timeout, kill it."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not child.gone:  # its "gone" may be dropped already
-            try:
-                sender, message = self.events.get(timeout=1)
-            except queue.Empty:
-                continue
-            if sender is child and message["state"] in states:
-                return
-        if not child.gone:
-            log.warning("version %s did not answer in time; killed", child.spec["version"])
-            child.process.kill()
-
-    def start(self, spec, rollout, low_priority, batch_size, input_shape=None):
-        self.started += 1
-        order = {"spec": spec, "rollout": rollout, "low_priority": low_priority,
-                 "batch_size": batch_size, "input_shape": input_shape,
-                 "niceness": os.getpriority(os.PRIO_PROCESS, 0),
-                 "identity": {"id": f"{self.id}/{self.started}", "supervisor": self.id,
-                              "pid": os.getpid(), "spec": spec_text(spec), "rollout": rollout}}
-        return ModelProcess(spec, rollout, order, self.events)
 
     def refuse(self, child, reason):
         log.error("worker %s refuses version %s: %s", self.id, child.spec["version"], reason)
@@ -314,15 +156,20 @@ class Supervisor:
         except REDIS_ERRORS as exc:
             log.warning("cannot record %s in Redis: %s", function.__name__, exc)
 
-    def stop_children(self):
-        children = [child for child in (self.candidate, self.serving) if child]
-        for child in children:
-            child.stop()
-        for child in children:
-            try:
-                child.process.wait(settings.REQUEST_TIMEOUT_S + 10)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
+
+def first_choices(store, keys, wanted, rollout):
+    """[(spec, rollout)] to start with, each spec once: the wanted, the last accepted, the
+    settings'."""
+    choices = [(wanted, rollout)] if wanted else []
+    try:
+        choices += [(spec, 0) for spec in records.accepted_models(store, keys)[-1:]]
+    except REDIS_ERRORS:
+        pass
+    choices.append((spec_from_settings(), 0))
+    unique = {}
+    for spec, number in choices:
+        unique.setdefault(spec_text(spec), (spec, number))
+    return list(unique.values())
 
 
 def run_supervisor():

@@ -11,7 +11,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 import settings
-from serving.wire.urls import cluster_address, sentinel_address
+from serving.redis_urls import cluster_address, sentinel_address
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def test_every_variable_is_a_setting(compose, gpu_override):
 
 
 def test_redis_defines_the_services_users_and_each_tier_logs_in_as_its_own(compose):
-    """(tests/test_redis_acl.py runs redis-server with these arguments, and the tiers with
+    """(tests/wire/test_redis_acl.py runs redis-server with these arguments, and the tiers with
     these users, and shows that every path of the service works within them.)"""
     services = compose["services"]
     command = services["redis"]["command"]

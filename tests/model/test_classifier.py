@@ -107,7 +107,7 @@ def test_runtime_auto_serves_a_model_it_cannot_convert_with_keras_and_says_so(tm
     pixels = random_pixels(2, (8, 8, 1))
     expected = odd.predict_batch(pixels)
 
-    with caplog.at_level(logging.WARNING, logger="classifier"):
+    with caplog.at_level(logging.WARNING, logger="serving.model.openvino_runtime"):
         use_openvino(odd, "odd", 0, str(tmp_path), required=False)
 
     assert odd.runtime == "keras"

@@ -7,12 +7,13 @@ import time
 import numpy as np
 import pytest
 
+import settings
+
 from serving.wire import job_format
-from conftest import distinct_images, image_bytes, tiny_direct, wait_until
+from conftest import Clock, distinct_images, image_bytes, tiny_direct, wait_until
 from serving.wire.job_format import decode_array
 from serving.images import prepare_image
-from serving.model.meters import ArrivalRate
-from serving.model.meters import DrainMeter
+from serving.model.meters import ArrivalRate, DrainMeter, FillWindow
 from serving.model.reader import ImageReader
 from serving.model.worker import process_batch
 
@@ -167,14 +168,6 @@ def test_a_model_whose_output_is_not_a_number_fails_those_jobs_with_500_in_valid
     json.loads(json.dumps(outcome.results, allow_nan=False))
 
 
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_two_lanes_at_once_count_their_busy_time_once():
     clock = Clock()
     meter = DrainMeter(clock=clock)
@@ -268,3 +261,20 @@ def test_a_loading_process_is_held_while_forward_passes_run_and_goes_on_between_
             pass
     finally:
         loader.kill()
+
+
+def test_a_partial_batch_waits_for_company_only_when_it_is_likely_and_never_beside_a_pass():
+    """The fill window at the default BATCH_TIMEOUT_MS: no wait at light load, the whole window
+    when the arrival rate makes another job likely within it, and a short look while another
+    lane's forward pass runs."""
+    clock = Clock()
+    fill = FillWindow(settings.BATCH_TIMEOUT_MS / 1000, clock=clock)
+    assert fill.timer()(1) <= 0  # 1 job a second: another within the window is unlikely
+    fill.arrivals.note(1000)  # 1,000 a second
+    time_to_fill = fill.timer()
+    assert time_to_fill(1) == pytest.approx(settings.BATCH_TIMEOUT_MS / 1000)
+    clock.now += 0.002
+    assert time_to_fill(2) == pytest.approx(settings.BATCH_TIMEOUT_MS / 1000 - 0.002)
+    running = fill.drain.start()
+    assert time_to_fill(2) == 0.0001  # claim what came meanwhile, and ask again
+    fill.drain.finish(running, 2)

@@ -21,7 +21,7 @@ from serving.wire import records
 from conftest import (ROOT, digits_settings, free_port, metric, post_image, reload, reload_args,
                       stop, wait_until, worker_stats)
 from serving.images import prepare_image
-from serving.rollout.supervisor import LOADER_WINDOW_S
+from serving.rollout.loader_watch import LOADER_WINDOW_S
 
 
 def direct_probabilities(folder, images):
@@ -320,7 +320,8 @@ def test_reload_imports_no_deep_learning_framework_and_the_worker_refuses_what_d
     for what, (args, expected_status, phrase) in runs.items():
         status, log, imported = reload_importing(service, *args)
         assert status == expected_status and phrase in log, f"{what}: {status}\n{log}"
-        assert {"redis", "flask", "classifier", "rollout"} <= imported, what  # (read them all)
+        assert {"redis", "settings", "serving.rollout.reload", "serving.wire.records"} <= imported, \
+            what  # (the parse read them all)
         assert not {name.split(".")[0] for name in imported} & FRAMEWORKS, (what, sorted(
             name for name in imported if name.split(".")[0] in FRAMEWORKS))
     assert versions_served(redis_client, keys) == {str(worker.pid): "2"}

@@ -4,7 +4,10 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+import psutil
+
+from conftest import ROOT, Clock, wait_until
+from serving.rollout.loader_watch import LOADER_MIN_SHARE, LOADER_WINDOW_S, LoaderWatch
 from serving.rollout.spec import spec_text
 from serving.rollout.reload import workers_not_serving
 
@@ -12,7 +15,7 @@ from serving.rollout.reload import workers_not_serving
 def test_a_loading_process_and_the_threads_it_starts_idle_then_all_return_to_normal():
     script = textwrap.dedent("""
         import os, threading
-        from rollout import lower_priority, restore_priority
+        from serving.rollout.priority import lower_priority, restore_priority
 
         def policies():
             return {os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
@@ -41,3 +44,40 @@ def test_reload_waits_for_every_process_of_every_worker():
              {"supervisor": "c", "spec": new, "warm": "0"}]  # c's is not warm
     assert workers_not_serving(beats, new) == ["b", "c"]
     assert workers_not_serving(beats[:2], new) == []
+
+
+def test_a_loader_starved_of_cpu_is_unheld_then_returned_to_normal_priority_and_then_left():
+    """LoaderWatch at its defaults (LOADER_WINDOW_S, LOADER_MIN_SHARE), on a real process that
+    uses no CPU: one step per window, each once."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        clock = Clock()
+        watch = LoaderWatch(sleeper.pid, clock=clock)
+        assert watch.step() is None  # the window is not over
+        clock.now += LOADER_WINDOW_S
+        action, share, seconds = watch.step()
+        assert action == "unhold" and share < LOADER_MIN_SHARE and seconds == LOADER_WINDOW_S
+        assert watch.step() is None
+        clock.now += LOADER_WINDOW_S
+        assert watch.step()[0] == "normal priority"
+        clock.now += LOADER_WINDOW_S
+        assert watch.step() is None  # nothing left to give it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_loader_that_gets_its_share_of_cpu_is_left_held():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        clock = Clock()
+        watch = LoaderWatch(spinner.pid, clock=clock)
+        process = psutil.Process(spinner.pid)
+        # Its CPU time reaches the share of one window, however busy the machine is.
+        wait_until(lambda: sum(process.cpu_times()[:2]) >= LOADER_MIN_SHARE * LOADER_WINDOW_S,
+                   timeout=60, what="the spinner's CPU time")
+        clock.now += LOADER_WINDOW_S
+        assert watch.step() is None and watch.held
+    finally:
+        spinner.kill()
+        spinner.wait()

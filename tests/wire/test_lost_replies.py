@@ -147,7 +147,7 @@ def test_jobs_whose_claim_reply_is_lost_are_answered_once_by_the_next_claim(
     assert worker.serve_once() and worker.serve_once()  # the one taken back, then the rest
 
     assert redis_client.llen(keys.queue) == 0
-    assert redis_client.llen(keys.processing(worker.id)) == 0 and not worker.held
+    assert redis_client.llen(keys.processing(worker.id)) == 0 and not worker.claims.held
     assert not redis_client.keys(keys.job("*"))  # every body released with its answer
     for job, data in zip(jobs, images):
         results = redis_client.lrange(keys.result(job.id), 0, -1)
@@ -171,12 +171,12 @@ def test_claims_taken_back_come_a_batch_at_a_time(store, redis_client, tiny_mode
     jobqueue.enqueue_jobs(store, keys, jobs, 100, 10**9)
     while redis_client.lmove(keys.queue, keys.processing(worker.id)):  # claimed, replies lost
         pass
-    worker.claims_unsure = True
+    worker.claims.unsure = True
 
     sizes = []
     for _ in range(2):
         assert worker.serve_once()
-        sizes.append(worker.stats["jobs"] - sum(sizes))
+        sizes.append(worker.tally.snapshot()["jobs"] - sum(sizes))
     assert sizes == [4, 2]
     assert redis_client.llen(keys.processing(worker.id)) == 0
     assert all(redis_client.exists(keys.result(job.id)) for job in jobs)

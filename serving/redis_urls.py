@@ -1,4 +1,5 @@
-"""Redis URLs that name several nodes: Sentinel and Cluster."""
+"""Redis URLs that name several nodes, Sentinel's and Cluster's: read by settings.py to check them
+at start, and by wire/connection.py to connect."""
 from urllib.parse import unquote, urlsplit
 
 from serving.text import is_whole_number

@@ -1,0 +1,133 @@
+"""A supervisor's model processes: each started with its order, and what they say, on one queue."""
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import settings
+from serving import ROOT
+from serving.rollout.model_process import Channel
+from serving.rollout.priority import can_leave_idle
+from serving.rollout.spec import MALLOC_ARENAS, spec_text
+
+log = logging.getLogger("keras_server.rollout")
+RUN_KERAS_SERVER = os.path.join(ROOT, "run_keras_server.py")
+
+
+class ModelProcess:
+    """A child process that loads one model version and, when told, serves it."""
+
+    def __init__(self, spec, rollout, order, events):
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
+        if order["low_priority"] and can_leave_idle(order["niceness"]):
+            # From its first import on, not only once it has its order: it has one thread yet,
+            # and the threads it starts inherit the policy.
+            os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
+        theirs.close()
+        self.channel = Channel(ours)
+        self.spec, self.rollout = spec, rollout
+        self.batch_size = self.input_shape = None  # known once it is warm
+        self.gone = False  # set before its "gone" is queued: a message dropped while handing over
+        self.channel.send(**order)
+        threading.Thread(target=self.relay, args=(events,), daemon=True).start()
+
+    def relay(self, events):
+        """Put each message from the child on the supervisor's queue; "gone" when it closes."""
+        while (message := self.channel.receive()) is not None:
+            events.put((self, message))
+        self.process.wait()  # reaped here, whether it is still serving or long replaced
+        self.gone = True
+        events.put((self, {"state": "gone"}))
+
+    def note_warm(self, message):
+        """Keep what a warm child reports: its successor loads at the same size and shape."""
+        self.batch_size, self.input_shape = message["batch_size"], message["input_shape"]
+
+    def serve(self):
+        self.tell("serve")
+
+    def tell(self, state, **details):
+        try:
+            self.channel.send(state=state, **details)
+        except OSError:  # it has exited: its "gone" is on the way
+            pass
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.send_signal(signal.SIGCONT)  # a held process must run to stop
+
+    def exit_reason(self):
+        self.process.wait(5)
+        return f"the model process exited with status {self.process.returncode}"
+
+
+class Children:
+    """The model processes of one supervisor, and the queue where their messages arrive."""
+
+    def __init__(self, supervisor_id):
+        self.supervisor_id = supervisor_id
+        self.events = queue.Queue()
+        self.started = 0
+
+    def start(self, spec, rollout, low_priority, batch_size, input_shape=None):
+        self.started += 1
+        order = {"spec": spec, "rollout": rollout, "low_priority": low_priority,
+                 "batch_size": batch_size, "input_shape": input_shape,
+                 "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+                 "identity": {"id": f"{self.supervisor_id}/{self.started}",
+                              "supervisor": self.supervisor_id, "pid": os.getpid(),
+                              "spec": spec_text(spec), "rollout": rollout}}
+        return ModelProcess(spec, rollout, order, self.events)
+
+    def next_message(self, timeout_s):
+        """(child, message), or (None, None) if none came within timeout_s."""
+        try:
+            return self.events.get(timeout=timeout_s)
+        except queue.Empty:
+            return None, None
+
+    def wait_until_warm(self, child, stopping):
+        """("warm", None) or ("refused", reason) from a child that is loading; ("stopped", ...)
+        once `stopping` is set."""
+        while not stopping.is_set():
+            sender, message = self.next_message(1)
+            if sender is not child:  # e.g. the "gone" of one refused before it
+                continue
+            if message["state"] == "warm":
+                child.note_warm(message)
+                return "warm", None
+            if message["state"] in ("refused", "gone"):
+                return "refused", message.get("reason") or child.exit_reason()
+        return "stopped", "stopping"
+
+    def wait_for(self, child, states, timeout_s):
+        """Wait until `child` says one of `states` (other messages are dropped: while handing
+        over nothing else happens); on a timeout, kill it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not child.gone:  # its "gone" may be dropped already
+            sender, message = self.next_message(1)
+            if sender is child and message["state"] in states:
+                return
+        if not child.gone:
+            log.warning("version %s did not answer in time; killed", child.spec["version"])
+            child.process.kill()
+
+    @staticmethod
+    def stop(children):
+        """Stop each child, letting it finish its requests, and kill what does not stop."""
+        for child in children:
+            child.stop()
+        for child in children:
+            try:
+                child.process.wait(settings.REQUEST_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                child.process.kill()

@@ -1,0 +1,69 @@
+"""How much CPU a loading model version gets, and when to stop holding it back.
+
+A new version loads at the lowest priority, held during forward passes, as long as it gets on. One
+that used less than LOADER_MIN_SHARE of a core over LOADER_WINDOW_S (a busy worker leaves it next
+to nothing) is held no more; if it still gets too little, it returns to normal priority. Slower
+answers for a while, rather than a reload that takes longer than any reload waits."""
+import logging
+import os
+import signal
+import time
+
+import psutil
+
+from serving.rollout.priority import restore_priority
+
+log = logging.getLogger("keras_server.rollout")
+
+LOADER_WINDOW_S = 30.0
+LOADER_MIN_SHARE = 0.1
+
+
+class LoaderWatch:
+    """The CPU share of one loading process, window by window: `step()` says when to unhold it,
+    then when to return it to normal priority."""
+
+    def __init__(self, pid, window_s=LOADER_WINDOW_S, min_share=LOADER_MIN_SHARE,
+                 clock=time.monotonic):
+        self.pid, self.window_s, self.min_share, self.clock = pid, window_s, min_share, clock
+        self.since, self.cpu_then = clock(), 0.0
+        self.held, self.done = True, False
+
+    def step(self):
+        """None while the process gets its share (or the window is not over); else what to do
+        now, "unhold" or then "normal priority", with the share it got and over how long."""
+        now = self.clock()
+        if self.done or now - self.since < self.window_s:
+            return None
+        try:
+            cpu = sum(psutil.Process(self.pid).cpu_times()[:2])  # user and system
+        except psutil.Error:
+            return None  # it has ended: its "gone" is on the way
+        share, seconds = (cpu - self.cpu_then) / (now - self.since), now - self.since
+        self.since, self.cpu_then = now, cpu
+        if share >= self.min_share:
+            return None
+        step = "unhold" if self.held else "normal priority"
+        self.done, self.held = not self.held, False
+        return step, share, seconds
+
+    def spur(self, serving, version):
+        """Act on step(): tell the serving process to hold the loader no more, or return the
+        loader to normal priority."""
+        step = self.step()
+        if not step:
+            return
+        action, share, seconds = step
+        log.warning("version %s got %.2f of a core in the last %.0f s of loading: it loads on %s "
+                    "(requests served meanwhile may slow)", version, share, seconds,
+                    "unheld during forward passes" if action == "unhold" else "at normal priority")
+        if action == "unhold":
+            serving.tell("loader", pid=0)  # the serving process holds it no more
+        try:
+            os.kill(self.pid, signal.SIGCONT)
+            if action == "normal priority":
+                restore_priority(os.getpriority(os.PRIO_PROCESS, 0), self.pid)
+        except ProcessLookupError:
+            pass  # it has ended: its "gone" is on the way
+        except PermissionError as exc:  # (it could return itself, which is all the kernel asks)
+            log.warning("cannot return version %s to normal priority: %s", version, exc)
