@@ -147,8 +147,7 @@ def reload(version, env, origin):
 
 
 def measure_reloads(args, workdir, image):
-    from run_keras_server import start_private_redis
-    from run_keras_server import stop_processes
+    from serving.processes import start_private_redis, stop_processes
 
     redis_process, redis_url = start_private_redis(workdir)  # one `reload` can reach too
     overrides = {"REDIS_URL": redis_url, **({"RUNTIME": args.runtime} if args.runtime else {})}

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import settings  # noqa: E402
-from run_keras_server import start_private_redis, stop_processes  # noqa: E402
+from serving.processes import start_private_redis, stop_processes  # noqa: E402
 
 log = logging.getLogger("keras_server.topology")
 NGINX_TEMPLATE = os.path.join(ROOT, "deploy", "nginx.conf")

@@ -8,8 +8,10 @@
 - rollout/  model versions: the supervisor, the process that serves one version, `reload`.
 
 images.py, errors.py, text.py, redis_urls.py and metrics.py are shared by the web tier and the
-model worker; settings.py (at the root) reads text.py and redis_urls.py only.
+model worker; settings.py (at the root) reads text.py and redis_urls.py only. processes.py runs
+the whole service on one machine.
 """
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's root
+RUN_KERAS_SERVER = os.path.join(ROOT, "run_keras_server.py")  # every process's command

@@ -10,13 +10,12 @@ import threading
 import time
 
 import settings
-from serving import ROOT
+from serving import RUN_KERAS_SERVER
 from serving.rollout.model_process import Channel
 from serving.rollout.priority import can_leave_idle
 from serving.rollout.spec import MALLOC_ARENAS, spec_text
 
 log = logging.getLogger("keras_server.rollout")
-RUN_KERAS_SERVER = os.path.join(ROOT, "run_keras_server.py")
 
 
 class ModelProcess:

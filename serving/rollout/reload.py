@@ -35,7 +35,7 @@ def run_reload(args):
     # SIGTERM as an exception, as Ctrl-C is: a proposal made by now is taken back (roll_out).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # Ctrl-C too where a shell started this in the background: it hands SIGINT ignored, and
-    # Python would keep it so (as run_keras_server.py's run_all does).
+    # Python would keep it so (as serving.processes.run_all does).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     store, keys = connect_redis(), Keys(settings.IMAGE_QUEUE)
     try:
