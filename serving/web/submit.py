@@ -26,7 +26,7 @@ log = logging.getLogger("keras_server.web")
 
 # A job is admitted only if the work queued ahead of it, at the workers' measured rate, ends within
 # this share of its time left: the rest absorbs the noise in that rate, so an admitted request is
-# answered, not timed out (see WorkerView.admissible_depth).
+# answered, not timed out (see WorkerView.depth_bound_at_enqueue).
 ADMISSION_SHARE = 0.8
 
 
@@ -50,7 +50,7 @@ def submit(store, keys, workers, jobs, deadline, connection):
     workers.check_job_format()
     try:
         workers.depth_seen = jobqueue.enqueue_jobs(
-            store, keys, jobs, workers.admissible_depth(deadline - time.time()),
+            store, keys, jobs, workers.depth_bound_at_enqueue(deadline - time.time()),
             settings.MAX_QUEUE_BYTES)
     except jobqueue.QueueFull as full:
         workers.depth_seen = full.depth
@@ -143,7 +143,7 @@ def admit_or_refuse(store, keys, workers, deadline):
     if time_left <= 0:
         raise ServiceError("the request waited longer than its deadline before the service could "
                            "look at it", 504)
-    bound = workers.admission_depth(time_left)
+    bound = workers.depth_bound_at_arrival(time_left)
     # The queue is read only when this process last saw it half-way to the bound: a round trip
     # saved on every request in normal operation. (The enqueue checks the bound atomically anyway;
     # this check saves decoding an upload that would be refused.)
@@ -218,20 +218,22 @@ class WorkerView:
         batch_s = max((float(beat.get("batch_s", 0)) for beat in warm), default=0.0)
         return rate, batch_s
 
-    def admissible_depth(self, time_left):
-        """Most jobs that may wait ahead of a new one that has time_left seconds: as many as the
-        workers answer in ADMISSION_SHARE of it (after one batch of its own), at most
-        MAX_QUEUE_LENGTH, and always at least 1 (an empty queue takes any job)."""
+    def depth_bound_at_enqueue(self, time_left):
+        """The bound the enqueue script holds the queue to: the most jobs that may wait ahead of
+        a new one that has time_left seconds, as many as the workers answer in ADMISSION_SHARE of
+        it (after one batch of its own), at most MAX_QUEUE_LENGTH, and always at least 1 (an empty
+        queue takes any job)."""
         rate, batch_s = self.capacity()
         if rate <= 0:
             return settings.MAX_QUEUE_LENGTH
         fits = math.floor((time_left * ADMISSION_SHARE - batch_s) * rate)
         return max(1, min(settings.MAX_QUEUE_LENGTH, fits))
 
-    def admission_depth(self, time_left):
-        """The bound of the check before decoding: admissible_depth, ADMISSION_MARGIN_S of the
-        workers' work shorter (taken from the time left, so before the MAX_QUEUE_LENGTH cap)."""
-        return self.admissible_depth(time_left - ADMISSION_MARGIN_S / ADMISSION_SHARE)
+    def depth_bound_at_arrival(self, time_left):
+        """The bound of the check when a request arrives, before its upload is read:
+        depth_bound_at_enqueue, ADMISSION_MARGIN_S of the workers' work shorter (taken from the
+        time left, so before the MAX_QUEUE_LENGTH cap)."""
+        return self.depth_bound_at_enqueue(time_left - ADMISSION_MARGIN_S / ADMISSION_SHARE)
 
     def seconds_until_admitted(self, depth, count=1):
         """Whole seconds until the workers have drained `depth` queued jobs down to what a new
@@ -240,5 +242,5 @@ class WorkerView:
         rate, _ = self.capacity()
         if rate <= 0:
             return 1
-        excess = depth - self.admission_depth(settings.REQUEST_TIMEOUT_S) + count
+        excess = depth - self.depth_bound_at_arrival(settings.REQUEST_TIMEOUT_S) + count
         return max(1, min(math.ceil(excess / rate), math.ceil(settings.REQUEST_TIMEOUT_S)))

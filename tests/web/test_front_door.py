@@ -128,7 +128,7 @@ def test_retry_after_is_the_first_second_at_which_the_check_before_decoding_admi
     jobqueue.publish_heartbeat(redis_client, keys, "worker", {
         "warm": "1", "rate": f"{rate:.2f}", "batch_s": f"{batch_s:.3f}"}, 60, 60)
     workers = WorkerView(redis_client, keys)
-    bound = workers.admission_depth(settings.REQUEST_TIMEOUT_S)  # what a retry meets first
+    bound = workers.depth_bound_at_arrival(settings.REQUEST_TIMEOUT_S)  # what a retry meets first
     assert 1 <= bound <= settings.MAX_QUEUE_LENGTH
     for depth in range(bound, bound + int(rate * settings.REQUEST_TIMEOUT_S / 2)):
         for count in (1, 3):
