@@ -17,13 +17,8 @@ from serving.errors import ServiceError
 # explicitly before decoding, so the library's is switched off to keep one rule.
 Image.MAX_IMAGE_PIXELS = None
 
-
 WHITE = (255, 255, 255, 255)
-
-
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
-
-
 ORIENTATION = 0x0112  # EXIF: 5 to 8 turn the picture by a quarter
 
 
@@ -102,8 +97,6 @@ def decode_reduced(image, size, channels):
 # buffers). A JPEG is decoded row by row into one such image, at the scale set by decode_reduced,
 # except a progressive one (below).
 DECODING_BYTES_PER_PIXEL = 16
-
-
 JPEG_BYTES_PER_PIXEL = 8
 
 

@@ -27,7 +27,6 @@ from serving.wire.connection import REDIS_ERRORS
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-
 # Both tiers
 CLOCK_OFFSET = Gauge("keras_clock_offset_seconds",
                      "Redis's clock minus this process's host's, as last measured (deadlines are "
@@ -35,38 +34,24 @@ CLOCK_OFFSET = Gauge("keras_clock_offset_seconds",
                      "NTP.",
                      multiprocess_mode="liveall")
 
-
 # Web tier
 REQUESTS = Counter("keras_requests_total", "Answers of /predict and /v2 infer, by HTTP status.",
                    ["status"])
-
-
 REQUEST_SECONDS = Histogram("keras_request_seconds", "Time to answer /predict or /v2 infer.",
                             buckets=LATENCY_BUCKETS)
-
-
 OVERLOAD_REFUSALS = Counter("keras_overload_refusals_total",
                             "Requests refused because the queue was full: at 'admission', before "
                             "the upload was decoded, or at 'enqueue', after.", ["stage"])
-
-
 QUEUE_WAIT_SECONDS = Histogram("keras_queue_wait_seconds",
                                "Time an answered job waited in the queue before its batch ran.",
                                buckets=LATENCY_BUCKETS)
 
-
 # Model worker
 BATCH_SIZE = Histogram("keras_batch_size", "Images per forward pass.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-
-
 FORWARD_SECONDS = Histogram("keras_forward_pass_seconds", "Time of one forward pass.",
                             buckets=LATENCY_BUCKETS)
-
-
 EXPIRED = Counter("keras_jobs_expired_total", "Jobs dropped unanswered: past their deadline.")
-
-
 REQUEUED = Counter("keras_jobs_requeued_total", "Claimed jobs of dead workers put back on the queue.")
 
 

@@ -28,8 +28,6 @@ def warm_up(classifier, batch_size, time_limit_s):
 # AUTO_ROUND_S; AUTO_ROUNDS interleaved rounds time them all. Start-up pays at most about
 # (AUTO_ROUNDS + 2) x AUTO_ROUND_S (two untimed passes per size first).
 AUTO_ROUNDS = 7
-
-
 AUTO_ROUND_S = 2.0
 
 

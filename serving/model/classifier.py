@@ -12,8 +12,6 @@ import numpy as np
 # memory when they start, leaving the next too little; they take it as needed instead, unless the
 # environment says otherwise. Set before either is imported (every import of Keras is below).
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-
-
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -197,3 +195,16 @@ def keras_backend():
     import keras
 
     return keras.backend.backend()
+
+
+def device_name():
+    """Where forward passes run: the first GPU if Keras' backend sees one, else the CPU."""
+    if keras_backend() == "jax":  # Keras on JAX: used where TensorFlow's CUDA is missing
+        import jax
+
+        gpus = [device for device in jax.devices() if device.platform == "gpu"]
+        return f"GPU:{gpus[0].id}" if gpus else "CPU"
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return gpus[0].name.replace("/physical_device:", "") if gpus else "CPU"

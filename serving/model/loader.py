@@ -8,13 +8,13 @@ from serving.model.classifier import (
     Classifier,
     ModelLoadError,
     build_application,
+    device_name,
     keras_backend,
     load_labels,
     load_model_file,
 )
 from serving.model.openvino_runtime import (
     cache_key,
-    device_name,
     set_precision,
     use_openvino,
 )

@@ -14,7 +14,6 @@ from serving.model.classifier import (
     CHECK_TOP_K,
     PREPROCESSING,
     ModelLoadError,
-    keras_backend,
 )
 
 log = logging.getLogger(__name__)
@@ -258,16 +257,3 @@ def cache_key(model, weights, seed, version):
     parts = [identity(model), identity(weights), seed if weights == "none" else "", version,
              keras.__version__, openvino.__version__]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-
-
-def device_name():
-    """Where forward passes run: the first GPU if Keras' backend sees one, else the CPU."""
-    if keras_backend() == "jax":  # Keras on JAX: used where TensorFlow's CUDA is missing
-        import jax
-
-        gpus = [device for device in jax.devices() if device.platform == "gpu"]
-        return f"GPU:{gpus[0].id}" if gpus else "CPU"
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    return gpus[0].name.replace("/physical_device:", "") if gpus else "CPU"

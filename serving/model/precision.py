@@ -18,28 +18,15 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-
-
 # OpenVINO's inference precision for each. INT8 computes its quantized layers in int8 and the rest
 # in FP32, so that its check measures the quantization alone.
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
-
-
 # The 16-bit precisions `auto` may take, by the capability OpenVINO reports for the CPU.
 CAPABILITIES = {"bf16": "BF16", "fp16": "FP16"}
-
-
 CALIBRATION_LIMIT = 300  # images read from CALIBRATION_IMAGES at most (NNCF's default subset)
-
-
 SEEDED_IMAGES = 64  # the check's images without CALIBRATION_IMAGES
-
-
 AUTO_ROUNDS = 3  # interleaved timings of each candidate for `auto`
-
-
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 
 

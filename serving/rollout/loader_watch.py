@@ -27,13 +27,17 @@ class LoaderWatch:
                  clock=time.monotonic):
         self.pid, self.window_s, self.min_share, self.clock = pid, window_s, min_share, clock
         self.since, self.cpu_then = clock(), 0.0
-        self.held, self.done = True, False
+        self.steps = ["unhold", "normal priority"]  # what is left to give it, in order
+
+    @property
+    def held(self):
+        return len(self.steps) == 2
 
     def step(self):
         """None while the process gets its share (or the window is not over); else what to do
         now, "unhold" or then "normal priority", with the share it got and over how long."""
         now = self.clock()
-        if self.done or now - self.since < self.window_s:
+        if not self.steps or now - self.since < self.window_s:
             return None
         try:
             cpu = sum(psutil.Process(self.pid).cpu_times()[:2])  # user and system
@@ -43,9 +47,7 @@ class LoaderWatch:
         self.since, self.cpu_then = now, cpu
         if share >= self.min_share:
             return None
-        step = "unhold" if self.held else "normal priority"
-        self.done, self.held = not self.held, False
-        return step, share, seconds
+        return self.steps.pop(0), share, seconds
 
     def spur(self, serving, version):
         """Act on step(): tell the serving process to hold the loader no more, or return the

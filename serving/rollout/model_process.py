@@ -34,7 +34,7 @@ def run_model_process(fd):
     """The `model-process` command (started by the supervisor): load, check and warm up the
     model it is told, say so, serve it once told to, and hand over to a successor when told."""
     from serving.model.batch_size import warm_up
-    from serving.model.openvino_runtime import device_name
+    from serving.model.classifier import device_name
     from serving.model.worker import ModelWorker
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # until it serves, Ctrl-C just ends it

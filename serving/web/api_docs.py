@@ -153,22 +153,12 @@ class ModelInfo(BaseModel):
 
 
 OPERATIONS = ["Operations"]
-
-
 HEALTH = dict(resp=Response(HTTP_200=Health), tags=OPERATIONS)
-
-
 READY = dict(resp=Response(HTTP_200=Readiness, HTTP_503=(Readiness, "no warm model worker")),
              tags=OPERATIONS)
-
-
 MODEL = dict(resp=Response(HTTP_200=ModelInfo, HTTP_503=(Error, "no warm model worker")),
              tags=OPERATIONS)
-
-
 METRICS = dict(resp=Response(HTTP_200=(None, "Prometheus' text format")), tags=OPERATIONS)
-
-
 PAGE = dict(resp=Response(HTTP_200=(None, "HTML, JavaScript, CSS or JSON")), tags=["Pages"])
 
 
@@ -257,22 +247,12 @@ def protocol(**answers):
 
 
 V2_SERVER = protocol(HTTP_200=ServerMetadata)
-
-
 V2_LIVE = protocol(HTTP_200=Live)
-
-
 V2_READY = protocol(HTTP_200=Ready, HTTP_503="no warm model worker")
-
-
 V2_MODEL = protocol(HTTP_200=ModelMetadata, HTTP_404="no such model or version",
                     HTTP_503="no warm model worker")
-
-
 V2_MODEL_READY = protocol(HTTP_200=ModelReady, HTTP_404="no such model or version",
                           HTTP_503="no warm model worker")
-
-
 V2_INFER = dict(json=InferRequest, headers=Deadline, **protocol(
     HTTP_200=InferResponse,
     HTTP_400="a malformed request, tensor or image",

@@ -22,8 +22,6 @@ from serving.wire.keys import Keys
 log = logging.getLogger("keras_server")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 PAGE_FOLDER = os.path.join(HERE, "static")  # the page at / and its assets, served offline
 
 

@@ -48,29 +48,17 @@ from serving.web.v2_tensors import (
 from serving.wire.job_format import decode_array, new_job
 
 OUTPUT = "probabilities"
-
-
 EXTENSIONS = ["binary_tensor_data", "classification"]
-
-
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-
 INLINE_PARSE_BYTES = 256 * 1024  # bodies parsed on the event loop; larger ones in a thread
-
-
 # What parsing a body takes at its peak (held from the decoding budget, as an image's decoding
 # is), counted in its raw bytes before it is parsed, measured with tracemalloc and set above the
 # highest seen: each JSON value a list slot and then numpy's int64 (measured 17 bytes), each JSON
 # list an object (measured 100-125), each byte of JSON text its share of strings (measured 5),
 # each byte of binary data its copy as elements.
 BYTES_PER_VALUE, BYTES_PER_LIST, BYTES_PER_JSON_BYTE = 24, 128, 6
-
-
 # Values and lists that a request's fields besides its input's data may hold.
 HEADER_ALLOWANCE = 64
-
-
 DECLARED_SHAPE = re.compile(rb'"shape"\s*:\s*\[([\d\s,]*)\]')
 
 

@@ -32,8 +32,6 @@ from serving.wire.connection import REDIS_ERRORS
 from serving.wire.job_format import new_job
 
 log = logging.getLogger("keras_server.web")
-
-
 MULTIPART = "multipart/form-data"
 
 

@@ -22,14 +22,10 @@ from serving.wire import job_format, jobqueue
 from serving.wire.connection import CLOCK, REDIS_ERRORS
 
 log = logging.getLogger("keras_server.web")
-
-
 # A job is admitted only if the work queued ahead of it, at the workers' measured rate, ends within
 # this share of its time left: the rest absorbs the noise in that rate, so an admitted request is
 # answered, not timed out (see WorkerView.depth_bound_at_enqueue).
 ADMISSION_SHARE = 0.8
-
-
 # The check before an upload is decoded leaves this many seconds of the workers' work free below
 # the bound the enqueue applies, for requests admitted at about the same moment: in a sustained
 # overload the queue stays at that bound, and a request that passed the check a job short of it

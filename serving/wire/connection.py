@@ -15,19 +15,15 @@ from serving.redis_urls import cluster_address, sentinel_address
 
 log = logging.getLogger(__name__)
 
-
 # Every error Redis or the connection to it can raise: unreachable, but also OOM under maxmemory,
 # READONLY after a failover, an ACL denial. Callers answer 503 or back off; none is fatal.
 REDIS_ERRORS = (redis_py.RedisError, RedisClusterException)
-
 
 # No call blocks in Redis longer than this (a handler's wait is cut in such slices), so every reply
 # is due within SOCKET_TIMEOUT_S: a Redis that stops answering (a node lost, a partition) is
 # noticed in seconds, not at a request's deadline. Each slice costs a waiting handler two round
 # trips, so slices are not shorter than they need to be.
 WAIT_SLICE_S = 3.0
-
-
 SOCKET_TIMEOUT_S = WAIT_SLICE_S + 2
 
 

@@ -26,8 +26,6 @@ def decode_array(text, shape, dtype=np.uint8):
 # The version of the job format that workers announce in their heartbeats (JOB_FORMAT_FIELD): a
 # web tier enqueues jobs only where every warm worker reads them (see web/submit.py's WorkerView).
 JOB_FORMAT = 2
-
-
 JOB_FORMAT_FIELD = "job_format"
 
 

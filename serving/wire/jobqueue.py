@@ -68,7 +68,6 @@ redis.call('SET', KEYS[2], queued + size)
 return redis.call('RPUSH', KEYS[1], unpack(ARGV, 4, 3 + n))
 """)
 
-
 # Takes `size` bytes of bodies that leave the queue out of its count; the count goes when the queue
 # is empty (an empty queue holds no bytes: a count that drifted heals there).
 FORGET_BYTES = """
@@ -80,7 +79,6 @@ local function forget_bytes(queue, count, size)
   end
 end
 """
-
 
 # Moves up to ARGV[1] entries from the queue into a processing list in one atomic step, so two
 # workers can never claim the same job and a claimed job is always somewhere in Redis, and returns
@@ -112,7 +110,6 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return reply
 """)
 
-
 # Answers a batch and releases its claims: replaces each result list KEYS[1 + i] by the one result
 # ARGV[2 + i] (ARGV[2] of them), kept ARGV[1] seconds, then takes the batch's entries (the rest of
 # ARGV) out of the processing list KEYS[1] and deletes their bodies (the rest of KEYS). One
@@ -127,7 +124,6 @@ end
 for i = n + 3, #ARGV do redis.call('LREM', KEYS[1], 1, ARGV[i]) end
 for i = n + 2, #KEYS do redis.call('DEL', KEYS[i]) end
 """)
-
 
 # Takes entries (ARGV) off the queue KEYS[1] that no worker has claimed yet, with their bodies
 # (KEYS[3] on) and their bytes in the count KEYS[2]; returns how many were there.
@@ -144,7 +140,6 @@ forget_bytes(KEYS[1], KEYS[2], freed)
 return removed
 """)
 
-
 # Moves a worker's claimed entries (ARGV) from its processing list (KEYS[2]) to the tail of the
 # queue (KEYS[1]), their bytes back into the count (KEYS[3]).
 REQUEUE = Script("""
@@ -157,7 +152,6 @@ for _, entry in ipairs(ARGV) do
 end
 if size > 0 then redis.call('INCRBY', KEYS[3], size) end
 """)
-
 
 # Puts a dead worker's claimed entries (KEYS[2]) back at the head of the queue (KEYS[3]), in their
 # order, and their bytes back in the count (KEYS[5]). It checks the heartbeat (KEYS[1]) inside the

@@ -5,8 +5,6 @@ from serving.wire.job_format import text_hash
 from serving.wire.jobqueue import Script
 
 HISTORY_LENGTH = 10
-
-
 REFUSAL_TTL_S = 24 * 3600
 
 

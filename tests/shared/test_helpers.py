@@ -1,4 +1,4 @@
-"""Image decoding and serialization helpers."""
+"""Image decoding and serialization helpers, through helpers.py (the facade for users' scripts)."""
 import io
 
 import numpy as np
@@ -6,10 +6,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import image_bytes
-from serving.errors import ServiceError
-from serving.wire.job_format import decode_array
-from serving.wire.job_format import encode_array
-from serving.images import prepare_image
+from helpers import ServiceError, decode_array, encode_array, prepare_image
 
 
 @pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"),
