@@ -172,10 +172,13 @@ class ModelWorker:
 
     def stop(self, successor=False):
         """Claim no more jobs; the lanes finish their batches. With a warm successor about to
-        take over, the heartbeat keeps saying warm: the service stays ready throughout."""
+        take over, the heartbeat keeps saying warm: the service stays ready throughout, and this
+        returns once no claim is in progress any more, so that the successor may claim."""
         self.handing_over = successor
         self.loader_pause.follow(None)  # the successor must run now
         self.stopping.set()
+        if successor:
+            self.claims.wait_out()
 
     def leave(self):
         """Stop beating and deregister (anything still claimed goes back on the queue)."""

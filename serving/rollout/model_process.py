@@ -7,7 +7,7 @@ import socket
 import threading
 
 import settings
-from serving.rollout.priority import lower_priority, restore_priority
+from serving.rollout.priority import for_every_thread, lower_priority, restore_priority
 from serving.rollout.spec import load_model
 from serving.wire.connection import connect_redis
 
@@ -53,12 +53,12 @@ def run_model_process(fd):
         return 2
     if low_priority:
         restore_priority(order["niceness"])
-    channel.send(state="warm", batch_size=batch_size, input_shape=list(classifier.input_shape))
-    if (channel.receive() or {}).get("state") != "serve":
-        return 0  # the supervisor is gone, or took another version
     device = device_name()
     worker = ModelWorker(connect_redis(), classifier, batch_size,
                          {**order["identity"], "model_pid": os.getpid(), "device": device})
+    channel.send(state="warm", batch_size=batch_size, input_shape=list(classifier.input_shape))
+    if (channel.receive() or {}).get("state") != "serve":
+        return 0  # the supervisor is gone, or took another version
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: worker.stop())
     worker.start_beating()
@@ -68,25 +68,28 @@ def run_model_process(fd):
                      daemon=True).start()
     worker.run()
     if worker.handing_over:  # stay registered (and the service ready) until the successor beats
-        channel.send(state="drained")
         may_leave.wait(settings.REQUEST_TIMEOUT_S)
     worker.leave()
     # Nothing is left to clean up, and tearing down the runtimes would take the CPU from the
-    # successor for a second or more.
+    # successor for a second or more; what exiting costs (returning the memory) runs at the
+    # lowest niceness, still sure to end while the successor keeps every core busy.
     logging.shutdown()
+    for_every_thread(lambda thread_id: os.setpriority(os.PRIO_PROCESS, thread_id, 19))
     os._exit(0)
 
 
 def follow_supervisor(channel, worker, may_leave, hold_loaders):
     """Messages from the supervisor while serving: a new version loads (hold it during forward
-    passes on a CPU; a GPU's passes leave the cores to it), hand over (stop claiming, finish the
-    batches in hand), then leave. A supervisor that was killed leaves its children: they die too,
-    as abruptly (their claims are re-queued by the other workers), rather than serve unwatched."""
+    passes on a CPU; a GPU's passes leave the cores to it), hand over (stop claiming, say so, and
+    finish the batches in hand while the successor starts claiming), then leave. A supervisor
+    that was killed leaves its children: they die too, as abruptly (their claims are re-queued
+    by the other workers), rather than serve unwatched."""
     while (message := channel.receive()) is not None:
         if message["state"] == "loader":  # a new version loads beside this one
             worker.loader_pause.follow(message["pid"] if hold_loaders else None)
-        elif message["state"] == "hand-over":
+        elif message["state"] == "hand-over":  # the successor claims once this one stopped
             worker.stop(successor=True)
+            channel.send(state="stopped claiming")
         elif message["state"] == "leave":
             may_leave.set()
     worker.loader_pause.follow(None)  # a held loader must not stay stopped for good

@@ -4,10 +4,10 @@ switches all workers to a new version (or back) only once each has it loaded, wa
 `run_keras_server.py model` runs a Supervisor, the container's main process. It serves the wanted
 model from a child process (`run_keras_server.py model-process`). When `reload` proposes another
 model, the supervisor loads it in a second child at the lowest CPU priority (SCHED_IDLE); once
-that one is warm and back at normal priority, the old child stops claiming and finishes the
-batches it holds, the new one takes over the queue, and the old one exits. Old and new never share
-a heap, and loading competes with serving on equal terms for the CPU only when it would otherwise
-starve (LOADER_WINDOW_S).
+that one is warm and back at normal priority, the old child stops claiming, the new one takes
+over the queue while the old one finishes the batches it holds, and the old one exits. Old and
+new never share a heap, and loading competes with serving on equal terms for the CPU only when it
+would otherwise starve (LOADER_WINDOW_S).
 
 `run_keras_server.py reload` checks the spec's files where it runs (it loads no model), proposes
 it under a new rollout number, and waits until every live worker serves it or one refuses (the
@@ -125,12 +125,13 @@ class Supervisor:
         self.serving.tell("loader", pid=0)
 
     def hand_over(self, new):
-        """The serving child stops claiming and finishes the batches it holds; then `new` takes
-        over the queue, and once its heartbeat is out the old one deregisters and exits. The
-        two never compute at once, and some heartbeat says warm throughout."""
+        """The serving child stops claiming; then `new` takes over the queue while the old one
+        finishes the batches it holds (as a worker's two lanes overlap), and once the new one's
+        heartbeat is out the old one deregisters and exits. No request waits for a claim
+        between the two, and some heartbeat says warm throughout."""
         old = self.serving
         old.tell("hand-over")
-        self.children.wait_for(old, ("drained", "gone"), settings.REQUEST_TIMEOUT_S + 10)
+        self.children.wait_for(old, ("stopped claiming", "gone"), settings.REQUEST_TIMEOUT_S + 10)
         new.serve()
         self.children.wait_for(new, ("serving", "gone"), 30)
         old.tell("leave")

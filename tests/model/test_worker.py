@@ -1,5 +1,6 @@
 """The worker's parts that need no process: process_batch with a real (tiny) model, the drain meter
-and the arrival rate, with a clock the test turns."""
+and the arrival rate, with a clock the test turns; a worker's lanes handing over, on the test
+Redis."""
 import itertools
 import threading
 import time
@@ -278,3 +279,49 @@ def test_a_partial_batch_waits_for_company_only_when_it_is_likely_and_never_besi
     running = fill.drain.start()
     assert time_to_fill(2) == 0.0001  # claim what came meanwhile, and ask again
     fill.drain.finish(running, 2)
+
+
+class HeldPasses:
+    """The tiny model, whose forward passes wait until `go` is set: a batch held in hand."""
+
+    def __init__(self, model):
+        self.model, self.started, self.go = model, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def predict_batch(self, pixels):
+        self.started.set()
+        self.go.wait(30)
+        return self.model.predict_batch(pixels)
+
+
+def test_a_worker_handing_over_claims_nothing_more_once_stop_returns_while_its_batch_runs(
+        tiny, store, redis_client):
+    """stop(successor=True) returns as soon as no lane is claiming (the successor may claim from
+    then on), not once the batch in hand is answered; the worker answers that batch and claims
+    nothing more, although its other lane was waiting in a claim."""
+    from serving.model.worker import ModelWorker
+    from serving.wire import jobqueue
+    from serving.wire.keys import Keys
+
+    keys, model = Keys(settings.IMAGE_QUEUE), HeldPasses(tiny)
+    worker = ModelWorker(store, model, 1, {"id": "old"})
+    lanes = threading.Thread(target=worker.run)
+    lanes.start()
+    first, second = (job_format.new_job(image_bytes(seed=n), time.time() + 30, 3)
+                     for n in range(2))
+    try:
+        jobqueue.enqueue_jobs(store, keys, [first], 100, 10**9)
+        assert model.started.wait(10)  # one lane's pass holds `first`; the other lane claims
+        stopping = threading.Thread(target=worker.stop, kwargs={"successor": True})
+        stopping.start()
+        stopping.join(5)
+        assert not stopping.is_alive()  # returned while the pass still runs
+        jobqueue.enqueue_jobs(store, keys, [second], 100, 10**9)  # for the successor
+    finally:
+        model.go.set()
+        lanes.join(10)
+    assert not lanes.is_alive()
+    assert "predictions" in jobqueue.wait_for_result(store, keys, first, time.time() + 5)
+    assert redis_client.llen(keys.queue) == 1  # `second` waits for the successor
