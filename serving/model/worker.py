@@ -171,9 +171,8 @@ class ModelWorker:
         log.info("worker %s stopped after %d batches", self.id, self.tally.snapshot()["batches"])
 
     def stop(self, successor=False):
-        """Claim no more jobs; the lanes finish their batches. With a warm successor about to
-        take over, the heartbeat keeps saying warm: the service stays ready throughout, and this
-        returns once no claim is in progress any more, so that the successor may claim."""
+        """Claim no more jobs; the lanes finish their batches. For a warm successor, the heartbeat
+        keeps saying warm, and this returns once no claim runs: the successor may claim."""
         self.handing_over = successor
         self.loader_pause.follow(None)  # the successor must run now
         self.stopping.set()
