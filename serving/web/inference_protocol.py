@@ -17,6 +17,7 @@ import json
 import math
 import re
 import struct
+import uuid
 
 import numpy as np
 from flask import Response, jsonify, request
@@ -44,6 +45,7 @@ from serving.web.v2_tensors import (
     is_count,
     parameters,
     pixels_of,
+    whole_numbers,
 )
 from serving.wire.job_format import decode_array, new_job
 
@@ -60,6 +62,7 @@ BYTES_PER_VALUE, BYTES_PER_LIST, BYTES_PER_JSON_BYTE = 24, 128, 6
 # Values and lists that a request's fields besides its input's data may hold.
 HEADER_ALLOWANCE = 64
 DECLARED_SHAPE = re.compile(rb'"shape"\s*:\s*\[([\d\s,]*)\]')
+DATA_LIST = re.compile(rb'"data"\s*:\s*\[')
 
 
 def add_routes(app, store, keys, workers, budget):
@@ -227,7 +230,7 @@ def read_images(body, split, input_shape, declared):
     """An infer request's JSON header (less its inputs), its input's name, and its images: uint8
     pixel arrays (`pixels`) or encoded files (`image`). The input's shape must be the one found
     before parsing (`declared`, see parsing_cost)."""
-    header, binary = read_request(body, split)
+    header, binary = read_request(body, split, declared)
     name, shape, data = input_tensor(header, binary)
     if declared is not None and shape != declared:
         raise ServiceError(f"the request declares the shape {declared} before its input's "
@@ -238,16 +241,38 @@ def read_images(body, split, input_shape, declared):
     return header, name, files_of(shape, data)
 
 
-def read_request(body, split):
+def read_request(body, split, declared=None):
     """The JSON header of an infer request (its first `split` bytes), and the binary data
-    after it."""
+    after it. An input's data of whole numbers, flat or nested as the shape `declared` before
+    parsing, is read by numpy (see whole_numbers)."""
+    text, numbers, marker = body[:split], None, None
+    found = DATA_LIST.search(text)
+    if found:
+        shape = declared or []
+        lists = {1, 1 + sum(math.prod(shape[:k]) for k in range(1, len(shape)))}
+        read = whole_numbers(text, found.end() - 1, lists)
+        if read:
+            numbers, end = read
+            marker = f'"{uuid.uuid4().hex}"'.encode()  # where they were: no request holds it
+            text = text[:found.end() - 1] + marker + text[end:]
+    header = load_header(text)
+    if marker:
+        tensor = header["inputs"][0] if header["inputs"] else None
+        if not isinstance(tensor, dict) or tensor.get("data") != marker[1:-1].decode():
+            return load_header(body[:split]), body[split:]  # the list was another "data"
+        tensor["data"] = numbers
+    return header, body[split:]
+
+
+def load_header(text):
+    """An infer request's JSON header: an object with a list of inputs, else 400."""
     try:
-        header = json.loads(body[:split])
+        header = json.loads(text)
     except (ValueError, RecursionError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise ServiceError(f"the request is not valid JSON: {exc}", 400) from exc
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise ServiceError("the request must be a JSON object with a list of inputs", 400)
-    return header, body[split:]
+    return header
 
 
 def requested_output(header, classes):

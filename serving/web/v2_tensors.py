@@ -4,6 +4,7 @@ import base64
 import binascii
 import math
 import struct
+import warnings
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def input_tensor(header, binary):
     if binary:
         raise ServiceError(f"{len(binary)} bytes follow the JSON header, but no input declares "
                            "binary_data_size", 400)
-    if not isinstance(tensor.get("data"), list):
+    if not isinstance(tensor.get("data"), (list, np.ndarray)):
         raise ServiceError(f"input {name!r} carries no data (a JSON list, or binary data)", 400)
     return name, shape, tensor["data"]
 
@@ -124,3 +125,44 @@ def split_bytes(raw, count):
         elements.append(raw[offset:offset + length])
         offset += length
     return elements
+
+
+# Byte classes of a JSON list of whole numbers: digit, comma, [, ], whitespace, anything else.
+DIGIT, COMMA, OPEN, CLOSE, SPACE, OTHER = range(6)
+CLASSES = np.full(256, OTHER, np.int8)
+CLASSES[list(b"0123456789")], CLASSES[ord(",")] = DIGIT, COMMA
+CLASSES[ord("[")], CLASSES[ord("]")], CLASSES[list(b" \t\r\n")] = OPEN, CLOSE, SPACE
+# Which class may follow which, whitespace left out (a number's digits follow each other).
+FOLLOWS = np.zeros((4, 4), bool)
+for before, after in ((DIGIT, DIGIT), (DIGIT, COMMA), (DIGIT, CLOSE), (COMMA, DIGIT),
+                      (COMMA, OPEN), (OPEN, DIGIT), (OPEN, OPEN), (CLOSE, COMMA), (CLOSE, CLOSE)):
+    FOLLOWS[before, after] = True
+
+
+def whole_numbers(text, start, lists):
+    """The whole numbers of the JSON list that opens at text[start], in order, and where it ends;
+    None unless it is well-formed JSON of whole numbers in `lists` lists (nested or not).
+
+    numpy reads them and leaves the GIL to the event loop meanwhile, where json.loads would hold
+    it for the whole body. Anything else (a sign, a fraction, a string, an empty list) is left
+    to json.loads, whose errors say what is wrong."""
+    chars = np.frombuffer(text, np.uint8, offset=start)
+    brackets = np.flatnonzero((chars == ord("[")) | (chars == ord("]")))
+    depth = np.cumsum(np.where(chars[brackets] == ord("["), 1, -1))
+    closed = np.flatnonzero(depth == 0)
+    if not len(closed) or (closed[0] + 1) // 2 not in lists:
+        return None
+    end = brackets[closed[0]] + 1
+    classes = CLASSES[chars[:end]]
+    tokens = classes[classes != SPACE]
+    if (tokens == OTHER).any() or not FOLLOWS[tokens[:-1], tokens[1:]].all():
+        return None
+    plain = chars[:end].copy()
+    plain[brackets[:closed[0] + 1]] = ord(" ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            numbers = np.fromstring(plain.tobytes(), np.int64, sep=",")
+        except (ValueError, DeprecationWarning):
+            return None
+    return numbers, start + end
