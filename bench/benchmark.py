@@ -8,8 +8,8 @@ Each round measures, for each runtime (Keras and OpenVINO), one at a time so tha
 the CPU:
   (a) the bare model: ResNet50 (random weights, fixed seed) in a process of its own, loaded as the
       worker loads it, forward passes on batches of 1 to 32 images of uint8 pixels, through the
-      same preprocessing as the service's (inside the runtime): images/s, and CPU per image, for
-      each size, and batch-1 latency;
+      same preprocessing as the service's (inside the runtime), the sizes timed in interleaved
+      slices: images/s, and CPU per image, for each size, and batch-1 latency;
   (b) the whole service (`python run_keras_server.py`, RUNTIME set) over HTTP at saturation: wrk
       (bench/wrk_predict.lua) keeps 4 batches of clients sending (64 at least; --concurrency):
       images/s, and the CPU per image of each tier in milliseconds (web tier, Redis, the model
@@ -97,25 +97,54 @@ def serve_bare_model(conn, runtime, cores=None):
     conn.send(classifier.runtime)
     while (order := conn.recv()) is not None:  # the parent sends None after its last round
         if order == "once":  # one timed batch-1 pass
-            conn.send(time_batches(classifier.forward, batches[1], 0, min_calls=1)["batch_ms"])
-        else:  # seconds for all sizes
-            conn.send({n: time_batches(classifier.forward, batch, order)
-                       for n, batch in batches.items()})
+            conn.send(figures_of(1, *timed_calls(classifier.forward, batches[1], 0))["batch_ms"])
+        else:  # seconds for each size
+            conn.send(time_sizes(classifier.forward, batches, order))
 
 
-def time_batches(forward, batch, seconds, min_calls=2, max_calls=10_000):
-    """Call the forward pass for `seconds` (at least twice): images/s, median ms per batch, and
-    the cores this process used meanwhile (its CPU seconds per second)."""
+# (a) times the sizes in this many interleaved slices each: the machine's speed drifts from second
+# to second, and sizes timed one after another in a single stretch each would make the best size
+# the one that ran in the fastest moment (the best of six such stretches is a few per cent above
+# any size's rate on a flat curve), not the fastest size.
+BARE_SLICES = 4
+
+
+def time_sizes(forward, batches, seconds_per_size, slices=BARE_SLICES):
+    """{size: figures_of its passes, and the images/s of each slice}, each size timed for
+    seconds_per_size in all, in `slices` slices, sizes alternately forwards and backwards within a
+    slice (as BATCH_SIZE=auto does)."""
+    slices_of = {n: [] for n in batches}  # (seconds of each call, CPU seconds, seconds) each
+    for number in range(slices):
+        for n in (list(batches) if number % 2 == 0 else list(reversed(batches))):
+            slices_of[n].append(timed_calls(forward, batches[n], seconds_per_size / slices))
+    figures = {}
+    for n, timed in slices_of.items():
+        times = [seconds for calls, _, _ in timed for seconds in calls]
+        figures[n] = {**figures_of(len(batches[n]), times, sum(cpu for _, cpu, _ in timed),
+                                   sum(wall for _, _, wall in timed)),
+                      "slices_img_per_s": [n * len(calls) / sum(calls) for calls, _, _ in timed]}
+    return figures
+
+
+def timed_calls(forward, batch, seconds, max_calls=10_000):
+    """Call the forward pass for `seconds` (at least once): (seconds of each call, CPU seconds of
+    this process meanwhile, seconds in all)."""
     times = []
     cpu_started, started_all = time.process_time(), time.perf_counter()
     deadline = started_all + seconds
-    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() < deadline):
+    while len(times) < max_calls and (not times or time.perf_counter() < deadline):
         started = time.perf_counter()
         forward(batch)
         times.append(time.perf_counter() - started)
-    cores = (time.process_time() - cpu_started) / (time.perf_counter() - started_all)
-    return {"img_per_s": len(batch) * len(times) / sum(times),
-            "batch_ms": statistics.median(times) * 1000, "calls": len(times), "cores": cores}
+    return times, time.process_time() - cpu_started, time.perf_counter() - started_all
+
+
+def figures_of(size, times, cpu_s, wall_s):
+    """Images/s, median ms per batch, calls, and the cores the process used meanwhile (its CPU
+    seconds per second), of passes of `size` images that took `times` seconds each."""
+    return {"img_per_s": size * len(times) / sum(times),
+            "batch_ms": statistics.median(times) * 1000, "calls": len(times),
+            "cores": cpu_s / wall_s}
 
 
 class BareModel:
