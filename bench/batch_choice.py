@@ -42,6 +42,7 @@ def time_every_size(runtime, largest, rounds):
     import numpy as np
 
     import settings
+    from serving.model.batch_size import alternating
     from serving.model.loader import load_classifier
 
     classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,
@@ -53,8 +54,7 @@ def time_every_size(runtime, largest, rounds):
         classifier.predict_batch(batch)  # the first pass at a new size is not timed
     rates = {n: [] for n in batches}
     for number in range(rounds):
-        order = list(batches) if number % 2 == 0 else list(reversed(batches))
-        for n in order:
+        for n in alternating(batches, number):
             started = time.perf_counter()
             classifier.predict_batch(batches[n])
             rates[n].append(n / (time.perf_counter() - started))

@@ -104,24 +104,25 @@ def serve_bare_model(conn, runtime, cores=None):
 
 # (a) times the sizes in this many interleaved slices each: the machine's speed drifts from second
 # to second, and sizes timed one after another in a single stretch each would make the best size
-# the one that ran in the fastest moment (the best of six such stretches is a few per cent above
-# any size's rate on a flat curve), not the fastest size.
+# the one that ran in the fastest moment, not the fastest size.
 BARE_SLICES = 4
 
 
 def time_sizes(forward, batches, seconds_per_size, slices=BARE_SLICES):
-    """{size: figures_of its passes, and the images/s of each slice}, each size timed for
-    seconds_per_size in all, in `slices` slices, sizes alternately forwards and backwards within a
-    slice (as BATCH_SIZE=auto does)."""
-    slices_of = {n: [] for n in batches}  # (seconds of each call, CPU seconds, seconds) each
+    """{size: figures_of its passes, and the images/s of each slice}: each size timed for
+    seconds_per_size in all, in `slices` slices, in alternating order (as BATCH_SIZE=auto
+    does)."""
+    from serving.model.batch_size import alternating
+
+    slices_of = {n: [] for n in batches}  # timed_calls of each slice
     for number in range(slices):
-        for n in (list(batches) if number % 2 == 0 else list(reversed(batches))):
+        for n in alternating(batches, number):
             slices_of[n].append(timed_calls(forward, batches[n], seconds_per_size / slices))
     figures = {}
     for n, timed in slices_of.items():
         times = [seconds for calls, _, _ in timed for seconds in calls]
-        figures[n] = {**figures_of(len(batches[n]), times, sum(cpu for _, cpu, _ in timed),
-                                   sum(wall for _, _, wall in timed)),
+        cpu_s, wall_s = sum(cpu for _, cpu, _ in timed), sum(wall for _, _, wall in timed)
+        figures[n] = {**figures_of(n, times, cpu_s, wall_s),
                       "slices_img_per_s": [n * len(calls) / sum(calls) for calls, _, _ in timed]}
     return figures
 

@@ -62,7 +62,7 @@ def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
         size *= 2
     rates = {n: [] for n in batches}
     for number in range(AUTO_ROUNDS):
-        for n in (batches if number % 2 == 0 else reversed(batches)):
+        for n in alternating(batches, number):
             rates[n].append(n / time_call(classifier.predict_batch, batches[n]))
     medians = {n: statistics.median(r) for n, r in rates.items()}
     best = max(medians.values())
@@ -72,6 +72,13 @@ def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
                        f"{rate / best:6.3f} of the best{'  <- chosen' if n == chosen else ''}"
                        for n, rate in medians.items()))
     return chosen
+
+
+def alternating(items, number):
+    """The items in round `number`'s order when timing them in interleaved rounds: forwards in
+    even rounds, backwards in odd ones, so that a drift of the machine's speed touches every item
+    alike."""
+    return list(items) if number % 2 == 0 else list(reversed(list(items)))
 
 
 def time_call(function, *args):

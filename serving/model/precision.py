@@ -140,12 +140,14 @@ def checked(precision, reference, candidate, pixels, source):
 def fastest(forwards, pixels, rounds=AUTO_ROUNDS):
     """The precision whose forward pass is the fastest on a batch of `pixels`, timed in
     interleaved rounds (medians), with the table logged."""
+    from serving.model.batch_size import alternating
+
     batch = pixels[:16]
     for forward in forwards.values():
         forward(batch)  # the first pass at a new shape builds kernels: not timed
     rates = {name: [] for name in forwards}
     for number in range(rounds):
-        for name in (forwards if number % 2 == 0 else reversed(list(forwards))):
+        for name in alternating(forwards, number):
             started = time.perf_counter()
             forwards[name](batch)
             rates[name].append(len(batch) / (time.perf_counter() - started))

@@ -158,6 +158,25 @@ def test_completion_bursts_tell_apart_batches_whose_passes_queued_behind_each_ot
     assert [n for _, n in completion_bursts(records)] == [4] * 6
 
 
+def test_the_bare_models_sizes_are_timed_in_interleaved_slices_in_alternating_order():
+    from bench.benchmark import time_sizes
+
+    calls = []  # the size of each pass, in order
+
+    def forward(batch):
+        calls.append(len(batch))
+        time.sleep(0.001 * len(batch))
+
+    figures = time_sizes(forward, {n: [0] * n for n in (1, 2, 4)}, 0.0, slices=4)
+
+    # At 0 s a slice is one pass: each slice passes every size once, the next one backwards.
+    assert calls == [1, 2, 4, 4, 2, 1, 1, 2, 4, 4, 2, 1]
+    for n, figure in figures.items():
+        assert figure["calls"] == 4 and len(figure["slices_img_per_s"]) == 4
+        assert figure["img_per_s"] == pytest.approx(
+            4 / sum(1 / rate for rate in figure["slices_img_per_s"]))
+
+
 def test_steady_throughput_measures_from_batch_end_to_batch_end():
     from bench.benchmark import steady_throughput
 
