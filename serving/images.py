@@ -20,6 +20,20 @@ Image.MAX_IMAGE_PIXELS = None
 WHITE = (255, 255, 255, 255)
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 ORIENTATION = 0x0112  # EXIF: 5 to 8 turn the picture by a quarter
+PILLOW_BYTES_PER_PIXEL = 4  # the widest of Pillow's modes (RGBA, RGBX, I, F)
+PILLOW_MAX_BLOCK = 1 << 30  # Pillow takes a block size in a C int, in whole pages
+
+
+def hold_images_in_one_block(max_pixels):
+    """Have Pillow keep the pixels of any image up to max_pixels in one allocation.
+
+    Pillow allocates pixels in blocks, 16 MiB by default. glibc maps an allocation above 32 MiB on
+    its own and unmaps it when freed, but keeps smaller ones it freed in the arena of the thread
+    that used them: large images decoded in turn by different threads would each leave their
+    blocks behind, and the process would hold its decoding budget several times over.
+    """
+    pages = -(-max_pixels * PILLOW_BYTES_PER_PIXEL // 4096)
+    Image.core.set_block_size(max(Image.core.get_block_size(), min(pages * 4096, PILLOW_MAX_BLOCK)))
 
 
 class MemoryBudget:

@@ -6,7 +6,8 @@ import numpy as np
 
 import settings
 from serving.errors import ServiceError
-from serving.images import MemoryBudget, decode_image, decode_reduced, open_image
+from serving.images import (MemoryBudget, decode_image, decode_reduced, hold_images_in_one_block,
+                            open_image)
 from serving.wire.connection import CLOCK
 
 
@@ -26,6 +27,7 @@ class ImageReader:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
         self.budget = MemoryBudget(budget_bytes)
         self.local = threading.local()
+        hold_images_in_one_block(settings.MAX_IMAGE_PIXELS)
 
     def read(self, jobs):
         """(pixels of the jobs that could be read, in a view of this lane's buffer; those jobs;

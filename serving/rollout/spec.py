@@ -4,11 +4,6 @@ import os
 
 import settings
 
-# glibc gives each thread that allocates an arena of its own, and an arena keeps much of what it
-# frees: a model process's decoding threads, each taking a large image in turn, would together keep
-# several times the decoding budget. Two arenas keep it near the budget (unless set otherwise).
-MALLOC_ARENAS = "2"
-
 
 def spec_from_settings():
     """The model the settings name (served until a `reload` records another)."""

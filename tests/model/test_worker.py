@@ -11,7 +11,7 @@ import pytest
 import settings
 
 from serving.wire import job_format
-from conftest import Clock, distinct_images, image_bytes, tiny_direct, wait_until
+from conftest import ROOT, Clock, distinct_images, image_bytes, tiny_direct, wait_until
 from serving.wire.job_format import decode_array
 from serving.images import prepare_image
 from serving.model.meters import ArrivalRate, DrainMeter, FillWindow
@@ -143,6 +143,52 @@ def test_process_batch_with_every_job_expired_runs_no_forward_pass(tiny, images)
                             clock=lambda: pytest.fail("the clock was read"))
     assert outcome.results == {} and outcome.forward_s == 0
     assert outcome.expired == [job["id"] for job in jobs]
+
+
+# Run in an interpreter of its own: what the test process' allocator already holds would blur it.
+DECODE_IN_TURN = """
+import io, json, sys, threading, time
+from PIL import Image
+import settings
+from serving.model.reader import ImageReader
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+side = int(settings.MAX_IMAGE_PIXELS ** 0.5) - 25
+buffer = io.BytesIO()
+Image.new("RGB", (side, side), (30, 60, 90)).save(buffer, "PNG")
+job = {"id": "1", "data": buffer.getvalue(), "deadline": time.time() + 600}
+reader = ImageReader((224, 224, 3), 1, settings.DECODE_BUDGET_BYTES)
+before, growth, done = resident(), [], threading.Event()
+
+def decode():
+    assert reader.read([job])[2] == {}
+    growth.append(resident() - before)
+    done.wait()  # a thread keeps its allocator arena while it lives
+
+threads = [threading.Thread(target=decode) for _ in range(4)]
+for number, thread in enumerate(threads, 1):
+    thread.start()
+    while len(growth) < number:
+        time.sleep(0.01)
+done.set()
+json.dump(growth, sys.stdout)
+"""
+
+
+def test_large_images_decoded_in_turn_by_different_threads_leave_no_memory_behind():
+    import json
+    import subprocess
+    import sys
+
+    # Each decode of this 6,299 x 6,299 PNG holds 150 MiB of pixels; a thread's arena that kept
+    # them would show in the resident size after it, one more each turn.
+    run = subprocess.run([sys.executable, "-c", DECODE_IN_TURN], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, check=True)
+    growth = json.loads(run.stdout)
+    assert len(growth) == 4 and max(growth) < 32 * 2**20, [g >> 20 for g in growth]
 
 
 def test_a_model_whose_output_is_not_a_number_fails_those_jobs_with_500_in_valid_json(tmp_path):

@@ -250,10 +250,10 @@ def test_decompression_bombs_under_the_pixel_limit_stay_within_the_decoding_budg
           f"{growth['model'] >> 20} MiB; answers {statuses}")
     assert all(set(codes) <= {200, 413, 503} for codes in statuses.values()), statuses
     assert [r.status_code for r in ordinary] == [200] * 8, [r.text for r in ordinary]
-    # The model worker decodes, within its budget; the margin is the rest of a job's life
-    # (its upload, the batch) and what the allocator keeps after freeing. The web tier reads
-    # only the headers: it holds the uploads.
-    assert growth["model"] < settings.DECODE_BUDGET_BYTES + 256 * 2**20, growth
+    # The model worker decodes, within its budget, and gives back what it freed whichever thread
+    # decoded (see images.hold_images_in_one_block); the margin is the rest of a job's life (its
+    # upload, the batch). The web tier reads only the headers: it holds the uploads.
+    assert growth["model"] < settings.DECODE_BUDGET_BYTES + 128 * 2**20, growth
     assert growth["web"] < 256 * 2**20, growth
 
 
