@@ -42,7 +42,7 @@ def time_every_size(runtime, largest, rounds):
     import numpy as np
 
     import settings
-    from serving.model.batch_size import alternating
+    from serving.model.meters import alternating
     from serving.model.loader import load_classifier
 
     classifier = load_classifier(MODEL, "none", seed=MODEL_SEED, threads=settings.MODEL_THREADS,

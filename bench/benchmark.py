@@ -112,7 +112,7 @@ def time_sizes(forward, batches, seconds_per_size, slices=BARE_SLICES):
     """{size: figures_of its passes, and the images/s of each slice}: each size timed for
     seconds_per_size in all, in `slices` slices, in alternating order (as BATCH_SIZE=auto
     does)."""
-    from serving.model.batch_size import alternating
+    from serving.model.meters import alternating
 
     slices_of = {n: [] for n in batches}  # timed_calls of each slice
     for number in range(slices):

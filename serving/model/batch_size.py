@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from serving.model.meters import alternating
 from serving.model.openvino_runtime import OpenVINOForward
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,6 @@ def choose_batch_size(classifier, input_shape, time_limit_s, largest=256):
                        f"{rate / best:6.3f} of the best{'  <- chosen' if n == chosen else ''}"
                        for n, rate in medians.items()))
     return chosen
-
-
-def alternating(items, number):
-    """The items in round `number`'s order when timing them in interleaved rounds: forwards in
-    even rounds, backwards in odd ones, so that a drift of the machine's speed touches every item
-    alike."""
-    return list(items) if number % 2 == 0 else list(reversed(list(items)))
 
 
 def time_call(function, *args):

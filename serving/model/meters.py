@@ -1,4 +1,5 @@
-"""What a worker measures to fill its batches: its drain rate, the arrival rate, and back-off."""
+"""What a worker measures to fill its batches (its drain rate, the arrival rate, and back-off),
+and the order in which a worker times alternatives (batch sizes, precisions)."""
 import collections
 import logging
 import threading
@@ -139,3 +140,10 @@ class FillWindow:
                 window_end = self.clock() + (self.timeout_s if expected >= 1 else 0)
             return window_end - self.clock()
         return time_to_fill
+
+
+def alternating(items, number):
+    """The items in round `number`'s order when timing them in interleaved rounds: forwards in
+    even rounds, backwards in odd ones, so that a drift of the machine's speed touches every item
+    alike."""
+    return list(items) if number % 2 == 0 else list(reversed(list(items)))

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from serving.model.meters import alternating
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -140,8 +142,6 @@ def checked(precision, reference, candidate, pixels, source):
 def fastest(forwards, pixels, rounds=AUTO_ROUNDS):
     """The precision whose forward pass is the fastest on a batch of `pixels`, timed in
     interleaved rounds (medians), with the table logged."""
-    from serving.model.batch_size import alternating
-
     batch = pixels[:16]
     for forward in forwards.values():
         forward(batch)  # the first pass at a new shape builds kernels: not timed

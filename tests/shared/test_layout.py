@@ -1,4 +1,5 @@
-"""The repository's shape: the package's tiers import only downward, no module or class is long, and
+"""The repository's shape: the package's tiers import only downward, no modules import each other in
+a circle, no module or class is long, and
 every link in the README and docs/ leads somewhere that exists."""
 import ast
 import re
@@ -59,6 +60,38 @@ def test_a_module_imports_its_own_part_and_the_parts_below_only(module, path):
                     if isinstance(node, ast.ClassDef)
                     and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES}
     assert not long_classes
+
+
+def module_imports(path, known):
+    """The package's modules that a module imports (anywhere in it, functions too)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names if alias.name in known)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                yield name if name in known else node.module
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    paths = dict(modules())
+    graph = {module: set(module_imports(path, paths)) & set(paths) - {module}
+             for module, path in paths.items()}
+    done, trail = set(), []
+
+    def circle_from(module):
+        if module in trail:
+            return trail[trail.index(module):] + [module]
+        if module in done:
+            return None
+        trail.append(module)
+        found = next(filter(None, map(circle_from, sorted(graph[module]))), None)
+        trail.pop()
+        done.add(module)
+        return found
+
+    circles = list(filter(None, map(circle_from, sorted(graph))))
+    assert not circles, " -> ".join(circles[0])
 
 
 def test_no_top_level_entry_point_is_imported_by_the_package():
