@@ -1,6 +1,6 @@
 """The repository's shape: the package's tiers import only downward, no modules import each other in
-a circle, no module or class is long, and
-every link in the README and docs/ leads somewhere that exists."""
+a circle, no module or class is long, and every link in the README and docs/ leads somewhere that
+exists."""
 import ast
 import re
 
