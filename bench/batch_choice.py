@@ -19,7 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.benchmark import MODEL, MODEL_SEED, machine_info, running_service, write_json  # noqa: E402
+from bench.bare import MODEL, MODEL_SEED  # noqa: E402
+from bench.machine import machine_info, write_json  # noqa: E402
+from bench.service import running_service  # noqa: E402
 
 GOOD = 0.95  # a good size reaches this share of the best size's images/s
 

@@ -119,7 +119,7 @@ def main(argv=None):
                              stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     time.sleep(0.5)
-    from benchmark import machine_info
+    from bench.machine import machine_info
 
     rounds = {"web tier": [], "model": []}
     try:

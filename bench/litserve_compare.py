@@ -28,9 +28,10 @@ import requests
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from benchmark import (MODEL_SEED, free_port, machine_info, run_wrk, running_service,  # noqa: E402
-                       write_json)
+sys.path.insert(0, str(ROOT))
+from bench.bare import MODEL_SEED  # noqa: E402
+from bench.machine import machine_info, write_json  # noqa: E402
+from bench.service import free_port, run_wrk, running_service  # noqa: E402
 
 LITSERVE = "litserve==0.2.19"
 # Starlette's form parser, which LitServe's multipart requests need and do not install.

@@ -4,12 +4,12 @@
     python bench/precision_speedup.py --precisions fp32 bf16 --rounds 5
 
 ResNet50 (random weights, seed 1234) is loaded once per precision, each in a process of its own
-as the worker loads it (bench/benchmark.py's bare model: uint8 batches of 1 to 32 through the
-runtime's preprocessing), and the processes are timed one at a time, in an order that alternates
-from round to round, so that every precision sees the machine at about the same moments. It
-prints each precision's best images per second (its best batch size) in every round, and its
-speed-up over FP32 taken within each round, with the medians; the record goes to --out.
-INT8 is calibrated on crops of photos (bench/benchmark.py's calibration_images), unless
+as the worker loads it (bench/bare.py, the bare model of bench/benchmark.py: uint8 batches of 1
+to 32 through the runtime's preprocessing), and the processes are timed one at a time, in an order
+that alternates from round to round, so that every precision sees the machine at about the same
+moments. It prints each precision's best images per second (its best batch size) in every round,
+and its speed-up over FP32 taken within each round, with the medians; the record goes to --out.
+INT8 is calibrated on crops of photos (bench/bare.py's calibration_images), unless
 CALIBRATION_IMAGES names a folder.
 """
 import argparse
@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark  # noqa: E402 (bench/benchmark.py: the bare model, machine facts, calibration)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bare import ROOT, BareModel, calibration_images  # noqa: E402
+from bench.machine import machine_info  # noqa: E402
 
 
 def offered_precisions():
@@ -45,14 +46,14 @@ def main(argv=None):
     precisions = args.precisions or offered_precisions()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "int8" in precisions and not os.environ.get("CALIBRATION_IMAGES"):
-        os.environ["CALIBRATION_IMAGES"] = benchmark.calibration_images(
+        os.environ["CALIBRATION_IMAGES"] = calibration_images(
             tempfile.mkdtemp(prefix="calib-"))
     models = {}
     try:
         for precision in precisions:  # each process reads PRECISION as it starts
             print(f"loading the bare model at {precision}...", flush=True)
             os.environ["PRECISION"] = precision
-            models[precision] = benchmark.BareModel("openvino")
+            models[precision] = BareModel("openvino")
         rounds = []
         for n in range(args.rounds):
             order = precisions if n % 2 == 0 else precisions[::-1]
@@ -80,11 +81,11 @@ def main(argv=None):
         print(f"{p:5s} best {summary[p]['best_img_per_s']:7.1f} img/s (rounds "
               f"{' '.join(f'{x:.1f}' for x in summary[p]['rounds'])})"
               + (f", {speedup:.2f}x FP32" if speedup else ""))
-    record = benchmark.machine_info() | {
+    record = machine_info() | {
         "command": " ".join(["bench/precision_speedup.py", *(argv or sys.argv[1:])]),
         "seconds_per_size": args.seconds,
         "summary": summary, "rounds": rounds}
-    out = args.out or str(benchmark.ROOT / "bench" / "results" /
+    out = args.out or str(ROOT / "bench" / "results" /
                           f"{time.strftime('%Y-%m-%d')}-{os.uname().nodename}-precisions.json")
     Path(out).write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")

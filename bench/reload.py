@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import stress_test  # noqa: E402
-from benchmark import (ROOT, machine_info, running_service, service_processes,  # noqa: E402
-                       write_json)
+from bench.bare import ROOT  # noqa: E402
+from bench.cpu import service_processes  # noqa: E402
+from bench.machine import machine_info, write_json  # noqa: E402
+from bench.service import running_service  # noqa: E402
 
 TARGET_RATIO = 1.2
 

@@ -58,7 +58,7 @@ def test_client_exits_non_zero_with_the_server_message(whole_service, tmp_path):
 
 def test_the_benchmark_tells_each_part_of_the_running_service_apart(whole_service):
     """bench/benchmark.py splits the CPU (and bench/reload.py the memory) by these roles."""
-    from bench.benchmark import service_processes
+    from bench.cpu import service_processes
 
     process = whole_service[0]
     roles = sorted(str(role) for _, role in service_processes(process.pid))
@@ -73,7 +73,8 @@ def test_the_benchmarks_load_generator_reports_every_answer_and_is_told_apart(wh
     """bench/benchmark.py's saturation load: wrk with bench/wrk_predict.lua, its answers read
     back with their batches, and its process counted as the load generator's, apart from the
     service's."""
-    from bench.benchmark import cpu_snapshot, run_wrk
+    from bench.cpu import cpu_snapshot
+    from bench.service import run_wrk
 
     process, url, _ = whole_service
     load_pids, snapshots = [], []

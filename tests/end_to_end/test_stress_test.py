@@ -137,7 +137,7 @@ def batches(ends_and_sizes, spread_s=0.004):
 
 
 def test_completion_bursts_group_the_answers_of_one_batch():
-    from bench.benchmark import completion_bursts
+    from bench.figures import completion_bursts
 
     records = batches([(1.0, 4), (2.0, 4), (3.0, 2)]) + [record(2.5, ok=False)]
 
@@ -148,7 +148,7 @@ def test_completion_bursts_group_the_answers_of_one_batch():
 
 
 def test_completion_bursts_tell_apart_batches_whose_passes_queued_behind_each_other():
-    from bench.benchmark import completion_bursts
+    from bench.figures import completion_bursts
 
     # Two lanes on one core: each pass reports 1 s (half of it waiting for the other lane's),
     # and a batch ends every 0.5 s.
@@ -159,7 +159,7 @@ def test_completion_bursts_tell_apart_batches_whose_passes_queued_behind_each_ot
 
 
 def test_the_bare_models_sizes_are_timed_in_interleaved_slices_in_alternating_order():
-    from bench.benchmark import time_sizes
+    from bench.bare import time_sizes
 
     calls = []  # the size of each pass, in order
 
@@ -178,7 +178,7 @@ def test_the_bare_models_sizes_are_timed_in_interleaved_slices_in_alternating_or
 
 
 def test_steady_throughput_measures_from_batch_end_to_batch_end():
-    from bench.benchmark import steady_throughput
+    from bench.figures import steady_throughput
 
     # A ramp-up batch of 1, then 8 images every 2 s: 4 img/s however the window cuts.
     records = batches([(0.5, 1)] + [(1.0 + 2 * k, 8) for k in range(6)])
@@ -189,7 +189,7 @@ def test_steady_throughput_measures_from_batch_end_to_batch_end():
 
 
 def test_round_figures_and_their_medians():
-    from bench.benchmark import round_figures, summarize_rounds
+    from bench.figures import round_figures, summarize_rounds
 
     def bare(scale):
         return {1: {"img_per_s": 10.0 * scale, "batch_ms": 100.0 / scale, "cores": 1.5},
@@ -236,7 +236,7 @@ def test_round_figures_and_their_medians():
 
 
 def test_the_cpu_split_names_each_part_of_the_service_and_counts_new_processes_from_zero():
-    from bench.benchmark import cores_between, process_role
+    from bench.cpu import cores_between, process_role
 
     python = "/srv/.venv/bin/python"
     assert process_role("redis-server", ["redis-server *:6379"]) == "redis"
@@ -263,7 +263,7 @@ def test_the_cpu_split_names_each_part_of_the_service_and_counts_new_processes_f
 
 
 def test_a_cpu_split_over_no_time_is_empty_rather_than_a_division_by_zero():
-    from bench.benchmark import cpu_split
+    from bench.cpu import cpu_split
 
     # (e)'s split when --overload-seconds is no longer than (d): it starts where it ends.
     with cpu_split(os.getpid(), 0.05, 0.05) as split:
@@ -272,7 +272,7 @@ def test_a_cpu_split_over_no_time_is_empty_rather_than_a_division_by_zero():
 
 
 def test_recommend_picks_the_fastest_cell_under_the_p99_target():
-    from bench.benchmark import recommend
+    from bench.figures import recommend
 
     cells = [{"batch_size": 4, "img_per_s": 9.0, "p99_ms": 900.0},
              {"batch_size": 16, "img_per_s": 12.0, "p99_ms": 2500.0},
