@@ -122,7 +122,8 @@ def anchors(path):
 
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
-             ROOT / "bench" / "README.md", ROOT / "bench" / "results" / "README.md"]
+             ROOT / "bench" / "README.md", ROOT / "bench" / "results" / "README.md",
+             ROOT / "deploy" / "README.md"]
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: str(path.relative_to(ROOT)))
