@@ -221,11 +221,7 @@ class ModelWorker:
         return not failed
 
     def answer(self, claimed):
-        """Process one claimed batch and store every job's result.
-
-        While Redis is away the results are retried until the last job's deadline: after it
-        nobody waits for them.
-        """
+        """Process one claimed batch and store every job's result (see store_answers)."""
         jobs = parse_jobs(claimed)
         metered, answered = self.fill.drain.start(), 0
         try:  # a pass that raises must end too: a meter left running holds every partial batch
@@ -239,11 +235,7 @@ class ModelWorker:
         passed = pass_on(self.store, self.keys, self.id, outcome.elsewhere, claimed)
         if passed and len(passed) == len(claimed):  # they may come back at once: not a spin
             self.stopping.wait(PASS_ON_PAUSE_S)
-        results = {job_id: {**result, "worker": self.id}
-                   for job_id, result in outcome.results.items() if job_id not in passed}
-        entries = [entry for entry, _ in claimed if job_id_of(entry) not in passed]
-        give_up_at = max((job["deadline"] for job in jobs), default=0)
-        store_with_retry(self.store, self.keys, self.id, results, entries, give_up_at)
+        store_answers(self.store, self.keys, self.id, claimed, jobs, outcome.results, passed)
 
 
 # A lane that passed its whole batch on waits this long before it claims again.
@@ -302,10 +294,15 @@ class Tally:
             return dict(self.counts)
 
 
-def store_with_retry(store, keys, worker_id, results, entries, give_up_at):
-    """Store a batch's results and release its entries. While Redis is away they are retried
-    until `give_up_at`, the last job's deadline: after it nobody waits for them (the claims stay:
-    the next claim takes them back and drops them as expired)."""
+def store_answers(store, keys, worker_id, claimed, jobs, results, passed):
+    """Store the results of a batch's jobs and release their entries, all but those passed on to
+    another worker. While Redis is away they are retried until the last job's deadline: after it
+    nobody waits for them (the claims stay: the next claim takes them back and drops them as
+    expired)."""
+    results = {job_id: {**result, "worker": worker_id}
+               for job_id, result in results.items() if job_id not in passed}
+    entries = [entry for entry, _ in claimed if job_id_of(entry) not in passed]
+    give_up_at = max((job["deadline"] for job in jobs), default=0)
     backoff = Backoff()
     while True:
         try:

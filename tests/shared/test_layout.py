@@ -24,7 +24,7 @@ LAYERS = {
                         "serving.errors"},
 }
 MAX_LINES = 420
-MAX_CLASS_LINES = 130
+MAX_CLASS_LINES = 125
 
 
 def modules():
