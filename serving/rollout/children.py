@@ -13,7 +13,7 @@ import settings
 from serving import RUN_KERAS_SERVER
 from serving.rollout.model_process import Channel
 from serving.rollout.priority import can_leave_idle
-from serving.rollout.spec import spec_text
+from serving.rollout.spec import MALLOC_ARENAS, spec_text
 
 log = logging.getLogger("keras_server.rollout")
 
@@ -25,7 +25,7 @@ class ModelProcess:
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen(
             [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()])
+            pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
         if order["low_priority"] and can_leave_idle(order["niceness"]):
             # From its first import on, not only once it has its order: it has one thread yet,
             # and the threads it starts inherit the policy.

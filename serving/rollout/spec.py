@@ -4,6 +4,12 @@ import os
 
 import settings
 
+# glibc gives each thread that allocates an arena of its own, up to 8 per core, and each arena
+# keeps some of what it frees. A model process's threads (the runtime's pools, the lanes, the
+# decoding pool) share two (unless set otherwise), so that what they keep does not grow with the
+# machine's cores.
+MALLOC_ARENAS = "2"
+
 
 def spec_from_settings():
     """The model the settings name (served until a `reload` records another)."""
