@@ -4,6 +4,7 @@ import statistics
 
 from stress_test import percentile
 
+
 def completion_bursts(records):
     """(time, images) of each answered batch, found from the answers' completion times.
 

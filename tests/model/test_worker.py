@@ -164,8 +164,11 @@ reader = ImageReader((224, 224, 3), 1, settings.DECODE_BUDGET_BYTES)
 before, growth, done = resident(), [], threading.Event()
 
 def decode():
-    assert reader.read([job])[2] == {}
-    growth.append(resident() - before)
+    try:
+        refused = reader.read([job])[2]
+        growth.append(f"refused: {refused}" if refused else resident() - before)
+    except Exception as exc:  # said, rather than leaving the loop below waiting
+        growth.append(repr(exc))
     done.wait()  # a thread keeps its allocator arena while it lives
 
 threads = [threading.Thread(target=decode) for _ in range(4)]
@@ -186,8 +189,9 @@ def test_large_images_decoded_in_turn_by_different_threads_leave_no_memory_behin
     # Each decode of this 6,299 x 6,299 PNG holds 150 MiB of pixels; a thread's arena that kept
     # them would show in the resident size after it, one more each turn.
     run = subprocess.run([sys.executable, "-c", DECODE_IN_TURN], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, check=True)
+                         text=True, timeout=120, check=True)
     growth = json.loads(run.stdout)
+    assert all(isinstance(g, int) for g in growth), growth
     assert len(growth) == 4 and max(growth) < 32 * 2**20, [g >> 20 for g in growth]
 
 
