@@ -146,4 +146,5 @@ def alternating(items, number):
     """The items in round `number`'s order when timing them in interleaved rounds: forwards in
     even rounds, backwards in odd ones, so that a drift of the machine's speed touches every item
     alike."""
-    return list(items) if number % 2 == 0 else list(reversed(list(items)))
+    items = list(items)
+    return items if number % 2 == 0 else items[::-1]
