@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -476,3 +477,25 @@ def post_concurrently(url, images, workers):
 def worker_stats(redis_client, keys):
     """Each live worker's heartbeat, by pid (as a string)."""
     return {beat["pid"]: beat for beat in jobqueue.live_workers(redis_client, keys)}
+
+
+# A worker that will be frozen starts with this: its heartbeat outlives the freeze.
+LASTING_HEARTBEAT = {"HEARTBEAT_TTL_S": 60}
+
+
+@contextmanager
+def frozen_workers(redis_client, keys):
+    """Every live worker's model process stopped (SIGSTOP) while inside: their last heartbeats
+    (LASTING_HEARTBEAT) still show them warm to the web tier, and nothing claims the queue (a
+    claim a worker had sent before it froze, blocked in Redis, is waited out first: it would
+    still take the first job pushed)."""
+    pids = [int(beat["model_pid"]) for beat in worker_stats(redis_client, keys).values()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: not any("b" in client["flags"] for client in redis_client.client_list()),
+                   timeout=10, what="the frozen workers' blocked claims to time out in Redis")
+        yield pids
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)

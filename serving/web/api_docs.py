@@ -129,7 +129,8 @@ PREDICT = dict(form=Upload, query=TopK, headers=Deadline, tags=["Classification"
     HTTP_200=PredictAnswer,
     HTTP_400=(Error, "no image field, an unreadable image or a bad parameter"),
     HTTP_413=(Error, "too large: the body, an image's pixels, or too many images"),
-    HTTP_503=(Error, "the queue is full (see Retry-After), or Redis failed"),
+    HTTP_503=(Error, "no warm model worker yet, or the queue is full (both with Retry-After), or "
+                     "Redis failed"),
     HTTP_504=(Error, "no result within the deadline")))
 
 
@@ -258,5 +259,6 @@ V2_INFER = dict(json=InferRequest, headers=Deadline, **protocol(
     HTTP_400="a malformed request, tensor or image",
     HTTP_404="no such model or version",
     HTTP_413="too large: the body or the batch",
-    HTTP_503="the queue is full (see Retry-After), or Redis failed",
+    HTTP_503="no warm model worker yet, or the queue is full (both with Retry-After), or Redis "
+             "failed",
     HTTP_504="no result within the deadline"))

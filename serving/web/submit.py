@@ -32,6 +32,12 @@ ADMISSION_SHARE = 0.8
 # would be refused at the enqueue, its upload decoded for nothing. Taken from the time left, before
 # the MAX_QUEUE_LENGTH cap, so a queue bounded by the cap is not shortened.
 ADMISSION_MARGIN_S = 1.0
+# While no model worker is warm (none has reported its model's input yet: a cold start, workers
+# scaled to zero, the last one gone), a request is refused at once with this Retry-After: a
+# worker loads and warms up in seconds to tens of seconds. The refusal leaves keys.wake for
+# WAKE_TTL_S, many times an autoscaler's polling interval (KEDA's: 5 s in deploy/k8s), written
+# at most every WAKE_EVERY_S by a web process.
+NO_WORKER_RETRY_S, WAKE_TTL_S, WAKE_EVERY_S = 5, 60, 1.0
 
 
 def submit(store, keys, workers, jobs, deadline, connection):
@@ -133,12 +139,14 @@ def parse_top_k(value):
 
 def admit_or_refuse(store, keys, workers, deadline):
     """Refuse a request that cannot be answered in time: 504 if its deadline has passed already
-    (it waited in front of the service), OVERLOAD_STATUS if the queue ahead of it is too long.
+    (it waited in front of the service), 503 while no model worker is warm, OVERLOAD_STATUS if
+    the queue ahead of it is too long.
     (Before its body is read, so as if it carried one image: submit checks them all.)"""
     time_left = deadline - time.time()
     if time_left <= 0:
         raise ServiceError("the request waited longer than its deadline before the service could "
                            "look at it", 504)
+    workers.warm()
     bound = workers.depth_bound_at_arrival(time_left)
     # The queue is read only when this process last saw it half-way to the bound: a round trip
     # saved on every request in normal operation. (The enqueue checks the bound atomically anyway;
@@ -181,20 +189,36 @@ class WorkerView:
         self.beats, self.read_at = [], float("-inf")
         self.reading = threading.Lock()  # gevent's, once monkey-patched
         self.depth_seen = 0  # the queue's length when this process last enqueued or looked
+        self.woke_at = float("-inf")
 
     def heartbeats(self):
-        """The heartbeats, read again once they are max_age_s old: by one request, while the
-        others that come meanwhile go on with the ones read before (if any)."""
-        if time.monotonic() - self.read_at > self.max_age_s:
+        """The heartbeats, read again once they are max_age_s old, or when none was warm: by one
+        request, while the others that come meanwhile go on with the ones read before (if any)."""
+        if (time.monotonic() - self.read_at > self.max_age_s
+                or not any(beat.get("warm") == "1" for beat in self.beats)):
             if self.reading.acquire(blocking=self.read_at == float("-inf")):
                 try:
-                    if time.monotonic() - self.read_at > self.max_age_s:
+                    if (time.monotonic() - self.read_at > self.max_age_s
+                            or not any(beat.get("warm") == "1" for beat in self.beats)):
                         self.beats = fresh_heartbeats(self.store, self.keys)
                         self.read_at = time.monotonic()
                         measure_clock(self.store)
                 finally:
                     self.reading.release()
         return self.beats
+
+    def warm(self):
+        """The warm workers' heartbeats. While there is none, 503 with Retry-After (a job queued
+        now would wait for a worker that may take longer than its deadline to come, or never
+        come), and the sign keys.wake for an autoscaler (jobqueue.wake_workers)."""
+        warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
+        if not warm:
+            if time.monotonic() - self.woke_at >= WAKE_EVERY_S:
+                jobqueue.wake_workers(self.store, self.keys, WAKE_TTL_S)
+                self.woke_at = time.monotonic()
+            raise ServiceError(f"no model worker is ready yet; retry in {NO_WORKER_RETRY_S} s",
+                               503, {"Retry-After": str(NO_WORKER_RETRY_S)})
+        return warm
 
     def check_job_format(self):
         """503 while a warm worker of an older version of the service runs: it cannot read the

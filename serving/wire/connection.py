@@ -135,12 +135,13 @@ CLOCK = RedisClock()  # this process's reading of Redis's clock
 # The Redis users of a deployment (docker-compose.yml, deploy/k8s), each with only the commands its
 # tier sends, its scripts' included (Redis checks a script's calls against its caller's user), on
 # only the keys of its queue that it uses. The web tier, the one facing the internet, can neither
-# propose a model nor forge a heartbeat; KEDA reads the queue's length; `admin` is for operators.
-# Each user's password is REDIS_<USER>_PASSWORD where the deployment starts Redis. A client that
-# gives no password gets the default user, which may only PING (health checks).
+# propose a model nor forge a heartbeat; KEDA reads the lengths of the queue and of its wake list
+# (Keys.wake); `admin` is for operators. Each user's password is REDIS_<USER>_PASSWORD where the
+# deployment starts Redis. A client that gives no password gets the default user, which may only
+# PING (health checks).
 REDIS_USERS = {
-    "web": "eval evalsha llen rpush lrem get set del incrby decrby exists blmove lindex smembers "
-           "hgetall time ping",
+    "web": "eval evalsha llen rpush lrem ltrim get set del incrby decrby exists expire blmove "
+           "lindex smembers hgetall time ping",
     "model": "eval evalsha llen lmove blmove rpush rpop lrem lrange lindex ltrim get set del incr "
              "incrby decrby exists expire pexpire hset hgetall sadd srem smembers multi exec "
              "watch unwatch time ping info",
@@ -155,10 +156,11 @@ def acl_rules(user, queue):
     name = "".join(f"\\{c}" if c in "*?[]\\" else c for c in queue)  # a glob matching the name
     tag = f"{{{name}}}"
     keys = {"web": [f"%RW~{name}", f"%RW~{tag}:queued_bytes", f"%RW~{tag}:job:*",
-                    f"%RW~{tag}:result:*", f"%R~{tag}:workers", f"%R~{tag}:worker:*"],
+                    f"%RW~{tag}:result:*", f"%R~{tag}:workers", f"%R~{tag}:worker:*",
+                    f"%RW~{tag}:wake"],
             "model": [f"~{name}", f"~{tag}:*"],
-            # KEDA reads the length by EVAL, whose keys need both rights (its commands: reads).
-            "keda": [f"~{name}"]}[user]
+            # KEDA reads the lengths by EVAL, whose keys need both rights (its commands: reads).
+            "keda": [f"~{name}", f"~{tag}:wake"]}[user]
     return ["resetkeys", *keys, "resetchannels", "-@all", "+@connection", "-@dangerous",
             *(f"+{command}" for command in REDIS_USERS[user].split())]
 

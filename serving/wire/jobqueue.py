@@ -171,6 +171,15 @@ return moved
 """)
 
 
+# Leaves one entry on the list KEYS[1] for ARGV[1] seconds: the sign that requests came while no
+# worker was warm (see wake_workers).
+WAKE = Script("""
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], -1, -1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+""")
+
+
 class QueueFull(Exception):
     """The queue is at MAX_QUEUE_LENGTH or MAX_QUEUE_BYTES; `depth` jobs are waiting."""
 
@@ -363,6 +372,12 @@ def live_workers(redis, keys):
     for worker_id in ids:
         pipe.hgetall(keys.heartbeat(worker_id))
     return [text_hash(beat) for beat in pipe.execute() if beat]
+
+
+def wake_workers(redis, keys, ttl_s):
+    """Say that a request was refused for want of a warm worker: keys.wake holds one entry (the
+    time) for ttl_s seconds, for an autoscaler to start one."""
+    WAKE(redis, [keys.wake], [int(ttl_s), int(time.time())])
 
 
 def requeue_claims(redis, keys, worker_id):

@@ -21,6 +21,10 @@ class Keys:
         self.model = f"{self.tag}:model"
         self.model_history = f"{self.tag}:model:history"
         self.model_rollouts = f"{self.tag}:model:rollouts"
+        # A list of one entry while the web tier refuses requests for want of a warm worker
+        # (jobqueue.wake_workers): an autoscaler watching its length (KEDA's second trigger in
+        # deploy/k8s) starts a worker when they are scaled to zero.
+        self.wake = f"{self.tag}:wake"
 
     def refusals(self, rollout):
         return f"{self.tag}:model:refusals:{rollout}"

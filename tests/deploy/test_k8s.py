@@ -13,6 +13,7 @@ import yaml
 
 from serving.wire.connection import REDIS_USERS
 from serving.wire.connection import redis_server_users
+from serving.wire.keys import Keys
 from serving.web.app import create_app
 import settings
 from conftest import ROOT
@@ -123,6 +124,12 @@ def test_keda_scales_the_workers_on_their_queue(rendered):
     assert int(port) == (redis_url.port or 6379) == service["spec"]["ports"][0]["port"]
     assert scaled["metadata"]["namespace"] == model["metadata"]["namespace"]
     assert scaled["spec"]["minReplicaCount"] >= 1
+    # The second trigger asks for one worker while the web tier refuses requests for want of a
+    # warm one (the list it writes then: tests/end_to_end/test_serving_path.py), from zero too.
+    wake = scaled["spec"]["triggers"][1]
+    assert wake["type"] == "redis" and wake["authenticationRef"] == trigger["authenticationRef"]
+    assert wake["metadata"] == {**trigger["metadata"], "listLength": "1",
+                                "listName": Keys(worker["IMAGE_QUEUE"]).wake}
 
 
 def test_grace_periods_and_front_door_outlast_a_request(rendered):

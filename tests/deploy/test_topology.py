@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import (assert_own_answers, children_of, distinct_images, image_bytes, is_running,
-                      post_concurrently, post_image, stop, tiny_settings, wait_until, warm_workers,
-                      worker_stats)
+from conftest import (LASTING_HEARTBEAT, assert_own_answers, children_of, distinct_images,
+                      frozen_workers, image_bytes, is_running, post_concurrently, post_image, stop,
+                      tiny_settings, wait_until, warm_workers, worker_stats)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,9 @@ def test_requests_through_nginx_are_answered_once_and_spread_over_both_tiers(
     assert not redis_client.keys(keys.processing("*"))
 
 
-def test_nginx_limits_match_the_apps(topology):
-    front = topology(models=0, webs=1, REQUEST_TIMEOUT_S=2, MAX_UPLOAD_BYTES=200_000)
+def test_nginx_limits_match_the_apps(topology, tiny_model, redis_client, keys):
+    front = topology(models=1, webs=1, REQUEST_TIMEOUT_S=2, MAX_UPLOAD_BYTES=200_000,
+                     **LASTING_HEARTBEAT, **tiny_settings(tiny_model))
 
     too_large = post_image(front.url, b"\xff" * 300_000)
 
@@ -85,14 +86,16 @@ def test_nginx_limits_match_the_apps(topology):
                                 "error": "the upload is larger than the 200000 bytes allowed"}
     assert "X-Served-By" not in too_large.headers  # refused by nginx, before any web instance
 
-    started = time.monotonic()
-    no_worker = post_image(front.url, image_bytes())
-    elapsed = time.monotonic() - started
+    warm_workers(redis_client, keys, 1)
+    with frozen_workers(redis_client, keys):  # admitted, and never answered
+        started = time.monotonic()
+        unanswered = post_image(front.url, image_bytes())
+        elapsed = time.monotonic() - started
 
     # nginx waits longer than REQUEST_TIMEOUT_S, so the app's own 504 is what the client gets.
-    assert no_worker.status_code == 504
-    assert no_worker.headers["X-Served-By"] == "web-1"
-    assert "timeout" in no_worker.json()["error"]
+    assert unanswered.status_code == 504
+    assert unanswered.headers["X-Served-By"] == "web-1"
+    assert "timeout" in unanswered.json()["error"]
     assert 2 <= elapsed < 6
 
 

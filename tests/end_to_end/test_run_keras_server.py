@@ -9,9 +9,9 @@ import pytest
 import requests
 
 from serving.wire import jobqueue
-from conftest import (QUEUE, ROOT, assert_own_answers, children_of, distinct_images, image_bytes,
-                      is_running, post_concurrently, post_image, tiny_direct, tiny_settings,
-                      wait_until, worker_stats)
+from conftest import (LASTING_HEARTBEAT, QUEUE, ROOT, assert_own_answers, children_of,
+                      distinct_images, frozen_workers, image_bytes, is_running, post_concurrently,
+                      post_image, tiny_direct, tiny_settings, wait_until, worker_stats)
 from serving.images import prepare_image
 
 RESNET_SEED = 1234
@@ -175,18 +175,22 @@ def test_two_workers_share_one_queue_and_answer_each_request_once(
     assert not redis_client.keys(keys.processing("*"))
 
 
-def test_no_worker_gives_504_and_leaves_nothing_in_redis(service, redis_client, keys):
+def test_a_request_unanswered_by_its_deadline_gets_504_and_leaves_nothing_in_redis(
+        service, tiny_model, redis_client, keys):
+    service.worker(**LASTING_HEARTBEAT, **tiny_settings(tiny_model))
     web = service.web(REQUEST_TIMEOUT_S=1.5, RESULT_TTL_S=1)
 
-    started = time.monotonic()
-    response = post_image(web.url, image_bytes())
-    elapsed = time.monotonic() - started
+    with frozen_workers(redis_client, keys):  # warm to the web tier, and claiming nothing
+        started = time.monotonic()
+        response = post_image(web.url, image_bytes())
+        elapsed = time.monotonic() - started
 
     assert response.status_code == 504
     assert response.json()["success"] is False and "timeout" in response.json()["error"]
     assert 1.5 <= elapsed < 6
     time.sleep(1.2)
-    assert redis_client.keys(f"{QUEUE}*") + redis_client.keys(f"{keys.tag}*") == []
+    assert redis_client.llen(QUEUE) == 0
+    assert redis_client.keys(keys.job("*")) + redis_client.keys(keys.result("*")) == []
 
 
 def test_auto_batch_size_is_measured_logged_and_reported(service, tiny_model, redis_client, keys):

@@ -1,6 +1,7 @@
 """The serving path's own promises: the web tier decodes nothing on its event loop, a batch is
 released without its payloads going back to Redis, the image may come as the raw body, and jobs of
-the previous format left in the queue at an upgrade are answered. Real processes throughout."""
+the previous format left in the queue at an upgrade are answered, and before any worker is warm a
+request is refused at once. Real processes throughout."""
 import io
 import json
 import threading
@@ -14,10 +15,12 @@ import pytest
 import requests
 from PIL import Image
 
+import settings
 from serving.wire import job_format
 from serving.wire import jobqueue
-from conftest import (QUEUE, ROOT, assert_own_predictions, digits_settings, distinct_images, image_bytes,
-                      post_image, tiny_settings, wait_until, warm_workers)
+from conftest import (LASTING_HEARTBEAT, QUEUE, ROOT, assert_own_predictions, digits_settings,
+                      distinct_images, frozen_workers, image_bytes, post_image, tiny_settings,
+                      wait_until, warm_workers)
 from serving.wire.job_format import encode_array
 from serving.images import prepare_image
 
@@ -61,16 +64,27 @@ def test_healthz_answers_at_once_while_a_30_megapixel_jpeg_is_classified(service
     assert max(during) < 0.050, f"slowest /healthz {max(during) * 1000:.0f} ms"
 
 
-def test_a_request_sent_before_any_worker_beats_is_decoded_at_the_models_input(
+def test_before_any_worker_is_warm_a_request_is_refused_at_once_and_wakes_the_workers(
         service, digits, redis_client, keys):
-    # The web tier knows no model yet: it queues the upload as it came, and the digits CNN's
-    # worker, started after it, decodes it to its own 8 x 8 x 1.
+    # The web tier knows no model yet: it queues nothing (a job would wait for a worker that may
+    # come after its deadline, or never), answers 503 with Retry-After, and leaves the sign that
+    # KEDA's second trigger starts a worker on (deploy/k8s/base/model.yaml).
     web = service.web()
-    with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(post_image, web.url, digits["images"][0], "digit.png")
-        wait_until(lambda: redis_client.llen(keys.queue) == 1, what="the upload to be queued")
-        service.worker(**digits_settings(digits["v1"], "1"))
-        response = waiting.result()
+    started = time.monotonic()
+    refusals = [post_image(web.url, digits["images"][0], "digit.png"),
+                requests.post(f"{web.url}/v2/models/digits/infer", json={"inputs": []}, timeout=60)]
+    assert time.monotonic() - started < settings.REQUEST_TIMEOUT_S / 2  # not at the deadline
+    for refused in refusals:
+        assert refused.status_code == 503, refused.text
+        assert "no model worker" in refused.json()["error"]
+        assert int(refused.headers["Retry-After"]) >= 1
+    assert refusals[0].json()["success"] is False
+    assert redis_client.llen(keys.queue) == 0 and not redis_client.keys(keys.job("*"))
+    assert redis_client.llen(keys.wake) == 1 and 0 < redis_client.ttl(keys.wake) <= 60
+
+    # Once the digits CNN's worker is warm, the same upload is decoded at its own 8 x 8 x 1.
+    service.worker(**digits_settings(digits["v1"], "1"))
+    response = post_image(web.url, digits["images"][0], "digit.png")
     assert response.status_code == 200, response.text
     assert {p["label"] for p in response.json()["predictions"]} <= set("0123456789")
 
@@ -234,9 +248,10 @@ print(estimate, memory("VmHWM:") - before)
         assert estimate >= 2 * 7300 * 5480
 
 
-def test_waiting_requests_hold_no_uploads(service, redis_client):
-    """150 requests of 1.4 MB images wait (no worker answers them): the web process holds the
-    jobs' ids, not their images, so its memory grows by far less than the 200 MB they sent."""
+def test_waiting_requests_hold_no_uploads(service, tiny_model, redis_client, keys):
+    """150 requests of 1.4 MB images wait (the worker is frozen): the web process holds the jobs'
+    ids, not their images, so its memory grows by far less than the 200 MB they sent."""
+    service.worker(**LASTING_HEARTBEAT, **tiny_settings(tiny_model))
     # glibc's malloc at a fixed mmap threshold: a freed upload leaves the resident memory at once
     # (by default the threshold rises to the size of the last one freed, and later ones stay
     # resident after they are freed), so what is resident is what the process holds.
@@ -268,6 +283,7 @@ def test_waiting_requests_hold_no_uploads(service, redis_client):
     # As many requests of a small image first: what any waiting request costs the process (a
     # greenlet, a Redis connection in the pool, lazily built parts) is in place before measuring.
     count = 150
-    wait_with(image_bytes(size=(64, 64)), count)
-    grown = wait_with(image, count)
+    with frozen_workers(redis_client, keys):
+        wait_with(image_bytes(size=(64, 64)), count)
+        grown = wait_with(image, count)
     assert grown < 40 * 2**20, f"the web process grew {grown / 2**20:.1f} MB"

@@ -25,9 +25,9 @@ def tiny_service(redis_server, tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def web_without_worker(redis_server, tmp_path_factory):
-    """A web instance whose queue no worker serves: every request times out with 504."""
+    """A web instance whose queue no worker serves: every request is refused with 503."""
     processes = Processes(redis_server["url"], tmp_path_factory.mktemp("idle"), "stress_idle")
-    yield processes.web(REQUEST_TIMEOUT_S=0.5)
+    yield processes.web()
     processes.stop_all()
 
 
@@ -102,7 +102,7 @@ def test_a_kept_alive_connection_the_server_closed_is_opened_again(tiny_service)
 
 
 FAILING_SERVERS = {
-    "no model worker (504)": lambda web, idle: (f"{idle.url}/predict", {"504": 4}),
+    "no model worker (503)": lambda web, idle: (f"{idle.url}/predict", {"503": 4}),
     "wrong path (404)": lambda web, idle: (f"{web.url}/nope", {"404": 4}),
     "nothing listening": lambda web, idle: (f"http://127.0.0.1:{free_port()}/predict", {"0": 4}),
 }

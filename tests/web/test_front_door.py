@@ -20,8 +20,10 @@ from PIL import Image
 from serving.wire import jobqueue
 import settings
 import stress_test
-from conftest import (descendants, image_bytes, metric, post_image, start_whole_service,
-                      stop_whole_service, tiny_settings, wait_until, warm_workers, worker_stats)
+from conftest import (LASTING_HEARTBEAT, descendants, frozen_workers, image_bytes, metric,
+                      post_image, start_whole_service, stop_whole_service, tiny_settings,
+                      wait_until, warm_workers, worker_stats)
+from serving.errors import ServiceError
 from serving.web.submit import WorkerView
 
 # ResNet50 on one core of two (one thread, one batch at a time): the model is the bottleneck, and
@@ -116,6 +118,18 @@ def test_overload_through_nginx_is_refused_at_once_and_capacity_is_kept(
     front = topology(models=1, webs=1, WEB_WORKERS=settings.WEB_WORKERS, **SLOW_RESNET)
     warm_workers(redis_client, keys, 1)
     assert_overload_is_refused_fast_and_capacity_kept(front.url)
+
+
+def test_while_no_worker_is_warm_each_request_reads_the_heartbeats_again(redis_client, keys):
+    # Heartbeats are read at most every max_age_s while a worker is warm; with none, a worker
+    # that turns warm (after a cold start, after Redis restarted empty) is seen at once.
+    workers = WorkerView(redis_client, keys, max_age_s=600)
+    with pytest.raises(ServiceError) as refused:
+        workers.warm()
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "5"}
+    assert redis_client.llen(keys.wake) == 1  # the sign for an autoscaler
+    jobqueue.publish_heartbeat(redis_client, keys, "worker", {"warm": "1"}, 60, 60)
+    assert [beat["warm"] for beat in workers.warm()] == ["1"]
 
 
 @pytest.mark.parametrize("rate, batch_s", [(11.0, 1.4), (35.0, 0.45), (900.0, 0.01)])
@@ -317,12 +331,20 @@ def send_and_keep_open(url, data):
 
 @pytest.mark.parametrize("through_nginx", [False, True], ids=["gunicorn", "nginx"])
 def test_a_client_that_hangs_up_has_its_job_withdrawn_before_any_worker_takes_it(
-        service, topology, redis_client, keys, through_nginx):
-    url = topology(models=0, webs=1).url if through_nginx else service.web().url
-    sock = send_and_keep_open(url, image_bytes())
-    wait_until(lambda: redis_client.llen(keys.queue) == 1, what="the job to be queued")
-    sock.close()
-    wait_until(lambda: redis_client.llen(keys.queue) == 0, timeout=5, what="the job to be withdrawn")
+        service, topology, tiny_model, redis_client, keys, through_nginx):
+    worker = {**LASTING_HEARTBEAT, **tiny_settings(tiny_model)}
+    if through_nginx:
+        url = topology(models=1, webs=1, **worker).url
+        warm_workers(redis_client, keys, 1)
+    else:
+        service.worker(**worker)
+        url = service.web().url
+    with frozen_workers(redis_client, keys):  # the job waits on the queue
+        sock = send_and_keep_open(url, image_bytes())
+        wait_until(lambda: redis_client.llen(keys.queue) == 1, what="the job to be queued")
+        sock.close()
+        wait_until(lambda: redis_client.llen(keys.queue) == 0, timeout=5,
+                   what="the job to be withdrawn")
 
 
 # --- Clients that send their bodies slowly --------------------------------------------------
@@ -377,10 +399,11 @@ def test_clients_trickling_bodies_a_byte_a_second_cannot_take_every_connection(t
     assert growth < settings.WEB_WORKERS * settings.DECODE_BUDGET_BYTES, f"{growth >> 20} MiB"
 
 
-def test_a_body_must_be_in_by_the_requests_own_deadline(service):
+def test_a_body_must_be_in_by_the_requests_own_deadline(service, tiny_model):
     """X-Request-Timeout-S: 2 shortens the deadline, and the body is due by then too: a client
     that keeps to twice the minimum pace, but whose body would take 50 s, is cut off with 408 at
     the 2 s deadline, not at REQUEST_TIMEOUT_S's."""
+    service.worker(**tiny_settings(tiny_model))  # (with none warm, 503 before the body is read)
     web = service.web()
     host, port = web.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))

@@ -13,7 +13,8 @@ import pytest
 import requests
 import tritonclient.http as triton
 
-from conftest import distinct_images, post_image, tiny_settings, wait_until, worker_stats
+from conftest import (LASTING_HEARTBEAT, distinct_images, post_image, tiny_settings, wait_until,
+                      worker_stats)
 from serving.images import prepare_image
 
 
@@ -21,9 +22,8 @@ from serving.images import prepare_image
 def served(service, tiny_model):
     """A worker with the tiny model (batches of up to 8) and a web instance; the triton client.
     (A heartbeat outlives a held model process: see test_batched_with_predict_traffic.)"""
-    lasting = {"HEARTBEAT_TTL_S": 60}
-    worker = service.worker(BATCH_SIZE=8, **lasting, **tiny_settings(tiny_model))
-    web = service.web(**lasting)
+    worker = service.worker(BATCH_SIZE=8, **LASTING_HEARTBEAT, **tiny_settings(tiny_model))
+    web = service.web(**LASTING_HEARTBEAT)
     client = triton.InferenceServerClient(url=web.url.removeprefix("http://"))
     yield {"web": web, "worker": worker, "client": client, "name": "tiny"}
     client.close()

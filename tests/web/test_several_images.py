@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 import settings
-from conftest import assert_own_predictions, distinct_images, tiny_settings, wait_until
+from conftest import (LASTING_HEARTBEAT, assert_own_predictions, distinct_images, frozen_workers,
+                      tiny_settings, wait_until)
 
 
 def post_images(url, files, timeout=60, headers=None, **params):
@@ -57,30 +58,33 @@ def test_a_bad_file_fails_alone(service, tiny_model):
     assert [result["status"] for result in none.json()["results"]] == [400, 400]
 
 
-def test_the_bounds_count_images(service, redis_client, keys):
+def test_the_bounds_count_images(service, tiny_model, redis_client, keys):
     """At the default settings: more than MAX_IMAGES_PER_REQUEST gets 413; a request whose images
     do not all fit under MAX_QUEUE_LENGTH is refused whole, and one that fits is taken whole."""
-    url = service.web().url  # no worker: the queue stays as this test fills it
-    image = distinct_images(1)[0]
-    too_many = post_images(url, [("i.png", image)] * (settings.MAX_IMAGES_PER_REQUEST + 1))
-    assert too_many.status_code == 413, too_many.text
-    assert "MAX_IMAGES_PER_REQUEST" in too_many.json()["error"]
+    service.worker(**LASTING_HEARTBEAT, **tiny_settings(tiny_model))
+    url = service.web().url
+    with frozen_workers(redis_client, keys):  # the queue stays as this test fills it
+        image = distinct_images(1)[0]
+        too_many = post_images(url, [("i.png", image)] * (settings.MAX_IMAGES_PER_REQUEST + 1))
+        assert too_many.status_code == 413, too_many.text
+        assert "MAX_IMAGES_PER_REQUEST" in too_many.json()["error"]
 
-    room = 5
-    fillers = [f"filler-{n}" for n in range(settings.MAX_QUEUE_LENGTH - room)]
-    redis_client.rpush(keys.queue, *fillers)
-    refused = post_images(url, [("i.png", image)] * (room + 1))
-    assert refused.status_code == settings.OVERLOAD_STATUS, refused.text
-    assert f"no room for {room + 1} images" in refused.json()["error"]
-    assert redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH - room  # none enqueued
+        room = 5
+        fillers = [f"filler-{n}" for n in range(settings.MAX_QUEUE_LENGTH - room)]
+        redis_client.rpush(keys.queue, *fillers)
+        refused = post_images(url, [("i.png", image)] * (room + 1))
+        assert refused.status_code == settings.OVERLOAD_STATUS, refused.text
+        assert f"no room for {room + 1} images" in refused.json()["error"]
+        assert redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH - room  # none enqueued
 
-    # These fit: all five are queued, then withdrawn at their deadline, unanswered.
-    with ThreadPoolExecutor(1) as pool:
-        request = pool.submit(post_images, url, [("i.png", image)] * room,
-                              headers={"X-Request-Timeout-S": "10"})
-        wait_until(lambda: redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH,
-                   timeout=10, what="the request's images on the queue")
-        taken = request.result()
-    assert taken.status_code == 504, taken.text
-    assert [result["status"] for result in taken.json()["results"]] == [504] * room
-    assert redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH - room
+        # These fit: all five are queued, then withdrawn at their deadline, unanswered.
+        with ThreadPoolExecutor(1) as pool:
+            request = pool.submit(post_images, url, [("i.png", image)] * room,
+                                  headers={"X-Request-Timeout-S": "10"})
+            wait_until(lambda: redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH,
+                       timeout=10, what="the request's images on the queue")
+            taken = request.result()
+        assert taken.status_code == 504, taken.text
+        assert [result["status"] for result in taken.json()["results"]] == [504] * room
+        assert redis_client.llen(keys.queue) == settings.MAX_QUEUE_LENGTH - room
+        redis_client.delete(keys.queue)  # the fillers, before the worker goes on

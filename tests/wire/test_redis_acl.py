@@ -19,7 +19,8 @@ import yaml
 from serving.wire.connection import REDIS_USERS
 from serving.wire.keys import Keys
 from conftest import (ROOT, Processes, assert_own_predictions, descendants, distinct_images,
-                      free_port, post_image, reload_args, stop, tiny_settings, wait_until)
+                      free_port, image_bytes, post_image, reload_args, stop, tiny_settings,
+                      wait_until)
 
 QUEUE = "acl_queue"
 PASSWORDS = {f"REDIS_{user.upper()}_PASSWORD": f"{user}-secret-1234"
@@ -71,8 +72,13 @@ def test_every_path_runs_within_each_tiers_rights(compose_redis, tmp_path, tiny_
     processes = Processes(f"redis://admin:{PASSWORDS['REDIS_ADMIN_PASSWORD']}@127.0.0.1:{port}/0",
                           tmp_path, QUEUE)
     try:
-        worker = processes.worker(REDIS_URL=url, **env["model"], **tiny_settings(tiny_model))
         web = processes.web(REDIS_URL=url, **env["web"])
+        refused = post_image(web.url, image_bytes())  # no worker yet: its sign for KEDA is left
+        assert refused.status_code == 503 and admin.llen(Keys(QUEUE).wake) == 1
+        assert "no model worker" in refused.json()["error"]
+        # (Its heartbeat outlives the freeze below: the web tier still takes it for warm.)
+        worker = processes.worker(REDIS_URL=url, HEARTBEAT_TTL_S=60, **env["model"],
+                                  **tiny_settings(tiny_model))
         images = distinct_images(3)
         for data in images:
             response = post_image(web.url, data, "image.png")
@@ -115,6 +121,7 @@ def test_each_user_can_do_only_its_part(compose_redis):
     keys = Keys(QUEUE)
     admin.rpush(QUEUE, "job-1:10")
     admin.set(keys.job("job-1"), "a queued image")
+    admin.rpush(keys.wake, "1765000000")
 
     def client(user):
         return redis.Redis(port=port, username=user,
@@ -132,7 +139,7 @@ def test_each_user_can_do_only_its_part(compose_redis):
         with pytest.raises(redis.exceptions.NoPermissionError):
             forbidden()
     assert anonymous.ping()
-    assert keda.eval(KEDA_LENGTH, 1, QUEUE) == 1
+    assert keda.eval(KEDA_LENGTH, 1, QUEUE) == 1 and keda.eval(KEDA_LENGTH, 1, keys.wake) == 1
     assert web.llen(QUEUE) == 1 and web.get(keys.job("job-1")) == "a queued image"
 
 
