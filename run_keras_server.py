@@ -23,7 +23,6 @@ import argparse
 import logging
 
 import settings
-from serving import metrics
 from serving.processes import run_all
 from serving.rollout.model_process import run_model_process
 from serving.rollout.reload import run_reload
@@ -36,8 +35,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run_model_worker(args=None):
     """The `model` command: a supervisor that serves the wanted model from a child process and
     rolls out reloads (see serving/rollout/); exits 2 if no model loads."""
-    if settings.WORKER_METRICS_PORT:
-        metrics.serve_model_metrics(settings.WORKER_METRICS_PORT)
     return run_supervisor()
 
 

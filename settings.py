@@ -249,7 +249,8 @@ the Keras and OpenVINO versions (INT8 models also by the calibration images and 
 a restart reuses the conversion."""
 
 WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
-"""Port where a model worker serves its Prometheus metrics. 0: none (give each worker its own)."""
+"""Port where a model worker serves its Prometheus metrics (/metrics) and its readiness (/readyz:
+200 once a model version serves). 0: none (give each worker its own)."""
 
 HEARTBEAT_INTERVAL_S = env_float("HEARTBEAT_INTERVAL_S", 1.0, minimum=0.05)
 """Seconds between a worker's heartbeats; also how often it re-queues jobs of dead workers."""

@@ -4,11 +4,14 @@ The web tier runs as several gunicorn processes: its gunicorn.conf.py sets PROME
 each process writes its samples there, and /metrics adds them up. Queue depth and live workers are
 read from Redis when /metrics is scraped, so every web instance reports the same, current values.
 A model worker's supervisor serves on WORKER_METRICS_PORT the metrics (batch sizes, forward
-passes) of its model processes, which write them to a folder of their own the same way."""
+passes) of its model processes, which write them to a folder of their own the same way, and its
+readiness."""
 import atexit
 import os
 import shutil
 import tempfile
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
     REGISTRY,
@@ -17,10 +20,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    make_wsgi_app,
     multiprocess,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from serving.wire import jobqueue
 from serving.wire.connection import REDIS_ERRORS
@@ -84,11 +88,31 @@ def web_metrics(store, keys):
     return generate_latest(processes) + generate_latest(queue)
 
 
-def serve_model_metrics(port):
-    """Serve on `port` the samples of the model processes this process starts from now on."""
+def serve_model_metrics(port, ready):
+    """Serve on `port` the samples of the model processes this process starts from now on, and
+    GET /readyz: 200 while ready() (a model version serves), else 503. Kubernetes' readiness
+    probe reads it, so a rolling update stops an old worker only once its successor is warm."""
     folder = tempfile.mkdtemp(prefix="keras-model-metrics-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # the children inherit it
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=folder)
-    start_http_server(port, registry=registry)
+    samples = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") != "/readyz":
+            return samples(environ, start_response)
+        status, body = ("200 OK", b"ready\n") if ready() else (
+            "503 Service Unavailable", b"no model version serves yet\n")
+        start_response(status, [("Content-Type", "text/plain")])
+        return [body]
+
+    server = make_server("", port, app, ThreadingWSGIServer, handler_class=QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+class QuietHandler(WSGIRequestHandler):
+    """Logs no line per request (probes and scrapes come every few seconds)."""
+
+    def log_message(self, *args):
+        pass

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import redis
 import requests
@@ -480,21 +481,28 @@ def worker_stats(redis_client, keys):
 
 
 # A worker that will be frozen starts with this: its heartbeat outlives the freeze.
-LASTING_HEARTBEAT = {"HEARTBEAT_TTL_S": 60}
+LASTING_HEARTBEAT = {"HEARTBEAT_TTL_S": 600}
 
 
 @contextmanager
-def frozen_workers(redis_client, keys):
+def frozen_workers(redis_client, keys, nodes=None):
     """Every live worker's model process stopped (SIGSTOP) while inside: their last heartbeats
-    (LASTING_HEARTBEAT) still show them warm to the web tier, and nothing claims the queue (a
-    claim a worker had sent before it froze, blocked in Redis, is waited out first: it would
-    still take the first job pushed)."""
+    (LASTING_HEARTBEAT) still show them warm to the web tier, and nothing claims the queue. A
+    claim a worker sent before it froze, blocked in Redis, would still take the first job pushed:
+    it is waited out first (on `nodes`, the Redis clients to look at: redis_client's server)."""
     pids = [int(beat["model_pid"]) for beat in worker_stats(redis_client, keys).values()]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
+    ports = {connection.laddr.port for pid in pids
+             for connection in psutil.Process(pid).net_connections(kind="tcp")}
+
+    def claims_blocked():
+        return [client for node in nodes or [redis_client] for client in node.client_list()
+                if "b" in client["flags"] and int(client["addr"].rsplit(":", 1)[1]) in ports]
+
     try:
-        wait_until(lambda: not any("b" in client["flags"] for client in redis_client.client_list()),
-                   timeout=10, what="the frozen workers' blocked claims to time out in Redis")
+        wait_until(lambda: not claims_blocked(), timeout=10,
+                   what="the frozen workers' blocked claims to time out in Redis")
         yield pids
     finally:
         for pid in pids:

@@ -4,7 +4,6 @@ import logging
 
 import settings
 from serving import metrics
-from serving.model.meters import Backoff
 from serving.wire import jobqueue
 from serving.wire.connection import CLOCK, REDIS_ERRORS
 
@@ -43,17 +42,11 @@ class Heartbeat:
             return False
 
     def keep_beating(self, until):
-        """Beat every HEARTBEAT_INTERVAL_S until the event `until` is set; after a failure, back
-        off (capped)."""
-        backoff = Backoff(first_s=settings.HEARTBEAT_INTERVAL_S, cap_s=max(
-            settings.HEARTBEAT_INTERVAL_S, settings.HEARTBEAT_TTL_S / 2))
-        delay = settings.HEARTBEAT_INTERVAL_S
-        while not until.wait(delay):
-            if self.try_beat():
-                backoff.reset()
-                delay = settings.HEARTBEAT_INTERVAL_S
-            else:
-                delay = backoff.next_delay()
+        """Beat every HEARTBEAT_INTERVAL_S until the event `until` is set, after failures too:
+        when Redis answers again (after a restart that lost every heartbeat), the web tier, which
+        admits requests only while a worker is warm, sees this one within an interval."""
+        while not until.wait(settings.HEARTBEAT_INTERVAL_S):
+            self.try_beat()
 
     def stop(self):
         """Deregister: the heartbeat goes, and anything still claimed goes back on the queue."""

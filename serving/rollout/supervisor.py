@@ -22,6 +22,7 @@ import threading
 import uuid
 
 import settings
+from serving import metrics
 from serving.rollout.children import Children
 from serving.rollout.loader_watch import LoaderWatch
 from serving.rollout.spec import spec_from_settings, spec_text
@@ -174,9 +175,13 @@ def first_choices(store, keys, wanted, rollout):
 
 
 def run_supervisor():
-    """The `model` command: serve the wanted model from child processes until SIGTERM/SIGINT."""
+    """The `model` command: serve the wanted model from child processes until SIGTERM/SIGINT
+    (their metrics and its readiness on WORKER_METRICS_PORT, if set)."""
     check_login(patience_s=None)
     supervisor = Supervisor(connect_redis(patience_s=None))
+    if settings.WORKER_METRICS_PORT:  # ready: a model version serves, and no SIGTERM has come
+        metrics.serve_model_metrics(settings.WORKER_METRICS_PORT, lambda: (
+            supervisor.serving is not None and not supervisor.stopping.is_set()))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: supervisor.stopping.set())
     return supervisor.run()

@@ -114,8 +114,8 @@ def add_routes(app, store, keys, workers, budget):
         tensor data extension (header Inference-Header-Content-Length).
         """
         deadline = request_deadline(request.environ)
-        beat = find_model(workers.warm(), name, version)
         admit_or_refuse(store, keys, workers, deadline)
+        beat = find_model(workers.warm(), name, version)
         height, width, channels = input_shape_of(beat)
         header, input_name, items = parse_body(budget, request, (height, width, channels),
                                                deadline)

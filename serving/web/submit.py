@@ -33,10 +33,10 @@ ADMISSION_SHARE = 0.8
 # the MAX_QUEUE_LENGTH cap, so a queue bounded by the cap is not shortened.
 ADMISSION_MARGIN_S = 1.0
 # While no model worker is warm (none has reported its model's input yet: a cold start, workers
-# scaled to zero, the last one gone), a request is refused at once with this Retry-After: a
-# worker loads and warms up in seconds to tens of seconds. The refusal leaves keys.wake for
-# WAKE_TTL_S, many times an autoscaler's polling interval (KEDA's: 5 s in deploy/k8s), written
-# at most every WAKE_EVERY_S by a web process.
+# scaled to zero, the last one gone), a request is refused at once, with a Retry-After of an
+# autoscaler's polling interval (KEDA's, in deploy/k8s): no worker comes sooner than it sees the
+# need. The refusal leaves keys.wake for WAKE_TTL_S after its last write, many such intervals, and
+# a web process writes it at most every WAKE_EVERY_S.
 NO_WORKER_RETRY_S, WAKE_TTL_S, WAKE_EVERY_S = 5, 60, 1.0
 
 
@@ -212,10 +212,15 @@ class WorkerView:
         now would wait for a worker that may take longer than its deadline to come, or never
         come), and the sign keys.wake for an autoscaler (jobqueue.wake_workers)."""
         warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
+        if not warm:  # read once more: the read may have fallen between a hand-over's steps
+            warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
         if not warm:
             if time.monotonic() - self.woke_at >= WAKE_EVERY_S:
-                jobqueue.wake_workers(self.store, self.keys, WAKE_TTL_S)
                 self.woke_at = time.monotonic()
+                try:
+                    jobqueue.wake_workers(self.store, self.keys, WAKE_TTL_S)
+                except REDIS_ERRORS as exc:  # (the refusal stands: it says why)
+                    log.warning("could not leave the sign to start a worker: %s", exc)
             raise ServiceError(f"no model worker is ready yet; retry in {NO_WORKER_RETRY_S} s",
                                503, {"Retry-After": str(NO_WORKER_RETRY_S)})
         return warm

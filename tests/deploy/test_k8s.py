@@ -126,6 +126,14 @@ def test_keda_scales_the_workers_on_their_queue(rendered):
     assert scaled["spec"]["minReplicaCount"] >= 1
     # The second trigger asks for one worker while the web tier refuses requests for want of a
     # warm one (the list it writes then: tests/end_to_end/test_serving_path.py), from zero too.
+    # A rolling update stops an old worker only once a new one is ready: its supervisor's
+    # /readyz, on the metrics port (tests/rollout/test_model_lifecycle.py).
+    assert model["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    probe = model["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/readyz"
+    ports = model["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert [p["containerPort"] for p in ports if p["name"] == probe["port"]] == [
+        int(worker["WORKER_METRICS_PORT"])]
     wake = scaled["spec"]["triggers"][1]
     assert wake["type"] == "redis" and wake["authenticationRef"] == trigger["authenticationRef"]
     assert wake["metadata"] == {**trigger["metadata"], "listLength": "1",

@@ -19,7 +19,7 @@ import requests
 
 from serving.wire import records
 from conftest import (ROOT, digits_settings, free_port, metric, post_image, reload, reload_args,
-                      stop, wait_until, worker_stats)
+                      stop, tiny_settings, wait_until, worker_stats)
 from serving.images import prepare_image
 from serving.rollout.loader_watch import LOADER_WINDOW_S
 
@@ -132,6 +132,34 @@ def test_metrics_add_up_across_gunicorn_processes_and_workers(
     assert metric(worker_text, "keras_batch_size_sum") == len(good)
     assert metric(worker_text, "keras_forward_pass_seconds_count") == batches
     assert metric(worker_text, "keras_jobs_expired_total") == 0
+
+
+def test_a_worker_is_ready_for_kubernetes_only_once_a_model_version_serves(
+        service, tiny_model, redis_client, keys):
+    """The readiness probe of deploy/k8s/base/model.yaml: /readyz on WORKER_METRICS_PORT, 503
+    while the model loads, 200 once it serves, 503 again from SIGTERM on."""
+    port = free_port()
+    worker = service.worker(wait=False, WORKER_METRICS_PORT=port, **tiny_settings(tiny_model))
+    statuses = []
+
+    def ready():
+        try:
+            statuses.append(requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code)
+        except requests.ConnectionError:  # (not listening yet)
+            return False
+        return statuses[-1] == 200
+
+    wait_until(ready, timeout=120, what="the worker's /readyz to turn 200")
+    assert 503 in statuses and set(statuses) == {200, 503}  # it answered while loading
+    def warm():
+        return any(beat["warm"] == "1" for beat in worker_stats(redis_client, keys).values())
+
+    wait_until(warm, timeout=10, what="the worker's warm heartbeat")
+    assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+
+    worker.send_signal(signal.SIGTERM)
+    wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code
+               == 503, timeout=10, what="/readyz to turn 503 on SIGTERM")
 
 
 def p99(latencies):

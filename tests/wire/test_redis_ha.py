@@ -13,8 +13,8 @@ import requests
 from redis.cluster import RedisCluster
 
 import settings
-from conftest import (Processes, assert_own_predictions, distinct_images, free_port, stop,
-                      tiny_settings, wait_until, worker_stats)
+from conftest import (LASTING_HEARTBEAT, Processes, assert_own_predictions, distinct_images,
+                      free_port, frozen_workers, stop, tiny_settings, wait_until, worker_stats)
 from serving.wire.keys import Keys
 
 QUEUE = "ha_queue"
@@ -171,12 +171,24 @@ def test_the_service_on_a_redis_cluster(redis_cluster, tiny_model):
     web = processes.web()
     images = distinct_images(8)
 
-    # The overload bound (no worker yet: the queue stays as filled).
-    client.rpush(QUEUE, *[f"filler-{n}" for n in range(settings.MAX_QUEUE_LENGTH)])
-    refused = requests.post(f"{web.url}/predict", files={"image": ("i.png", images[0])})
-    assert refused.status_code == settings.OVERLOAD_STATUS, refused.text
-    assert client.llen(QUEUE) == settings.MAX_QUEUE_LENGTH
-    client.delete(QUEUE)
+    # No worker yet: refused at once, the sign for an autoscaler left (in the queue's slot).
+    refused = requests.post(f"{web.url}/predict", files={"image": ("i.png", images[0])},
+                            timeout=60)
+    assert refused.status_code == 503 and "no model worker" in refused.json()["error"]
+    assert client.llen(keys.wake) == 1
+
+    # The overload bound (a warm worker, frozen: the queue stays as filled).
+    frozen = processes.worker(**LASTING_HEARTBEAT, **tiny_settings(tiny_model))
+    nodes = [node.redis_connection for node in client.get_nodes()]
+    with frozen_workers(client, keys, nodes):
+        client.rpush(QUEUE, *[f"filler-{n}" for n in range(settings.MAX_QUEUE_LENGTH)])
+        refused = requests.post(f"{web.url}/predict", files={"image": ("i.png", images[0])},
+                                timeout=60)
+        assert refused.status_code == settings.OVERLOAD_STATUS, refused.text
+        assert "queue is full" in refused.json()["error"]
+        assert client.llen(QUEUE) == settings.MAX_QUEUE_LENGTH
+        client.delete(QUEUE)
+    stop(frozen)
 
     # A long batch window: the victim holds a partial batch's jobs until it is killed.
     victim = processes.worker(BATCH_SIZE=8, BATCH_TIMEOUT_MS=60_000, **tiny_settings(tiny_model))
