@@ -15,7 +15,8 @@ from serving.images import MemoryBudget
 from serving.web import api_docs, inference_protocol
 from serving.web.api_docs import documented
 from serving.web.predict import PredictEndpoint
-from serving.web.submit import WorkerView, find_warm, fresh_heartbeats, input_shape_of
+from serving.web.submit import (WorkerView, find_warm, fresh_heartbeats, input_shape_of,
+                                 warm_beats)
 from serving.wire.connection import REDIS_ERRORS, connect_redis
 from serving.wire.keys import Keys
 
@@ -77,7 +78,7 @@ def create_app(redis_client=None):
     def readyz():
         """Some model worker is warm (readiness), with every live worker's heartbeat."""
         beats = fresh_heartbeats(store, keys)
-        if not any(beat.get("warm") == "1" for beat in beats):
+        if not warm_beats(beats):
             reason = ("model workers are still warming up" if beats
                       else "no model worker has sent a heartbeat recently")
             return jsonify(success=False, error=reason, workers=beats), 503

@@ -114,8 +114,7 @@ def add_routes(app, store, keys, workers, budget):
         tensor data extension (header Inference-Header-Content-Length).
         """
         deadline = request_deadline(request.environ)
-        admit_or_refuse(store, keys, workers, deadline)
-        beat = find_model(workers.warm(), name, version)
+        beat = find_model(admit_or_refuse(store, keys, workers, deadline), name, version)
         height, width, channels = input_shape_of(beat)
         header, input_name, items = parse_body(budget, request, (height, width, channels),
                                                deadline)

@@ -107,9 +107,14 @@ def fresh_heartbeats(store, keys):
         raise ServiceError(f"Redis is unreachable: {exc}", 503, {"Retry-After": "1"}) from exc
 
 
+def warm_beats(beats):
+    """The heartbeats of the warm workers among `beats`."""
+    return [beat for beat in beats if beat.get("warm") == "1"]
+
+
 def find_warm(beats):
     """The heartbeats of the warm workers; 503 if none is."""
-    warm = [beat for beat in beats if beat.get("warm") == "1"]
+    warm = warm_beats(beats)
     if not warm:
         raise ServiceError("no warm model worker has sent a heartbeat recently", 503)
     return warm
@@ -141,12 +146,13 @@ def admit_or_refuse(store, keys, workers, deadline):
     """Refuse a request that cannot be answered in time: 504 if its deadline has passed already
     (it waited in front of the service), 503 while no model worker is warm, OVERLOAD_STATUS if
     the queue ahead of it is too long.
-    (Before its body is read, so as if it carried one image: submit checks them all.)"""
+    (Before its body is read, so as if it carried one image: submit checks them all.) Returns
+    the warm workers' heartbeats."""
     time_left = deadline - time.time()
     if time_left <= 0:
         raise ServiceError("the request waited longer than its deadline before the service could "
                            "look at it", 504)
-    workers.warm()
+    warm = workers.warm()
     bound = workers.depth_bound_at_arrival(time_left)
     # The queue is read only when this process last saw it half-way to the bound: a round trip
     # saved on every request in normal operation. (The enqueue checks the bound atomically anyway;
@@ -157,6 +163,7 @@ def admit_or_refuse(store, keys, workers, deadline):
             metrics.OVERLOAD_REFUSALS.labels("admission").inc()
             raise overload(f"the queue is full ({workers.depth_seen} jobs waiting)",
                            workers.depth_seen, workers)
+    return warm
 
 
 def overload(reason, depth, workers, count=1):
@@ -194,12 +201,10 @@ class WorkerView:
     def heartbeats(self):
         """The heartbeats, read again once they are max_age_s old, or when none was warm: by one
         request, while the others that come meanwhile go on with the ones read before (if any)."""
-        if (time.monotonic() - self.read_at > self.max_age_s
-                or not any(beat.get("warm") == "1" for beat in self.beats)):
+        if self.stale():
             if self.reading.acquire(blocking=self.read_at == float("-inf")):
                 try:
-                    if (time.monotonic() - self.read_at > self.max_age_s
-                            or not any(beat.get("warm") == "1" for beat in self.beats)):
+                    if self.stale():  # (not read meanwhile by the request that held the lock)
                         self.beats = fresh_heartbeats(self.store, self.keys)
                         self.read_at = time.monotonic()
                         measure_clock(self.store)
@@ -207,13 +212,14 @@ class WorkerView:
                     self.reading.release()
         return self.beats
 
+    def stale(self):
+        return time.monotonic() - self.read_at > self.max_age_s or not warm_beats(self.beats)
+
     def warm(self):
         """The warm workers' heartbeats. While there is none, 503 with Retry-After (a job queued
         now would wait for a worker that may take longer than its deadline to come, or never
         come), and the sign keys.wake for an autoscaler (jobqueue.wake_workers)."""
-        warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
-        if not warm:  # read once more: the read may have fallen between a hand-over's steps
-            warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
+        warm = warm_beats(self.heartbeats())
         if not warm:
             if time.monotonic() - self.woke_at >= WAKE_EVERY_S:
                 self.woke_at = time.monotonic()
@@ -229,8 +235,8 @@ class WorkerView:
         """503 while a warm worker of an older version of the service runs: it cannot read the
         jobs this web tier writes (it would drop them, and their clients would wait for nothing).
         Upgrade the model workers first: they read the jobs of older web tiers too."""
-        older = [beat.get("id", "?") for beat in self.heartbeats()
-                 if beat.get("warm") == "1" and job_format.JOB_FORMAT_FIELD not in beat]
+        older = [beat.get("id", "?") for beat in warm_beats(self.heartbeats())
+                 if job_format.JOB_FORMAT_FIELD not in beat]
         if older:
             raise ServiceError(f"model workers of an older version of the service are running "
                                f"({', '.join(older)}): upgrade the model workers before the web "
@@ -238,7 +244,7 @@ class WorkerView:
 
     def capacity(self):
         """(images per second, seconds of one batch) of the warm workers together, measured."""
-        warm = [beat for beat in self.heartbeats() if beat.get("warm") == "1"]
+        warm = warm_beats(self.heartbeats())
         rate = sum(float(beat.get("rate", 0)) for beat in warm)
         batch_s = max((float(beat.get("batch_s", 0)) for beat in warm), default=0.0)
         return rate, batch_s

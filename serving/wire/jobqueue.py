@@ -365,13 +365,16 @@ def publish_heartbeat(redis, keys, worker_id, fields, ttl_s, registry_ttl_s):
     pipe.execute()
 
 
-def live_workers(redis, keys):
-    """Heartbeats of the workers alive now, as dicts of strings."""
+def live_workers(redis, keys, again=True):
+    """Heartbeats of the workers alive now, as dicts of strings. Read once more if a registered
+    worker had none: it may have left between the two reads, its successor registered after the
+    first (a hand-over), and this read would show neither."""
     ids = sorted(text(worker_id) for worker_id in redis.smembers(keys.workers))
     pipe = redis.pipeline(transaction=False)
     for worker_id in ids:
         pipe.hgetall(keys.heartbeat(worker_id))
-    return [text_hash(beat) for beat in pipe.execute() if beat]
+    beats = [text_hash(beat) for beat in pipe.execute() if beat]
+    return live_workers(redis, keys, again=False) if again and len(beats) < len(ids) else beats
 
 
 def wake_workers(redis, keys, ttl_s):

@@ -4,9 +4,7 @@ the compose file's users. Every path of the service (answers, errors, a deadline
 reload, metrics) runs without Redis denying one command, while each user can do only its part,
 and a process with a wrong password stops at start, saying so.
 """
-import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +16,9 @@ import yaml
 
 from serving.wire.connection import REDIS_USERS
 from serving.wire.keys import Keys
-from conftest import (ROOT, Processes, assert_own_predictions, descendants, distinct_images,
-                      free_port, image_bytes, post_image, reload_args, stop, tiny_settings,
-                      wait_until)
+from conftest import (LASTING_HEARTBEAT, ROOT, Processes, assert_own_predictions,
+                      distinct_images, free_port, frozen_workers, image_bytes, post_image,
+                      reload_args, stop, tiny_settings, wait_until)
 
 QUEUE = "acl_queue"
 PASSWORDS = {f"REDIS_{user.upper()}_PASSWORD": f"{user}-secret-1234"
@@ -76,9 +74,8 @@ def test_every_path_runs_within_each_tiers_rights(compose_redis, tmp_path, tiny_
         refused = post_image(web.url, image_bytes())  # no worker yet: its sign for KEDA is left
         assert refused.status_code == 503 and admin.llen(Keys(QUEUE).wake) == 1
         assert "no model worker" in refused.json()["error"]
-        # (Its heartbeat outlives the freeze below: the web tier still takes it for warm.)
-        worker = processes.worker(REDIS_URL=url, HEARTBEAT_TTL_S=60, **env["model"],
-                                  **tiny_settings(tiny_model))
+        processes.worker(REDIS_URL=url, **LASTING_HEARTBEAT, **env["model"],
+                         **tiny_settings(tiny_model))
         images = distinct_images(3)
         for data in images:
             response = post_image(web.url, data, "image.png")
@@ -89,15 +86,9 @@ def test_every_path_runs_within_each_tiers_rights(compose_redis, tmp_path, tiny_
             assert requests.get(web.url + path, timeout=10).status_code == 200, path
 
         # A job whose deadline passes while the worker is stopped is withdrawn by the web tier.
-        stopped = [worker.pid, *descendants(worker.pid)]
-        for pid in stopped:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with frozen_workers(admin, Keys(QUEUE)):
             late = post_image(web.url, images[0], "image.png",
                               headers={"X-Request-Timeout-S": "1"})
-        finally:
-            for pid in stopped:
-                os.kill(pid, signal.SIGCONT)
         assert late.status_code == 504, late.text
 
         # A reload, run as the workers' user (as `docker compose exec model ... reload` runs).
