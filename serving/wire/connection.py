@@ -142,8 +142,8 @@ CLOCK = RedisClock()  # this process's reading of Redis's clock
 REDIS_USERS = {
     "web": "eval evalsha llen rpush lrem ltrim get set del incrby decrby exists expire blmove "
            "lindex smembers hgetall time ping",
-    "model": "eval evalsha llen lmove blmove rpush rpop lrem lrange lindex ltrim get set del incr "
-             "incrby decrby exists expire pexpire hset hgetall sadd srem smembers multi exec "
+    "model": "eval evalsha llen lmove blmove rpush rpop lrem lrange lindex ltrim get mget set del "
+             "incr incrby decrby exists expire pexpire hset hgetall sadd srem smembers multi exec "
              "watch unwatch time ping info",
     "keda": "eval type llen ping",
 }

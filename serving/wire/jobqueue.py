@@ -5,10 +5,13 @@ what the answer carries) and then the image, as uploaded (the model worker decod
 uint8 pixels. The IMAGE_QUEUE list holds only each job's entry, "<id>:<bytes of its body>", so
 that every step after the enqueue moves a few dozen bytes, not the image: a worker claims entries
 by moving them atomically into its own processing list (a job is never in two places, and a worker
-that dies leaves its entries where another worker can re-queue them), gets their bodies in the same
-script, and answers each job by pushing its result onto a per-job list that the waiting handler
+that dies leaves its entries where another worker can re-queue them), gets their bodies with one
+MGET, and answers each job by pushing its result onto a per-job list that the waiting handler
 pops with a blocking call: nobody sleeps on a timer.
 
+No body passes through a script: Redis hashes every byte of each string a script takes or
+returns, which costs it more than all the rest of a job. Bodies are written by plain SETs
+pipelined before the script that queues their entries, and read by MGET once claimed.
 Every script is sent once and then run by its SHA1 (Script). The client reads replies as bytes:
 nothing an image passes through is decoded to text. Deadlines are written and checked on Redis's
 clock (RedisClock), not on the clocks of the hosts that write and check them."""
@@ -42,30 +45,52 @@ class Script:
             return client.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
     def queue(self, pipe, keys, args):
-        """Add a call to a pipeline (by SHA1: see claim_batch for a script Redis lacks)."""
+        """Add a call to a pipeline, by SHA1 (see RoundTrip for a script Redis lacks)."""
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
-# Pushes a request's jobs, all or none: none if they would take the queue past ARGV[1] jobs or its
-# bodies past ARGV[2] bytes (KEYS[2] counts the bytes of the queued bodies). An empty queue takes
-# any request, so one larger than the bound is not refused for ever. Checking and pushing in one
-# script keeps the bounds exact with many web processes. Returns the depth, negative if full.
-# Each body (KEYS[3] on) lives ARGV[3] ms, to its deadline: written with its entry, in one script,
-# a body is lost with it when a Redis failover loses the last writes (replication is
-# asynchronous), and a waiting handler that finds it gone knows its job is gone.
+class RoundTrip:
+    """Commands and scripts sent together (a pipeline, not a transaction); execute() returns their
+    replies in order and raises the first error. A script that Redis did not know (it forgets them
+    on a restart or failover) did not run: it is then run again whole, after the others (every
+    use here allows that order)."""
+
+    def __init__(self, redis):
+        self.redis, self.pipe, self.scripts = redis, redis.pipeline(transaction=False), {}
+
+    def script(self, script, keys, args):
+        self.scripts[len(self.pipe)] = (script, keys, args)
+        script.queue(self.pipe, keys, args)
+
+    def execute(self):
+        replies = self.pipe.execute(raise_on_error=False)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError) and i in self.scripts:
+                script, keys, args = self.scripts[i]
+                replies[i] = script(self.redis, keys, args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
+
+# Pushes a request's entries (ARGV[4] on), all or none: none if they would take the queue past
+# ARGV[1] jobs or its bodies past ARGV[2] bytes (KEYS[2] counts the bytes of the queued bodies;
+# ARGV[3] is the bytes of these). An empty queue takes any request, so one larger than the bound
+# is not refused for ever. Checking and pushing in one script keeps the bounds exact with many web
+# processes. Returns the depth, negative if full; then the request's bodies (KEYS[3] on), written
+# just before on the same connection, are deleted. (A body written before its entry is replicated
+# before it: a Redis failover that keeps an entry keeps its body.)
 ENQUEUE = Script("""
-local n = #KEYS - 2
 local depth = redis.call('LLEN', KEYS[1])
 local queued = 0
 if depth > 0 then queued = tonumber(redis.call('GET', KEYS[2]) or 0) end
-local size = 0
-for i = 1, n do size = size + string.len(ARGV[3 + n + i]) end
+local n, size = #ARGV - 3, tonumber(ARGV[3])
 if depth > 0 and (depth + n > tonumber(ARGV[1]) or queued + size > tonumber(ARGV[2])) then
+  redis.call('DEL', unpack(KEYS, 3))
   return -depth
 end
-for i = 1, n do redis.call('SET', KEYS[2 + i], ARGV[3 + n + i], 'PX', ARGV[3]) end
 redis.call('SET', KEYS[2], queued + size)
-return redis.call('RPUSH', KEYS[1], unpack(ARGV, 4, 3 + n))
+return redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
 """)
 
 # Takes `size` bytes of bodies that leave the queue out of its count; the count goes when the queue
@@ -82,32 +107,24 @@ end
 
 # Moves up to ARGV[1] entries from the queue into a processing list in one atomic step, so two
 # workers can never claim the same job and a claimed job is always somewhere in Redis, and returns
-# each moved entry with its body, after those of the entries ARGV[4] on (already moved, by the
-# blocking move that starts a claim). The bodies' keys are made here from the prefix ARGV[3]: the
-# ids are known only once the entries are moved (each is in the queue's slot, on a Cluster too).
-# An entry of the format before this one is the whole job: its body is nil. It (re)sets the
-# processing list's expiry: claim_batch's last call is always this script.
+# them, after the entries ARGV[3] on (already moved, by the blocking move that starts a claim).
+# Their bytes leave the queue's count. (An entry of the format before this one is the whole job,
+# and counts no bytes.) It (re)sets the processing list's expiry: claim_batch's last call is
+# always this script.
 TAKE = Script(FORGET_BYTES + """
-local entries = {unpack(ARGV, 4)}
+local entries = {unpack(ARGV, 3)}
 for i = 1, tonumber(ARGV[1]) do
   local entry = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not entry then break end
   entries[#entries + 1] = entry
 end
-local reply, taken = {}, 0
+local taken = 0
 for _, entry in ipairs(entries) do
-  local id, size = string.match(entry, '^(%x+):(%d+)$')
-  reply[#reply + 1] = entry
-  if id then
-    reply[#reply + 1] = redis.call('GET', ARGV[3] .. id)
-    taken = taken + tonumber(size)
-  else
-    reply[#reply + 1] = false
-  end
+  taken = taken + tonumber(string.match(entry, '^%x+:(%d+)$') or 0)
 end
 forget_bytes(KEYS[1], KEYS[3], taken)
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-return reply
+return entries
 """)
 
 # Answers a batch and releases its claims: replaces each result list KEYS[1 + i] by the one result
@@ -196,16 +213,21 @@ def queue_depth(redis, keys):
 
 def enqueue_jobs(redis, keys, jobs, max_length, max_bytes):
     """Push a request's jobs, all of them or none if the queue is full; returns the queue's length
-    with them.
+    with them. One round trip: the bodies' SETs (each lives to its deadline) and the script that
+    queues their entries.
 
     If Redis fails, the reply may have been lost after the push: the jobs are withdrawn (when
     Redis answers again) before the error goes on, so a client told 503 has no job left behind.
     """
     lifetime_ms = int((max(job.deadline for job in jobs) - time.time()) * 1000) + 1000
+    script_keys = [keys.queue, keys.queued_bytes, *[keys.job(job.id) for job in jobs]]
+    args = [max_length, max_bytes, sum(len(job.body) for job in jobs), *[j.entry for j in jobs]]
     try:
-        depth = ENQUEUE(redis, [keys.queue, keys.queued_bytes, *[keys.job(j.id) for j in jobs]],
-                        [max_length, max_bytes, max(lifetime_ms, 1), *[j.entry for j in jobs],
-                         *[j.body for j in jobs]])
+        trip = RoundTrip(redis)
+        for job in jobs:
+            trip.pipe.set(keys.job(job.id), job.body, px=max(lifetime_ms, 1))
+        trip.script(ENQUEUE, script_keys, args)
+        depth = trip.execute()[-1]
     except REDIS_ERRORS:
         withdraw_jobs(redis, keys, jobs)
         raise
@@ -275,54 +297,60 @@ def claim_batch(redis, keys, worker_id, batch_size, block_s, claim_ttl_s, time_t
     Returns (entry, body) pairs (none if no job came within block_s). Their entries stay in this
     worker's processing list until store_results removes them.
     """
-    processing = keys.processing(worker_id)
+    take_keys = [keys.queue, keys.processing(worker_id), keys.queued_bytes]
 
-    def take(client, count, moved=()):
-        return pairs(TAKE(client, [keys.queue, processing, keys.queued_bytes],
-                          [count, int(claim_ttl_s), keys.job_prefix, *moved]))
+    def take(count, moved=()):
+        return TAKE(redis, take_keys, [count, int(claim_ttl_s), *moved])
 
     # The first claim of more is sent with the blocking move, in one round trip: Redis runs it as
     # soon as the move is served (a client's commands run in order), so a lone job's worker does
     # not wait for a second reply before it starts. (So it sees the queue as it was then: a job
     # that comes while this worker is slow to read the reply is left to time_to_fill's claims
-    # below, or to the next batch.) The first entry's body comes with the next take.
-    pipe = redis.pipeline(transaction=False)
-    pipe.blmove(keys.queue, processing, block_s, "LEFT", "RIGHT")
-    TAKE.queue(pipe, [keys.queue, processing, keys.queued_bytes],
-               [batch_size - 1, int(claim_ttl_s), keys.job_prefix])
-    first, more = pipe.execute(raise_on_error=False)
-    if isinstance(first, Exception):
-        raise first
+    # below, or to the next batch.) The first entry is taken with the bodies' read.
+    trip = RoundTrip(redis)
+    trip.pipe.blmove(keys.queue, take_keys[1], block_s, "LEFT", "RIGHT")
+    trip.script(TAKE, take_keys, [batch_size - 1, int(claim_ttl_s)])
+    first, batch = trip.execute()
     moved = [first] if first is not None else []
-    if isinstance(more, NoScriptError):  # Redis has forgotten it (a restart): sent whole now
-        batch, moved = (take(redis, batch_size - 1, moved) if moved else []), []
-    elif isinstance(more, Exception):
-        raise more
-    else:
-        batch = pairs(more)
     while batch or moved:
         count = len(batch) + len(moved)
         remaining = time_to_fill(count) if count < batch_size else 0
         if remaining <= 0:
-            return batch + (take(redis, 0, moved) if moved else [])
+            return with_bodies(redis, keys, batch, moved, take_keys, claim_ttl_s)
         # A push wakes a blocked client at once, but Redis ends a blocking wait that times out
         # only on its clock tick (10 Hz by default): a 5 ms BLMOVE would take 100 ms. So the last
         # 100 ms of a wait are polled every millisecond (a few calls for a typical window).
         # (A timeout under 1 ms must never be sent: Redis reads it as 0, "block forever".)
         if remaining > FILL_POLL_S + 0.01:
-            entry = redis.blmove(keys.queue, processing,
+            entry = redis.blmove(keys.queue, take_keys[1],
                                  min(remaining - FILL_POLL_S, WAIT_SLICE_S), "LEFT", "RIGHT")
             moved += [entry] if entry is not None else []
         else:
             time.sleep(min(remaining, 0.001))
-        batch += take(redis, max(0, batch_size - len(batch) - len(moved)), moved)
+        batch += take(max(0, batch_size - len(batch) - len(moved)), moved)
         moved = []
-    return batch
+    return []
 
 
-def pairs(reply):
-    """TAKE's flat reply [entry, body, entry, body, ...] as (entry, body) pairs."""
-    return list(zip(reply[::2], reply[1::2]))
+def with_bodies(redis, keys, taken, moved, take_keys, claim_ttl_s):
+    """(entry, body) pairs of the entries taken and of those moved but not yet taken (which TAKE
+    takes now), in one round trip. An entry of the format before this one has no body (None)."""
+    trip = RoundTrip(redis)
+    if moved:
+        trip.script(TAKE, take_keys, [0, int(claim_ttl_s), *moved])
+    entries = taken + moved
+    ids = [body_id(entry) for entry in entries]
+    if any(ids):
+        # (As a command: redis-py's Cluster pipelines refuse their mget method.)
+        trip.pipe.execute_command("MGET", *[keys.job(job_id) for job_id in ids if job_id])
+    bodies = iter(trip.execute()[-1] if any(ids) else ())
+    return [(entry, next(bodies) if job_id else None) for entry, job_id in zip(entries, ids)]
+
+
+def body_id(entry):
+    """The id whose key holds an entry's body; None for an entry of the format before this one
+    (the whole job, without a body)."""
+    return None if entry.startswith(b"{") else entry.split(b":", 1)[0].decode()
 
 
 def claimed_jobs(redis, keys, worker_id):
@@ -332,8 +360,8 @@ def claimed_jobs(redis, keys, worker_id):
 
 def take_claimed(redis, keys, worker_id, entries, claim_ttl_s):
     """(entry, body) pairs of entries already in this worker's processing list."""
-    return pairs(TAKE(redis, [keys.queue, keys.processing(worker_id), keys.queued_bytes],
-                      [0, int(claim_ttl_s), keys.job_prefix, *entries]))
+    return with_bodies(redis, keys, [], list(entries),
+                       [keys.queue, keys.processing(worker_id), keys.queued_bytes], claim_ttl_s)
 
 
 def requeue_jobs(redis, keys, worker_id, entries):
@@ -348,7 +376,7 @@ def store_results(redis, keys, worker_id, results, entries, ttl_s):
     repeat when a reply is lost: each result list is replaced, not appended to, and a released
     claim is not found again.
     """
-    ids = [entry.split(b":", 1)[0].decode() for entry in entries if not entry.startswith(b"{")]
+    ids = [job_id for job_id in map(body_id, entries) if job_id]
     ANSWER(redis, [keys.processing(worker_id), *[keys.result(job_id) for job_id in results],
                    *[keys.job(job_id) for job_id in ids]],
            [int(ttl_s), len(results), *[json.dumps(result) for result in results.values()],

@@ -85,6 +85,32 @@ def test_enqueue_refuses_past_the_length_and_byte_bounds(store, redis_client, ke
     assert int(redis_client.get(keys.queued_bytes)) == queued
 
 
+def test_no_body_passes_through_a_script_and_a_refused_one_is_deleted(store, redis_client, keys):
+    # Redis 7 hashes every byte of each string a script takes or returns: bodies go by SET and
+    # MGET, never through a script (SLOWLOG, at 0 us, logs every command with its arguments).
+    pixels = b"\xee" * 40_000
+    threshold = redis_client.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]
+    redis_client.config_set("slowlog-log-slower-than", 0)
+    redis_client.slowlog_reset()
+    try:
+        jobs = [job_format.new_job(pixels, time.time() + 30, 5) for _ in range(3)]
+        jobqueue.enqueue_jobs(store, keys, jobs[:2], 2, 10**9)
+        with pytest.raises(jobqueue.QueueFull):
+            jobqueue.enqueue_jobs(store, keys, jobs[2:], 2, 10**9)
+        claimed = jobqueue.claim_batch(store, keys, "w", 2, 0.2, 60, window(0))
+        jobqueue.store_results(store, keys, "w", {job.id: {"answer": 1} for job in jobs[:2]},
+                               [entry for entry, _ in claimed], 60)
+        log = [entry["command"] for entry in redis_client.slowlog_get(1000)]
+    finally:
+        redis_client.config_set("slowlog-log-slower-than", threshold)
+    assert [body[-len(pixels):] for _, body in claimed] == [pixels, pixels]
+    scripts = [command for command in log if command.split(b" ")[0] in (b"EVALSHA", b"EVAL")]
+    assert len(scripts) >= 4 and not any(b"\xee" in command for command in scripts)
+    assert sum(command.startswith(b"SET") and b"\xee" in command for command in log) == 3
+    assert not redis_client.exists(keys.job(jobs[2].id))  # refused: its body went with it
+    assert not redis_client.keys(keys.job("*"))  # answered: theirs too
+
+
 def test_orphans_of_a_silent_worker_go_back_to_the_head_of_the_queue(store, redis_client, keys):
     jobs = push(store, keys, 3)
     jobqueue.publish_heartbeat(store, keys, "dead", {"id": "dead"}, 0.2, 60)
