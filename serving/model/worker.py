@@ -222,7 +222,7 @@ class ModelWorker:
 
     def answer(self, claimed):
         """Process one claimed batch and store every job's result (see store_answers)."""
-        jobs = parse_jobs(claimed)
+        jobs, gone = parse_jobs(claimed)
         metered, answered = self.fill.drain.start(), 0
         try:  # a pass that raises must end too: a meter left running holds every partial batch
             with self.loader_pause:
@@ -231,7 +231,7 @@ class ModelWorker:
             answered = len(jobs) - len(outcome.expired)
         finally:
             self.fill.drain.finish(metered, answered)
-        self.tally.add(outcome, answered)
+        self.tally.add(outcome._replace(expired=outcome.expired + gone), answered)
         passed = pass_on(self.store, self.keys, self.id, outcome.elsewhere, claimed)
         if passed and len(passed) == len(claimed):  # they may come back at once: not a spin
             self.stopping.wait(PASS_ON_PAUSE_S)
@@ -249,10 +249,10 @@ def job_id_of(entry):
 
 
 def parse_jobs(claimed):
-    """The claimed (entry, body) pairs as job dicts (see job_format.read_job). One that is not a job
-    is logged and left out, as is one whose body has gone with its deadline; both are released
-    with the batch."""
-    jobs = []
+    """The claimed (entry, body) pairs as job dicts (see job_format.read_job), and the ids of those
+    whose body has gone with their deadline (expired: a body lives to its job's deadline). One
+    that is not a job is logged and left out. All are released with the batch."""
+    jobs, gone = [], []
     for entry, body in claimed:
         try:
             job = job_format.read_job(entry, body)
@@ -260,10 +260,10 @@ def parse_jobs(claimed):
             log.error("dropping a queued item that is not a job (%s): %.80r", exc, entry)
             continue
         if job is None:
-            log.info("job %s dropped: its deadline passed before it was claimed", entry)
+            gone.append(job_id_of(entry))
         else:
             jobs.append(job)
-    return jobs
+    return jobs, gone
 
 
 
