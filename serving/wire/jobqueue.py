@@ -9,68 +9,22 @@ that dies leaves its entries where another worker can re-queue them), gets their
 MGET, and answers each job by pushing its result onto a per-job list that the waiting handler
 pops with a blocking call: nobody sleeps on a timer.
 
-No body passes through a script: Redis hashes every byte of each string a script takes or
-returns, which costs it more than all the rest of a job. Bodies are written by plain SETs
-pipelined before the script that queues their entries, and read by MGET once claimed.
-Every script is sent once and then run by its SHA1 (Script). The client reads replies as bytes:
-nothing an image passes through is decoded to text. Deadlines are written and checked on Redis's
-clock (RedisClock), not on the clocks of the hosts that write and check them."""
-import hashlib
+Redis 7 hashes every byte of each string a script takes or returns, so no body passes through a
+script: bodies are written by plain SETs pipelined before the script that queues their entries,
+and read by MGET once claimed. Every script is sent once and then run by its SHA1
+(scripts.Script). The client reads replies as bytes: nothing an image passes through is decoded to
+text. Deadlines are written and checked on Redis's clock (RedisClock), not on the clocks of the
+hosts that write and check them."""
 import json
 import logging
 import time
 
-from redis.exceptions import NoScriptError
-
 from serving.errors import ServiceError
 from serving.wire.connection import REDIS_ERRORS, WAIT_SLICE_S
 from serving.wire.job_format import text, text_hash
+from serving.wire.scripts import RoundTrip, Script
 
 log = logging.getLogger(__name__)
-
-
-class Script:
-    """A Lua script that Redis runs by its SHA1 (EVALSHA). Redis forgets scripts when it restarts
-    or fails over: then it is sent whole once more (EVAL caches it again). A script that was not
-    found did not run, so that is safe."""
-
-    def __init__(self, source):
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    def __call__(self, client, keys, args):
-        try:
-            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return client.execute_command("EVAL", self.source, len(keys), *keys, *args)
-
-    def queue(self, pipe, keys, args):
-        """Add a call to a pipeline, by SHA1 (see RoundTrip for a script Redis lacks)."""
-        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-
-
-class RoundTrip:
-    """Commands and scripts sent together (a pipeline, not a transaction); execute() returns their
-    replies in order and raises the first error. A script that Redis did not know (it forgets them
-    on a restart or failover) did not run: it is then run again whole, after the others (every
-    use here allows that order)."""
-
-    def __init__(self, redis):
-        self.redis, self.pipe, self.scripts = redis, redis.pipeline(transaction=False), {}
-
-    def script(self, script, keys, args):
-        self.scripts[len(self.pipe)] = (script, keys, args)
-        script.queue(self.pipe, keys, args)
-
-    def execute(self):
-        replies = self.pipe.execute(raise_on_error=False)
-        for i, reply in enumerate(replies):
-            if isinstance(reply, NoScriptError) and i in self.scripts:
-                script, keys, args = self.scripts[i]
-                replies[i] = script(self.redis, keys, args)
-            elif isinstance(reply, Exception):
-                raise reply
-        return replies
 
 
 # Pushes a request's entries (ARGV[4] on), all or none: none if they would take the queue past

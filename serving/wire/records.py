@@ -2,7 +2,7 @@
 import json
 
 from serving.wire.job_format import text_hash
-from serving.wire.jobqueue import Script
+from serving.wire.scripts import Script
 
 HISTORY_LENGTH = 10
 REFUSAL_TTL_S = 24 * 3600
