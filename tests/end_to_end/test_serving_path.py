@@ -271,8 +271,13 @@ def test_waiting_requests_hold_no_uploads(service, tiny_model, redis_client, key
         with ThreadPoolExecutor(count) as pool:
             waiting = [pool.submit(post_image, web.url, upload, timeout=60,
                                    headers={"X-Request-Timeout-S": "20"}) for _ in range(count)]
-            wait_until(lambda: redis_client.llen(QUEUE) == count, timeout=60,
-                       what="every request to be queued")
+            # Every handler waiting on its result (blocked in BLMOVE): each has had its enqueue's
+            # reply and dropped its upload. (The queue's length alone is reached while the web
+            # process has yet to read some of those replies.)
+            wait_until(lambda: redis_client.llen(QUEUE) == count and sum(
+                client["cmd"] == "blmove" and "b" in client["flags"]
+                for client in redis_client.client_list()) == count, timeout=60,
+                what="every request to be queued and waiting")
             grown = rss() - before
             # Their jobs gone from Redis, their clients get 503 within seconds.
             redis_client.delete(QUEUE, *redis_client.keys(f"{{{QUEUE}}}:job:*"))
