@@ -3,16 +3,19 @@ seeded random weights, as OpenVINO IR with the same preprocessing inside), the s
 precision, the same decoding of uploads, the same load generator (wrk, bench/wrk_predict.lua: a
 closed loop of 4 batches of clients posting the sample image as the tutorial's form).
 
-    python bench/litserve_compare.py                    # FP32, then the fastest precision here
+    python bench/litserve_compare.py            # FP32, the fastest 16-bit precision here, INT8
     python bench/litserve_compare.py --precisions f32 --rounds 1 --seconds 20
+
+INT8 is the service's own NNCF quantization, calibrated on CALIBRATION_IMAGES or else on crops
+of photos (bench/bare.py's calibration_images); LitServe serves the very model the service does.
 
 LitServe (a pinned version) runs in a virtual environment of its own, bench/.litserve-venv, made
 at the first run with the same versions of OpenVINO, numpy, Pillow and OpenCV as the service's.
-Both get the batch size the service's BATCH_SIZE=auto chooses at FP32, the same batch window
-(BATCH_TIMEOUT_MS), one model process, and two HTTP server processes (the service's WEB_WORKERS);
-LitServe also its faster queue (ZeroMQ). Rounds alternate the two, so that a drift of the
-machine's speed touches both. Images per second are counted from the answers that came in each
-load's measured part; p50 and p99 are wrk's, over the whole load.
+Both get the batch size the service's BATCH_SIZE=auto chooses at the precision, the same batch
+window (BATCH_TIMEOUT_MS), one model process, and two HTTP server processes (the service's
+WEB_WORKERS); LitServe also its faster queue (ZeroMQ). Rounds alternate the two, so that a drift
+of the machine's speed touches both. Images per second are counted from the answers that came in
+each load's measured part; p50 and p99 are wrk's, over the whole load.
 """
 import argparse
 import os
@@ -29,9 +32,10 @@ import requests
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
-from bench.bare import MODEL_SEED  # noqa: E402
+from bench.bare import MODEL_SEED, calibration_images  # noqa: E402
 from bench.machine import machine_info, write_json  # noqa: E402
 from bench.service import free_port, run_wrk, running_service  # noqa: E402
+from serving.model.precision import HINTS  # noqa: E402
 
 LITSERVE = "litserve==0.2.19"
 # Starlette's form parser, which LitServe's multipart requests need and do not install.
@@ -60,19 +64,29 @@ def litserve_python():
     return str(VENV / "bin" / "python")
 
 
-def openvino_model(cache_dir):
-    """The OpenVINO IR of ResNet50 (seeded), converted by the service's own code into its cache."""
-    script = ("import sys; from serving.model.loader import load_classifier; from serving.model.openvino_runtime import cache_key; c = load_classifier('resnet50', 'none', "
-              f"seed={MODEL_SEED}, runtime='openvino', cache_dir=sys.argv[1]); "
-              f"print(cache_key('resnet50', 'none', {MODEL_SEED}, '1'))")
-    key = subprocess.run([sys.executable, "-c", script, cache_dir], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.split()[-1]
-    return str(Path(cache_dir) / f"{key}.xml")
+def openvino_model(cache_dir, out, calibration=None):
+    """The OpenVINO IR of ResNet50 (seeded) as the service serves it, preprocessing inside, saved
+    at `out`: converted by the service's own code into its cache and, given a folder of calibration
+    images, quantized to INT8 by it (the service then reads the same model from the cache)."""
+    script = f"""import sys, openvino
+from serving.model.loader import load_classifier
+from serving.model.precision import check_images, quantized
+classifier = load_classifier("resnet50", "none", seed={MODEL_SEED}, runtime="openvino",
+                             cache_dir=sys.argv[1])
+model = classifier.openvino_model
+if sys.argv[3]:
+    pixels, _, digest = check_images(classifier.input_shape, sys.argv[3])
+    model = quantized(model, classifier.cache_key, sys.argv[1], pixels, digest)
+openvino.save_model(model, sys.argv[2])
+"""
+    subprocess.run([sys.executable, "-c", script, cache_dir, out, calibration or ""], cwd=ROOT,
+                   check=True, capture_output=True)
+    return out
 
 
 def fastest_precision():
-    """OpenVINO's fastest precision on this CPU that needs no calibration: bf16 where the CPU has
-    bf16 units, else f16 where it has those, else f32."""
+    """OpenVINO's fastest 16-bit precision on this CPU: bf16 where the CPU has bf16 units, else f16
+    where it has those, else f32."""
     import openvino
 
     capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -127,22 +141,27 @@ def measure(url, connections, seconds, warmup_s, workdir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--precisions", type=lambda text: text.split(","),
-                        help="OpenVINO precisions to compare at (f32, then the fastest here)")
+                        help="OpenVINO precisions to compare at, comma-separated (f32, bf16, f16, "
+                             "int8; default: f32, the fastest 16-bit one here, int8)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0, help="of each load (30)")
     parser.add_argument("--warmup-seconds", type=float, default=5.0)
     parser.add_argument("--out", default=str(HERE / "results" / time.strftime(
         "%Y-%m-%d-litserve.json")))
     args = parser.parse_args(argv)
-    precisions = args.precisions or sorted({"f32", fastest_precision()}, key="f32".__ne__)
+    precisions = args.precisions or list(dict.fromkeys(["f32", fastest_precision(), "int8"]))
     workdir = tempfile.mkdtemp(prefix="litserve-compare-")
     cache_dir = os.environ.get("OPENVINO_CACHE_DIR") or str(Path(workdir) / "openvino")
+    calibration = os.environ.get("CALIBRATION_IMAGES") or calibration_images(
+        tempfile.mkdtemp(prefix="calib-", dir=workdir))
     python = litserve_python()
-    xml = openvino_model(cache_dir)
     results, machine = {}, machine_info()
     for precision in precisions:
+        served = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)  # service's PRECISION
+        xml = openvino_model(cache_dir, str(Path(workdir) / f"litserve-{served}.xml"),
+                             calibration if served == "int8" else None)
         service_env = {"RUNTIME": "openvino", "OPENVINO_CACHE_DIR": cache_dir,
-                       "PRECISION": {"f32": "fp32", "f16": "fp16"}.get(precision, precision)}
+                       "PRECISION": served, "CALIBRATION_IMAGES": calibration}
         rounds = results[precision] = {"service": [], "litserve": []}
         for number in range(1, args.rounds + 1):
             with running_service(service_env, workdir) as (url, heartbeat, _):
@@ -150,7 +169,7 @@ def main(argv=None):
                 connections = max(64, 4 * batch_size)
                 rounds["service"].append(measure(url, connections, args.seconds,
                                                  args.warmup_seconds, workdir))
-            with litserve(python, xml, precision, batch_size, 5.0, workdir) as url:
+            with litserve(python, xml, HINTS[served], batch_size, 5.0, workdir) as url:
                 rounds["litserve"].append(measure(url, connections, args.seconds,
                                                   args.warmup_seconds, workdir))
             print(f"{precision} round {number} (batch {batch_size}, {connections} clients): "

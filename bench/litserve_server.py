@@ -1,7 +1,7 @@
-"""LitServe serving this service's model, for bench/litserve_compare.py: the same OpenVINO IR with
-the same preprocessing inside (OpenVINO's PrePostProcessor), the same precision, the same decoding
-of uploads (serving.images.prepare_image), the same answer. It runs in LitServe's own virtual environment
-(bench/.litserve-venv), which litserve_compare.py makes.
+"""LitServe serving this service's model, for bench/litserve_compare.py: the same OpenVINO IR, its
+preprocessing inside (OpenVINO's PrePostProcessor, as the service built it), the same precision,
+the same decoding of uploads (serving.images.prepare_image), the same answer. It runs in
+LitServe's own virtual environment (bench/.litserve-venv), which litserve_compare.py makes.
 
     .litserve-venv/bin/python bench/litserve_server.py --port 8000 --xml MODEL.xml --precision f32
 """
@@ -14,7 +14,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from serving.model.classifier import load_labels
-from serving.model.openvino_runtime import with_openvino_preprocessing
 from serving.images import prepare_image
 
 
@@ -29,8 +28,7 @@ class ClassifierAPI(litserve.LitAPI):
         import openvino
 
         core = openvino.Core()
-        model = with_openvino_preprocessing(core.read_model(self.xml), "resnet50")
-        self.compiled = core.compile_model(model, "CPU", {
+        self.compiled = core.compile_model(core.read_model(self.xml), "CPU", {
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.precision})
         self.request = self.compiled.create_infer_request()
         self.labels = load_labels("")
@@ -58,7 +56,8 @@ class ClassifierAPI(litserve.LitAPI):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--xml", required=True, help="the OpenVINO IR of the model")
+    parser.add_argument("--xml", required=True,
+                        help="the model's OpenVINO IR, uint8 pixels in (preprocessing inside)")
     parser.add_argument("--precision", default="f32", help="OpenVINO's inference precision hint")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
