@@ -152,16 +152,22 @@ def main(argv=None):
     precisions = args.precisions or list(dict.fromkeys(["f32", fastest_precision(), "int8"]))
     workdir = tempfile.mkdtemp(prefix="litserve-compare-")
     cache_dir = os.environ.get("OPENVINO_CACHE_DIR") or str(Path(workdir) / "openvino")
-    calibration = os.environ.get("CALIBRATION_IMAGES") or calibration_images(
-        tempfile.mkdtemp(prefix="calib-", dir=workdir))
+    calibration = None  # made only for INT8
+    if "int8" in precisions:
+        calibration = os.environ.get("CALIBRATION_IMAGES") or calibration_images(
+            tempfile.mkdtemp(prefix="calib-", dir=workdir))
     python = litserve_python()
-    results, machine = {}, machine_info()
+    results, machine, models = {}, machine_info(), {}
     for precision in precisions:
         served = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)  # service's PRECISION
-        xml = openvino_model(cache_dir, str(Path(workdir) / f"litserve-{served}.xml"),
-                             calibration if served == "int8" else None)
-        service_env = {"RUNTIME": "openvino", "OPENVINO_CACHE_DIR": cache_dir,
-                       "PRECISION": served, "CALIBRATION_IMAGES": calibration}
+        quantized = served == "int8"  # the one IR of its own; the others run the FP32 IR
+        if quantized not in models:
+            models[quantized] = openvino_model(
+                cache_dir, str(Path(workdir) / f"litserve-{'int8' if quantized else 'fp32'}.xml"),
+                calibration if quantized else None)
+        xml = models[quantized]
+        service_env = {"RUNTIME": "openvino", "OPENVINO_CACHE_DIR": cache_dir, "PRECISION": served,
+                       **({"CALIBRATION_IMAGES": calibration} if quantized else {})}
         rounds = results[precision] = {"service": [], "litserve": []}
         for number in range(1, args.rounds + 1):
             with running_service(service_env, workdir) as (url, heartbeat, _):
