@@ -13,6 +13,7 @@ import argparse
 import http.client
 import json
 import math
+import resource
 import select
 import sys
 import threading
@@ -31,7 +32,10 @@ DEFAULT_IMAGE = HERE / "data" / "sample.jpg"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 MAX_IMAGES = 1000
 MAX_REQUESTS = 1_000_000  # the count bound of a run limited only by --duration
-MAX_THREADS = 1000  # open loop: requests in flight at once; beyond it they wait for a thread
+# Open loop: requests in flight at once (beyond it they wait for a thread). It must be well above
+# what the service holds, its queue (MAX_QUEUE_LENGTH, 1000 by default) and the batches in hand,
+# or an open loop above capacity can never fill the queue, and overloads nothing.
+MAX_THREADS = 4000
 
 
 def load_images(path):
@@ -131,8 +135,10 @@ def run_open_loop(url, images, count, rate, duration_s, timeout_s, on_done=lambd
     """Start `count` requests at `rate` per second (or until `duration_s`, or until the event
     `stop` is set), whatever comes back."""
     stop = stop or threading.Event()
+    threads = min(count, MAX_THREADS)
+    allow_open_files(threads + 64)  # a socket each, and the files any process has
     origin = time.perf_counter()
-    pool = ThreadPoolExecutor(min(count, MAX_THREADS), thread_name_prefix="client")
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="client")
     started = []
     try:
         for i in range(count):
@@ -152,6 +158,15 @@ def run_open_loop(url, images, count, rate, duration_s, timeout_s, on_done=lambd
     return [future.result() if future.done() else
             new_record(at - origin, "no answer by the end of the run",
                        (time.perf_counter() - at) * 1000) for at, future in started]
+
+
+def allow_open_files(count):
+    """Raise this process's limit on open files to `count` where it is lower (as far as the hard
+    limit allows; many systems start processes at 1,024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count if hard == resource.RLIM_INFINITY
+                                                    else min(count, hard), hard))
 
 
 def run_closed_loop(url, images, concurrency, count, duration_s, timeout_s,
