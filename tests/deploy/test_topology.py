@@ -158,10 +158,7 @@ def test_sigterm_to_a_worker_mid_batch_answers_the_batch_and_loses_nothing(
     answered_by = {r.headers["X-Request-ID"]: r.headers["X-Model-Worker"] for r in responses}
     # The jobs it held were answered by it, before it exited: not re-queued to the other worker.
     assert {answered_by[job_id] for job_id in held} == {victim["id"]}
-    # The topology logs an exit after reaping the process: wait for the line, not the reaping.
-    wait_until(lambda: f"(pid {victim['pid']}) exited with code" in front.log_path.read_text(),
-               what="the stopped worker to exit")
-    assert f"(pid {victim['pid']}) exited with code 0" in front.log_path.read_text()
+    assert exit_code_logged(front, victim["pid"]) == 0
     assert front.poll() is None and readyz(front)[0] == 200  # the other worker carries on
     # It beat until it had finished: nothing of its was re-queued and computed twice.
     survivor = next(beat for pid, beat in worker_stats(redis_client, keys).items()
@@ -169,6 +166,15 @@ def test_sigterm_to_a_worker_mid_batch_answers_the_batch_and_loses_nothing(
     assert survivor["requeued"] == "0", front.log_path.read_text()[-2000:]
     assert redis_client.llen(keys.queue) == 0
     assert not redis_client.keys(keys.processing("*"))
+
+
+def exit_code_logged(front, pid):
+    """The exit code the topology logged for one of its processes, once it has. (It logs an exit
+    after reaping the process: wait for the line, not for the reaping.)"""
+    found = wait_until(lambda: re.search(rf"\(pid {pid}\) exited with code (-?\d+)",
+                                         front.log_path.read_text()),
+                       what=f"process {pid} to exit")
+    return int(found.group(1))
 
 
 def wait_all_accepted_and_some_waiting(redis_client, keys, futures):
@@ -199,9 +205,7 @@ def test_sigterm_to_a_web_instance_finishes_its_requests_and_nginx_routes_around
 
     assert [r.status_code for r in responses] == [200] * 40
     assert any(r.headers["X-Served-By"] == "web-1" for r in responses)
-    wait_until(lambda: f"(pid {web_1}) exited with code" in front.log_path.read_text(),
-               what="web-1 to exit")
-    assert f"(pid {web_1}) exited with code 0" in front.log_path.read_text()
+    assert exit_code_logged(front, web_1) == 0
     after = post_concurrently(front.url, distinct_images(4), 4)
     assert [(r.status_code, r.headers["X-Served-By"]) for r in after] == [(200, "web-2")] * 4
 
