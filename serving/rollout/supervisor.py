@@ -23,6 +23,7 @@ import uuid
 
 import settings
 from serving import metrics
+from serving.processes import ignore_late_stop_signals
 from serving.rollout.children import Children
 from serving.rollout.loader_watch import LoaderWatch
 from serving.rollout.spec import spec_from_settings, spec_text
@@ -184,4 +185,6 @@ def run_supervisor():
             supervisor.serving is not None and not supervisor.stopping.is_set()))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: supervisor.stopping.set())
-    return supervisor.run()
+    status = supervisor.run()
+    ignore_late_stop_signals()
+    return status

@@ -230,6 +230,19 @@ def test_sigterm_while_the_first_version_loads_stops_its_process_and_exits_0(
     assert "refuses" not in worker.log_path.read_text()
 
 
+
+def test_sigterm_over_and_over_to_a_serving_worker_still_exits_0(service, tiny_model):
+    worker = service.worker(**tiny_settings(tiny_model))
+    # An orchestrator that repeats its SIGTERM: it comes up to the worker's last instant, when
+    # Python has given the handler back to the default, and must not turn a clean stop into a kill.
+    storm_ends = time.monotonic() + 60
+    while time.monotonic() < storm_ends and worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.001)
+
+    assert worker.wait(1) == 0
+    assert "stopped after" in worker.log_path.read_text()
+
 def test_weights_file_is_loaded_into_the_named_model(service, tmp_path):
     import keras
     from keras.applications.mobilenet_v2 import preprocess_input
