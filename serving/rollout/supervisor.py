@@ -23,7 +23,6 @@ import uuid
 
 import settings
 from serving import metrics
-from serving.processes import ignore_late_stop_signals
 from serving.rollout.children import Children
 from serving.rollout.loader_watch import LoaderWatch
 from serving.rollout.spec import spec_from_settings, spec_text
@@ -186,5 +185,8 @@ def run_supervisor():
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: supervisor.stopping.set())
     status = supervisor.run()
-    ignore_late_stop_signals()
+    # Stopped: a further signal has nothing left to stop. Python gives the handlers back to the
+    # default while it exits, where it would kill this process and belie its exit status.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     return status
