@@ -58,9 +58,6 @@ class LoaderWatch:
         if not step:
             return
         action, share, seconds = step
-        log.warning("version %s got %.2f of a core in the last %.0f s of loading: it loads on %s "
-                    "(requests served meanwhile may slow)", version, share, seconds,
-                    "unheld during forward passes" if action == "unhold" else "at normal priority")
         if action == "unhold":
             serving.tell("loader", pid=0)  # the serving process holds it no more
         try:
@@ -68,6 +65,11 @@ class LoaderWatch:
             if action == "normal priority":
                 restore_priority(os.getpriority(os.PRIO_PROCESS, 0), self.pid)
         except ProcessLookupError:
-            pass  # it has ended: its "gone" is on the way
+            return  # it has ended: its "gone" is on the way
         except PermissionError as exc:  # (it could return itself, which is all the kernel asks)
             log.warning("cannot return version %s to normal priority: %s", version, exc)
+            return
+        # Said once done, so that whoever reads it knows the process has been let go on.
+        log.warning("version %s got %.2f of a core in the last %.0f s of loading: it loads on %s "
+                    "(requests served meanwhile may slow)", version, share, seconds,
+                    "unheld during forward passes" if action == "unhold" else "at normal priority")

@@ -130,8 +130,9 @@ def test_overload_is_refused_at_once_with_retry_after_and_memory_stays_bounded(
     def client(seed):
         answers = []
         for i in range(3):  # closed loop: the next request once the last is answered
+            image = image_bytes(seed=seed * 10 + i)
             started = time.monotonic()
-            response = post_image(web.url, image_bytes(seed=seed * 10 + i))
+            response = post_image(web.url, image)
             answers.append((response, time.monotonic() - started))
         return answers
 

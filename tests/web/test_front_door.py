@@ -161,8 +161,13 @@ def test_a_request_that_waited_in_front_past_its_deadline_is_never_computed(
         topology, tiny_model, redis_client, keys):
     front = topology(models=1, webs=1, **tiny_settings(tiny_model))
     worker = next(iter(warm_workers(redis_client, keys, 1).values()))
+
+    def jobs_counted():  # as the worker's last heartbeat says (every 0.5 s here)
+        return int(worker_stats(redis_client, keys)[worker["pid"]]["jobs"])
+
     assert post_image(front.url, image_bytes()).status_code == 200
-    jobs_before = worker_stats(redis_client, keys)[worker["pid"]]["jobs"]
+    jobs_before = int(worker["jobs"]) + 1
+    wait_until(lambda: jobs_counted() == jobs_before, what="a heartbeat to count the first job")
     gunicorn = [pid for pid in descendants(front.pid) if b"gunicorn" in cmdline(pid)]
     assert len(gunicorn) == 2, gunicorn  # the web instance's master and its one worker
 
@@ -185,8 +190,9 @@ def test_a_request_that_waited_in_front_past_its_deadline_is_never_computed(
     assert "waited longer than its deadline" in response.json()["error"]
     assert redis_client.llen(keys.queue) == 0
     assert post_image(front.url, image_bytes()).status_code == 200  # the next one is computed
-    wait_until(lambda: worker_stats(redis_client, keys)[worker["pid"]]["jobs"]
-               == str(int(jobs_before) + 1), what="the worker to count exactly one more job")
+    wait_until(lambda: jobs_counted() == jobs_before + 1, what="a heartbeat to count one more job")
+    time.sleep(1.0)  # two more heartbeats: the refused request was never counted
+    assert jobs_counted() == jobs_before + 1
 
 
 # --- Decompression bombs under the pixel limit ---------------------------------------------
@@ -406,10 +412,10 @@ def test_a_body_must_be_in_by_the_requests_own_deadline(service, tiny_model):
     service.worker(**tiny_settings(tiny_model))  # (with none warm, 503 before the body is read)
     web = service.web()
     host, port = web.url.removeprefix("http://").split(":")
+    started, answer = time.monotonic(), b""  # before the server's clock starts, at its accept
     sock = socket.create_connection((host, int(port)))
     sock.sendall((f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
                   "X-Request-Timeout-S: 2\r\nContent-Length: 50000\r\n\r\n").encode())
-    started, answer = time.monotonic(), b""
     pace = 2 * settings.MIN_UPLOAD_BYTES_PER_S // 10  # bytes every 0.1 s
     while not answer and time.monotonic() - started < settings.REQUEST_TIMEOUT_S + 10:
         try:

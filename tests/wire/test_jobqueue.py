@@ -115,9 +115,10 @@ def test_no_body_passes_through_a_script_and_a_refused_one_is_deleted(store, red
 
 def test_orphans_of_a_silent_worker_go_back_to_the_head_of_the_queue(store, redis_client, keys):
     jobs = push(store, keys, 3)
-    jobqueue.publish_heartbeat(store, keys, "dead", {"id": "dead"}, 0.2, 60)
+    jobqueue.publish_heartbeat(store, keys, "dead", {"id": "dead"}, 60, 60)
     claimed = jobqueue.claim_batch(store, keys, "dead", 2, 0.2, 60, window(0))
     alive_claims = jobqueue.requeue_orphans(store, keys)
+    redis_client.pexpire(keys.heartbeat("dead"), 1)  # it falls silent: its heartbeat runs out
     wait_until(lambda: not redis_client.exists(keys.heartbeat("dead")),
                what="the heartbeat to expire")
     requeued = jobqueue.requeue_orphans(store, keys)
