@@ -12,7 +12,7 @@ after another (versions 2, 3, ...), with a pause after each. For each reload it 
 p999 latency of the requests sent from the reload's start until a second after it returned, as
 ratios to the steady phase's, and where in the reload the requests slower than steady p99 were
 sent (by tenths of the reload); then the failed requests, whether each worker's answers switched
-version exactly once, and the peak memory (PSS) of the model processes, steady and while two
+version exactly once, and the peak resident memory of the model processes, steady and while two
 versions are loaded (sampled every second). The record names the CPU it ran on.
 """
 import argparse
@@ -69,8 +69,13 @@ class OpenLoop:
 
 
 class ModelMemory:
-    """The peak memory (PSS, MB) of the service's model processes, sampled every second in a
-    thread, per phase ("steady", then "reloads"): what a container limit must hold."""
+    """The peak resident memory (MB) of the service's model processes, sampled every second in a
+    thread, per phase ("steady", then "reloads"): what a container limit must hold.
+
+    Read from the kernel's counters (/proc/PID/statm): each process's own (anonymous) pages, plus
+    the file-backed pages of the one with most, which they share (the same libraries). Not PSS:
+    reading it walks a process's page tables under a lock that its forward passes need, so the
+    sampler itself would slow the passes whose latency this script measures."""
 
     def __init__(self, root_pid):
         self.root_pid, self.phase, self.peaks = root_pid, "start", {}
@@ -78,20 +83,22 @@ class ModelMemory:
         self.thread = threading.Thread(target=self.sample, daemon=True)
         self.thread.start()
 
-    def model_pss_mb(self):
-        total = 0
+    def model_resident_mb(self):
+        own, shared = 0, 0
         for process, role in service_processes(self.root_pid):
             if role != "model":
                 continue
             try:
-                total += process.memory_full_info().pss
+                memory = process.memory_info()
             except psutil.Error:  # it ended meanwhile
                 continue
-        return total / 1e6
+            own += memory.rss - memory.shared
+            shared = max(shared, memory.shared)
+        return (own + shared) / 1e6
 
     def sample(self):
         while not self.done.wait(1.0):
-            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self.model_pss_mb())
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self.model_resident_mb())
 
     def finish(self):
         self.done.set()
@@ -187,7 +194,7 @@ def measure_reloads(args, workdir, image):
               "capacity_img_per_s": full, "rate_per_s": full / 2,
               "forward_s_at_start": float(heartbeat.get("batch_s") or 0),
               "steady": percentiles(steady),
-              "model_pss_mb": {"steady": peaks.get("steady"), "reloads": peaks.get("reloads")},
+              "model_resident_mb": {"steady": peaks.get("steady"), "reloads": peaks.get("reloads")},
               "failed": sum(not r["ok"] for r in measured),
               "failures": sorted({r["error"] for r in measured if not r["ok"]})[:10],
               "switches_once_per_reload": switches_once_per_reload(measured),
@@ -222,8 +229,8 @@ def print_table(result):
               f"{r.get('requests', 0):8d}  {r.get('p99_ms', 0):6.0f}  {r.get('p999_ms', 0):7.0f}"
               f"  {r.get('p99_ratio', 0):10.2f}  {r.get('p999_ratio', 0):11.2f}  "
               f"{' '.join(map(str, r['slow_by_tenth']))}")
-    memory = result["model_pss_mb"]
-    print(f"model processes' memory (PSS), peak: {memory['steady']} MB steady, "
+    memory = result["model_resident_mb"]
+    print(f"model processes' resident memory, peak: {memory['steady']} MB steady, "
           f"{memory['reloads']} MB during the reloads")
     worst = max(max(r.get("p99_ratio", 0), r.get("p999_ratio", 0)) for r in result["reloads"])
     print(f"worst ratio {worst:.2f} (target: at most {TARGET_RATIO})")
