@@ -14,8 +14,9 @@ where its handler is waiting.
 import os
 import sys
 
-# `reload` runs beside serving workers: it takes the lowest CPU priority before its imports, which
-# alone hold a CPU for half a second (see serving.rollout.reload.run_reload).
+# `reload` runs beside serving workers: it takes the lowest CPU priority before its imports, and
+# each command imports only what it runs. Even at that priority, a process computing beside a
+# forward pass slows it through the shared caches (see serving.model.loader_pause).
 if __name__ == "__main__" and sys.argv[1:2] == ["reload"]:
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
@@ -23,10 +24,6 @@ import argparse
 import logging
 
 import settings
-from serving.processes import run_all
-from serving.rollout.model_process import run_model_process
-from serving.rollout.reload import run_reload
-from serving.rollout.supervisor import run_supervisor
 from serving.wire.connection import check_login
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,7 +32,30 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run_model_worker(args=None):
     """The `model` command: a supervisor that serves the wanted model from a child process and
     rolls out reloads (see serving/rollout/); exits 2 if no model loads."""
+    from serving.rollout.supervisor import run_supervisor
+
     return run_supervisor()
+
+
+def run_reload_command(args):
+    """The `reload` command (see serving.rollout.reload)."""
+    from serving.rollout.reload import run_reload
+
+    return run_reload(args)
+
+
+def run_model_version(args):
+    """The `model-process` command, started by `model`: one model version."""
+    from serving.rollout.model_process import run_model_process
+
+    return run_model_process(args.fd)
+
+
+def run_everything(args=None):
+    """The default command: private Redis, one model worker and the web tier."""
+    from serving.processes import run_all
+
+    return run_all()
 
 
 def run_web(args=None):
@@ -76,9 +96,9 @@ def main(argv=None):
         parser.error("reload needs --model and --version, or --rollback")
     logging.basicConfig(level=settings.LOG_LEVEL,
                         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-    run = {"web": run_web, "model": run_model_worker, "reload": run_reload,
-           "model-process": lambda args: run_model_process(args.fd)}
-    return run.get(args.command, lambda _: run_all())(args)
+    run = {"web": run_web, "model": run_model_worker, "reload": run_reload_command,
+           "model-process": run_model_version}
+    return run.get(args.command, run_everything)(args)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,24 @@ import json
 import os
 from typing import NamedTuple
 
-import numpy as np
 import pybase64
 
 from serving.wire.connection import CLOCK
 
 
-def encode_array(array, dtype=np.uint8):
+def encode_array(array, dtype="uint8"):
     """Serialize an array as base64 text of its little-endian bytes (JSON-safe)."""
+    # numpy only where arrays cross: the light processes (`reload`, a supervisor) never load it.
+    import numpy as np
+
     little = np.dtype(dtype).newbyteorder("<")
     return pybase64.b64encode_as_string(np.ascontiguousarray(array, dtype=little))
 
 
-def decode_array(text, shape, dtype=np.uint8):
+def decode_array(text, shape, dtype="uint8"):
     """Inverse of encode_array: base64 text and a shape back to an array."""
+    import numpy as np
+
     array = np.frombuffer(pybase64.b64decode(text, validate=True),
                           dtype=np.dtype(dtype).newbyteorder("<"))
     return array.reshape(shape)
