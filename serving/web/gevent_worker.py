@@ -86,6 +86,10 @@ class StampingGeventWorker(GeventWorker):
         waiting = gevent.getcurrent()
         self.idle_connections.add(waiting)
         try:
+            # SIGTERM's handler can run between any two steps of this greenlet: if it came before
+            # this connection joined the idle ones (it closes those it finds), it closes here.
+            if not self.alive:
+                raise NoMoreData()
             with gevent.Timeout(self.cfg.keepalive, False):
                 yield
         finally:
