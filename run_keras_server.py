@@ -12,6 +12,7 @@ decodes their images into one batch, runs one forward pass for all of them and p
 where its handler is waiting.
 """
 import os
+import signal
 import sys
 
 # `reload` runs beside serving workers: it takes the lowest CPU priority before its imports, and
@@ -102,4 +103,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # The command is done: a further Ctrl-C or SIGTERM has nothing left to stop. Python gives its
+    # handlers back to the default while it exits, where one would kill the process and belie the
+    # exit status.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(status)

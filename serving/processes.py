@@ -96,15 +96,6 @@ def run_all():
         finally:
             stop_processes(children, timeout_s=grace_s)
             stop_processes(redis_processes)
-            ignore_late_stop_signals()
-
-
-def ignore_late_stop_signals():
-    """Once every part has stopped, a further Ctrl-C or SIGTERM has nothing left to stop. Python
-    gives each handler back to the default while it exits, where that signal would kill the
-    process and its exit status would no longer say how the stop went: ignore them instead."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def stop_processes(processes, timeout_s=30):

@@ -184,9 +184,4 @@ def run_supervisor():
             supervisor.serving is not None and not supervisor.stopping.is_set()))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: supervisor.stopping.set())
-    status = supervisor.run()
-    # Stopped: a further signal has nothing left to stop. Python gives the handlers back to the
-    # default while it exits, where it would kill this process and belie its exit status.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
-    return status
+    return supervisor.run()

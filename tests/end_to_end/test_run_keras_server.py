@@ -230,7 +230,6 @@ def test_sigterm_while_the_first_version_loads_stops_its_process_and_exits_0(
     assert "refuses" not in worker.log_path.read_text()
 
 
-
 def test_sigterm_over_and_over_to_a_serving_worker_still_exits_0(service, tiny_model):
     worker = service.worker(**tiny_settings(tiny_model))
     # An orchestrator that repeats its SIGTERM: it comes up to the worker's last instant, when
@@ -242,6 +241,7 @@ def test_sigterm_over_and_over_to_a_serving_worker_still_exits_0(service, tiny_m
 
     assert worker.wait(1) == 0
     assert "stopped after" in worker.log_path.read_text()
+
 
 def test_weights_file_is_loaded_into_the_named_model(service, tmp_path):
     import keras
