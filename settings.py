@@ -6,7 +6,6 @@ settings table is this list.
 """
 import os
 
-from PIL import Image
 
 from serving.text import header_value_problem
 from serving.redis_urls import cluster_address, sentinel_address
@@ -99,8 +98,19 @@ any request). At most 1000: a request's jobs are pushed by one Redis script call
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000, minimum=1)
 """Largest accepted width x height, checked from the header before decoding (decompression bombs)."""
 
-Image.init()  # registers every format Pillow can open, so the list below can be checked
-ALLOWED_FORMATS = env_list("ALLOWED_FORMATS", "JPEG,PNG,GIF,BMP,TIFF,WEBP", choices=Image.OPEN)
+
+def pillow_formats():
+    """Every format this Pillow can open (registering them imports each of its plugins)."""
+    from PIL import Image
+
+    Image.init()
+    return Image.OPEN
+
+
+# A value set is checked against Pillow; the default, made of Pillow's core formats, is not:
+# `reload` reads these settings beside serving workers and opens no image.
+ALLOWED_FORMATS = env_list("ALLOWED_FORMATS", "JPEG,PNG,GIF,BMP,TIFF,WEBP",
+                           choices=pillow_formats() if _raw("ALLOWED_FORMATS", "") else None)
 """Pillow format names accepted in uploads, comma-separated; anything else gets 400."""
 
 DECODE_BUDGET_BYTES = env_int("DECODE_BUDGET_BYTES", 640 * 1024 * 1024, minimum=16 * 1024 * 1024)

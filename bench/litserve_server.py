@@ -13,7 +13,7 @@ import litserve
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serving.model.classifier import load_labels
+from serving.model.catalog import load_labels
 from serving.images import prepare_image
 
 

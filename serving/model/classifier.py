@@ -1,7 +1,6 @@
 """Loading a Keras image classifier and running one forward pass per batch.
 
 Only the model worker imports this module: the web tier never pays for importing TensorFlow."""
-import json
 import os
 import threading
 
@@ -15,23 +14,9 @@ os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-from serving import ROOT
-
-IMAGENET_CLASS_INDEX = os.path.join(ROOT, "data", "imagenet_class_index.json")
-
-
-# Named models from keras.applications: constructor name and its preprocessing.
-APPLICATIONS = {
-    "resnet50": ("ResNet50", "resnet50"),
-    "mobilenet_v2": ("MobileNetV2", "mobilenet_v2"),
-}
-
+from serving.model.catalog import APPLICATIONS, ModelLoadError
 
 CHECK_TOP_K = 5
-
-
-class ModelLoadError(RuntimeError):
-    """The model, its weights or its labels cannot be loaded; the message says how to fix it."""
 
 
 # Each preprocessing as (reverse the channels?, mean, scale): the model takes (pixels - mean) / scale,
@@ -150,24 +135,6 @@ def load_model_file(path):
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the Keras model {path}: {exc}") from exc
-
-
-def load_labels(path):
-    """Labels by output index: ImageNet's shipped index by default, else a text or JSON file."""
-    path = path or IMAGENET_CLASS_INDEX
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read labels from {path}: {exc}") from exc
-    if not path.endswith(".json"):
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if isinstance(data, list):
-        return [str(label) for label in data]
-    # Keras' class-index format: {"0": ["n01440764", "tench"], ...} or plain {"0": "tench"}.
-    entries = [data[str(i)] for i in range(len(data))]
-    return [entry[-1] if isinstance(entry, list) else str(entry) for entry in entries]
 
 
 def padded_in_turns(forward, to_device=lambda batch: batch):

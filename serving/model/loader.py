@@ -3,14 +3,12 @@ precision asked for."""
 import logging
 import os
 
+from serving.model.catalog import APPLICATIONS, ModelLoadError, load_labels
 from serving.model.classifier import (
-    APPLICATIONS,
     Classifier,
-    ModelLoadError,
     build_application,
     device_name,
     keras_backend,
-    load_labels,
     load_model_file,
 )
 from serving.model.openvino_runtime import (

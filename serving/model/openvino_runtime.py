@@ -10,11 +10,8 @@ import threading
 
 import numpy as np
 
-from serving.model.classifier import (
-    CHECK_TOP_K,
-    PREPROCESSING,
-    ModelLoadError,
-)
+from serving.model.catalog import ModelLoadError
+from serving.model.classifier import CHECK_TOP_K, PREPROCESSING
 
 log = logging.getLogger(__name__)
 

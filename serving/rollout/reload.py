@@ -71,7 +71,7 @@ def check_model(spec):
     anyway, by the workers' held candidate processes, whose refusal comes back with the reason.
     So `reload` never loads a model, nor imports a deep learning framework, on a serving
     machine."""
-    from serving.model.classifier import APPLICATIONS, ModelLoadError, load_labels
+    from serving.model.catalog import APPLICATIONS, ModelLoadError, load_labels
 
     try:
         check_files(spec)

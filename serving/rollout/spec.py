@@ -26,7 +26,7 @@ def spec_text(spec):
 def files_named(spec):
     """The files (and folders) a model spec names: its model, weights, labels and calibration
     images, where they are paths rather than names (resnet50, imagenet, none, ...)."""
-    from serving.model.classifier import APPLICATIONS
+    from serving.model.catalog import APPLICATIONS
 
     paths = [spec["model"]] if spec["model"] not in APPLICATIONS else []
     paths += [spec["weights"]] if spec["weights"] not in ("imagenet", "none") else []
@@ -37,7 +37,7 @@ def check_files(spec):
     """ModelLoadError unless every file the spec names is under MODELS_DIR or is one this
     process's own settings name: whoever can write to Redis must not make the workers load (and,
     with a legacy model's layers, run) whatever file they can reach."""
-    from serving.model.classifier import ModelLoadError
+    from serving.model.catalog import ModelLoadError
 
     root = os.path.realpath(settings.MODELS_DIR)
     own = {os.path.realpath(path) for path in files_named(spec_from_settings())}
@@ -50,7 +50,7 @@ def check_files(spec):
 
 def load_model(spec):
     """Load the classifier a model spec describes, once check_files passes it (raises
-    classifier.ModelLoadError)."""
+    catalog.ModelLoadError)."""
     from serving.model.loader import load_classifier
 
     check_files(spec)

@@ -11,7 +11,7 @@ from serving.model import classifier
 from serving.model.openvino_runtime import check_agreement
 from serving.model.openvino_runtime import use_openvino
 from serving.model.classifier import Classifier
-from serving.model.classifier import ModelLoadError
+from serving.model.catalog import ModelLoadError
 from serving.model.loader import load_classifier
 
 

@@ -31,6 +31,12 @@ def test_bad_setting_stops_start_up_naming_the_variable(name, value):
     assert f"SettingsError: {name}=" in result.stderr
 
 
+def test_the_default_formats_are_pillows_own():
+    """ALLOWED_FORMATS is checked against Pillow only when set (see settings.py): its default
+    must be formats every Pillow opens."""
+    assert set(settings.ALLOWED_FORMATS) <= set(settings.pillow_formats())
+
+
 def test_the_settings_reference_lists_every_setting_with_its_default():
     """docs/settings.md's table against settings.py: the same names, and each default that the
     table gives as a value (not a description such as `host name`) is the one a process gets."""
