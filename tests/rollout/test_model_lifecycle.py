@@ -359,6 +359,28 @@ def test_reload_imports_no_deep_learning_framework_and_the_worker_refuses_what_d
     assert versions_served(redis_client, keys) == {str(worker.pid): "2"}
 
 
+def test_a_model_process_keeps_its_model_out_of_the_garbage_collectors_sight(tiny_model):
+    """Loaded and warm, a model process freezes what it holds (keep_out_of_collection): the full
+    collections that serving still sets off scan none of the model's objects, which no forward
+    pass then waits for, while garbage made afterwards is still collected."""
+    import gc
+
+    from serving.model.loader import load_classifier
+    from serving.rollout.model_process import keep_out_of_collection
+
+    classifier = load_classifier(tiny_model["MODEL"], "none", tiny_model["LABELS"], "scale_0_1")
+    assert any(thing is classifier.serving for thing in gc.get_objects())
+    try:
+        keep_out_of_collection()
+        assert not any(thing is classifier.serving for thing in gc.get_objects())
+        cycle = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
+
+
 def test_a_legacy_h5_model_with_a_lambda_layer_is_refused_without_running_it(service, digits,
                                                                               tmp_path):
     """Keras' safe mode: a Lambda layer's Python code in an .h5 file is not run, and the version
