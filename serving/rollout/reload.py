@@ -8,6 +8,7 @@ import sys
 import time
 
 import settings
+from serving.model.catalog import APPLICATIONS, ModelLoadError, load_labels
 from serving.rollout.spec import check_files, files_named, spec_text
 from serving.text import header_value_problem
 from serving.wire import jobqueue, records
@@ -71,8 +72,6 @@ def check_model(spec):
     anyway, by the workers' held candidate processes, whose refusal comes back with the reason.
     So `reload` never loads a model, nor imports a deep learning framework, on a serving
     machine."""
-    from serving.model.catalog import APPLICATIONS, ModelLoadError, load_labels
-
     try:
         check_files(spec)
         if spec["model"] not in APPLICATIONS and not os.path.isfile(spec["model"]):

@@ -3,6 +3,7 @@ import json
 import os
 
 import settings
+from serving.model.catalog import APPLICATIONS, ModelLoadError
 
 # glibc gives each thread that allocates an arena of its own, up to 8 per core, and each arena
 # keeps some of what it frees. A model process's threads (the runtime's pools, the lanes, the
@@ -26,8 +27,6 @@ def spec_text(spec):
 def files_named(spec):
     """The files (and folders) a model spec names: its model, weights, labels and calibration
     images, where they are paths rather than names (resnet50, imagenet, none, ...)."""
-    from serving.model.catalog import APPLICATIONS
-
     paths = [spec["model"]] if spec["model"] not in APPLICATIONS else []
     paths += [spec["weights"]] if spec["weights"] not in ("imagenet", "none") else []
     return paths + [spec[name] for name in ("labels", "calibration_images") if spec.get(name)]
@@ -37,8 +36,6 @@ def check_files(spec):
     """ModelLoadError unless every file the spec names is under MODELS_DIR or is one this
     process's own settings name: whoever can write to Redis must not make the workers load (and,
     with a legacy model's layers, run) whatever file they can reach."""
-    from serving.model.catalog import ModelLoadError
-
     root = os.path.realpath(settings.MODELS_DIR)
     own = {os.path.realpath(path) for path in files_named(spec_from_settings())}
     for path in files_named(spec):
