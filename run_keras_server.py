@@ -45,11 +45,11 @@ def run_reload_command(args):
     return run_reload(args)
 
 
-def run_model_version(args):
-    """The `model-process` command, started by `model`: one model version."""
-    from serving.rollout.model_process import run_model_process
+def run_model_forks(args):
+    """The `model-forks` command, started by `model`: forks a process for each model version."""
+    from serving.rollout.forks import run_fork_server
 
-    return run_model_process(args.fd)
+    return run_fork_server(args.fd)
 
 
 def run_everything(args=None):
@@ -75,8 +75,9 @@ def main(argv=None):
                                     "worker and the web server")
     commands.add_parser("web", help="the web tier under gunicorn")
     commands.add_parser("model", help="one model worker")
-    child = commands.add_parser("model-process", help="(started by `model`) one model version")
-    child.add_argument("fd", type=int, help="the socket to the supervisor")
+    forks = commands.add_parser("model-forks", help="(started by `model`) forks a process for "
+                                "each model version")
+    forks.add_argument("fd", type=int, help="the socket to the supervisor")
     reload = commands.add_parser("reload", help="switch every worker to another model version, "
                                  "once checked; exits non-zero, saying why, if any worker refuses")
     reload.add_argument("--model", help="resnet50, mobilenet_v2 or a .keras/.h5 path")
@@ -98,7 +99,7 @@ def main(argv=None):
     logging.basicConfig(level=settings.LOG_LEVEL,
                         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     run = {"web": run_web, "model": run_model_worker, "reload": run_reload_command,
-           "model-process": run_model_version}
+           "model-forks": run_model_forks}
     return run.get(args.command, run_everything)(args)
 
 

@@ -19,7 +19,7 @@ def process_role(name, cmdline):
     program = Path(program[0]).name if program else ""
     if program == "gunicorn":
         return "web"
-    if program == "run_keras_server.py" and rest[:1] in (["model"], ["model-process"]):
+    if program == "run_keras_server.py" and rest[:1] in (["model"], ["model-forks"]):
         return "model"
     return None
 

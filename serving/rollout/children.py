@@ -5,15 +5,14 @@ import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import settings
-from serving import RUN_KERAS_SERVER
+from serving.rollout.forks import ForkedProcess, ForkServer
 from serving.rollout.model_process import Channel
 from serving.rollout.priority import can_leave_idle
-from serving.rollout.spec import MALLOC_ARENAS, spec_text
+from serving.rollout.spec import spec_text
 
 log = logging.getLogger("keras_server.rollout")
 
@@ -21,17 +20,12 @@ log = logging.getLogger("keras_server.rollout")
 class ModelProcess:
     """A child process that loads one model version and, when told, serves it."""
 
-    def __init__(self, spec, rollout, order, events):
-        ours, theirs = socket.socketpair()
-        self.process = subprocess.Popen(
-            [sys.executable, RUN_KERAS_SERVER, "model-process", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
+    def __init__(self, pid, channel, spec, rollout, order, events):
+        self.process = ForkedProcess(pid)
         if order["low_priority"] and can_leave_idle(order["niceness"]):
-            # From its first import on, not only once it has its order: it has one thread yet,
-            # and the threads it starts inherit the policy.
-            os.sched_setscheduler(self.process.pid, os.SCHED_IDLE, os.sched_param(0))
-        theirs.close()
-        self.channel = Channel(ours)
+            # Before it reads its order: it has one thread yet, and those it starts inherit it.
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        self.channel = channel
         self.spec, self.rollout = spec, rollout
         self.batch_size = self.input_shape = None  # known once it is warm
         self.gone = False  # set before its "gone" is queued: a message dropped while handing over
@@ -42,7 +36,7 @@ class ModelProcess:
         """Put each message from the child on the supervisor's queue; "gone" when it closes."""
         while (message := self.channel.receive()) is not None:
             events.put((self, message))
-        self.process.wait()  # reaped here, whether it is still serving or long replaced
+        self.process.reap()  # here, whether it is still serving or long replaced
         self.gone = True
         events.put((self, {"state": "gone"}))
 
@@ -65,19 +59,29 @@ class ModelProcess:
             self.process.send_signal(signal.SIGCONT)  # a held process must run to stop
 
     def exit_reason(self):
-        self.process.wait(5)
-        return f"the model process exited with status {self.process.returncode}"
+        try:
+            return f"the model process exited with status {self.process.wait(5)}"
+        except subprocess.TimeoutExpired:
+            return "the model process closed its connection and has not exited"
 
 
 class Children:
     """The model processes of one supervisor, and the queue where their messages arrive."""
 
-    def __init__(self, supervisor_id):
+    def __init__(self, supervisor_id, stopping):
         self.supervisor_id = supervisor_id
         self.events = queue.Queue()
         self.started = 0
+        self.forks = ForkServer(stopping)
 
     def start(self, spec, rollout, low_priority, batch_size, input_shape=None):
+        """A new model process loading `spec`; None if stopping was set meanwhile."""
+        ours, theirs = socket.socketpair()
+        with theirs:
+            pid = self.forks.fork(theirs)
+        if pid is None:
+            ours.close()
+            return None
         self.started += 1
         order = {"spec": spec, "rollout": rollout, "low_priority": low_priority,
                  "batch_size": batch_size, "input_shape": input_shape,
@@ -85,7 +89,7 @@ class Children:
                  "identity": {"id": f"{self.supervisor_id}/{self.started}",
                               "supervisor": self.supervisor_id, "pid": os.getpid(),
                               "spec": spec_text(spec), "rollout": rollout}}
-        return ModelProcess(spec, rollout, order, self.events)
+        return ModelProcess(pid, Channel(ours), spec, rollout, order, self.events)
 
     def next_message(self, timeout_s):
         """(child, message), or (None, None) if none came within timeout_s."""
@@ -120,9 +124,9 @@ class Children:
             log.warning("version %s did not answer in time; killed", child.spec["version"])
             child.process.kill()
 
-    @staticmethod
-    def stop(children):
-        """Stop each child, letting it finish its requests, and kill what does not stop."""
+    def stop(self, children):
+        """Stop each child, letting it finish its requests, and kill what does not stop; then
+        the fork server."""
         for child in children:
             child.stop()
         for child in children:
@@ -130,3 +134,4 @@ class Children:
                 child.process.wait(settings.REQUEST_TIMEOUT_S + 10)
             except subprocess.TimeoutExpired:
                 child.process.kill()
+        self.forks.stop()

@@ -32,8 +32,9 @@ class Channel:
 
 
 def run_model_process(fd):
-    """The `model-process` command (started by the supervisor): load, check and warm up the
-    model it is told, say so, serve it once told to, and hand over to a successor when told."""
+    """A model version's process (forked by the supervisor's fork server, see forks): load, check
+    and warm up the model it is told, say so, serve it once told to, and hand over to a successor
+    when told."""
     from serving.model.batch_size import warm_up
     from serving.model.classifier import device_name
     from serving.model.worker import ModelWorker
@@ -41,6 +42,8 @@ def run_model_process(fd):
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # until it serves, Ctrl-C just ends it
     channel = Channel(socket.socket(fileno=fd))
     order = channel.receive()
+    if order is None:  # the supervisor is gone
+        return 0
     low_priority = order["low_priority"] and lower_priority(order["niceness"])
     try:
         classifier = load_model(order["spec"])

@@ -2,12 +2,12 @@
 switches all workers to a new version (or back) only once each has it loaded, warm and checked.
 
 `run_keras_server.py model` runs a Supervisor, the container's main process. It serves the wanted
-model from a child process (`run_keras_server.py model-process`). When `reload` proposes another
-model, the supervisor loads it in a second child at the lowest CPU priority (SCHED_IDLE); once
-that one is warm and back at normal priority, the old child stops claiming, the new one takes
-over the queue while the old one finishes the batches it holds, and the old one exits. Old and
-new never share a heap, and loading competes with serving on equal terms for the CPU only when it
-would otherwise starve (LOADER_WINDOW_S).
+model from a child process, forked with TensorFlow and the other frameworks already imported
+(see forks). When `reload` proposes another model, the supervisor loads it in a second child at
+the lowest CPU priority (SCHED_IDLE); once that one is warm and back at normal priority, the old
+child stops claiming, the new one takes over the queue while the old one finishes the batches it
+holds, and the old one exits. Old and new never share a heap, and loading competes with serving
+on equal terms for the CPU only when it would otherwise starve (LOADER_WINDOW_S).
 
 `run_keras_server.py reload` checks the spec's files where it runs (it loads no model), proposes
 it under a new rollout number, and waits until every live worker serves it or one refuses (the
@@ -39,11 +39,10 @@ class Supervisor:
     def __init__(self, store):
         self.store, self.keys = store, Keys(settings.IMAGE_QUEUE)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.children = Children(self.id)
-        self.serving = self.candidate = None
-        self.watch = None  # the candidate's CPU share while it loads
-        self.refused = set()  # rollout numbers this worker refused: not tried again
         self.stopping = threading.Event()
+        self.children = Children(self.id, self.stopping)
+        self.serving = self.candidate = self.watch = None  # watch: the candidate's CPU share
+        self.refused = set()  # rollout numbers this worker refused: not tried again
 
     def run(self):
         """Serve until SIGTERM, following reloads; the exit status (2: no model would load)."""
@@ -62,7 +61,7 @@ class Supervisor:
                     return 1
             return 0
         finally:
-            Children.stop([child for child in (self.candidate, self.serving) if child])
+            self.children.stop([child for child in (self.candidate, self.serving) if child])
 
     def start_serving(self):
         """Start the first child: the wanted model, else the last accepted one, else the
@@ -71,7 +70,7 @@ class Supervisor:
             child = self.children.start(spec, rollout, low_priority=False,
                                         batch_size=settings.BATCH_SIZE)
             state, reason = self.children.wait_until_warm(child, self.stopping)
-            if state == "stopped":  # not a refusal: run stops it with the others
+            if state == "stopped":  # not a refusal: run stops it (if any) with the others
                 self.candidate = child
                 return False
             if state == "warm":
@@ -103,6 +102,8 @@ class Supervisor:
         self.candidate = self.children.start(wanted, rollout, low_priority=True,
                                              batch_size=self.serving.batch_size,
                                              input_shape=self.serving.input_shape)
+        if self.candidate is None:  # stopping
+            return
         self.serving.tell("loader", pid=self.candidate.process.pid)
         self.watch = LoaderWatch(self.candidate.process.pid)
 

@@ -63,9 +63,9 @@ def test_the_benchmark_tells_each_part_of_the_running_service_apart(whole_servic
     process = whole_service[0]
     roles = sorted(str(role) for _, role in service_processes(process.pid))
 
-    # The launcher; gunicorn's master and its one worker; the model supervisor and its model
-    # process; the private Redis.
-    assert roles == ["None", "model", "model", "redis", "web", "web"], roles
+    # The launcher; gunicorn's master and its one worker; the model supervisor, its fork server
+    # and its model process; the private Redis.
+    assert roles == ["None", "model", "model", "model", "redis", "web", "web"], roles
 
 
 def test_the_benchmarks_load_generator_reports_every_answer_and_is_told_apart(whole_service,
@@ -84,7 +84,7 @@ def test_the_benchmarks_load_generator_reports_every_answer_and_is_told_apart(wh
         snapshots.append(cpu_snapshot(process.pid, load_pids))
         report = loading.result()
     roles = sorted(str(role) for role, _ in snapshots[0]["processes"].values())
-    assert roles == ["None", "load", "model", "model", "redis", "web", "web"], roles
+    assert roles == ["None", "load", "model", "model", "model", "redis", "web", "web"], roles
     assert not load_pids  # forgotten once it has ended
     answers = report["requests"]
     assert len(answers) >= 4 and report["summary"]["failed"] == 0

@@ -244,7 +244,7 @@ def test_the_cpu_split_names_each_part_of_the_service_and_counts_new_processes_f
                                    "serving.web.app:create_app()"]) == "web"
     assert process_role("gunicorn", ["/srv/.venv/bin/gunicorn", "run_keras_server:app"]) == "web"
     assert process_role("python", [python, "/srv/run_keras_server.py", "model"]) == "model"
-    assert process_role("python", [python, "/srv/run_keras_server.py", "model-process", "5"]) \
+    assert process_role("python", [python, "/srv/run_keras_server.py", "model-forks", "5"]) \
         == "model"
     assert process_role("python", [python, "/srv/run_keras_server.py"]) is None  # the launcher
     assert process_role("python", [python, "stress_test.py", "--url", "gunicorn"]) is None

@@ -456,9 +456,9 @@ def test_a_new_version_that_gets_no_cpu_goes_on_unheld_then_at_normal_priority(
         [sys.executable, "run_keras_server.py", "reload", *reload_args(digits["v2"], "2")],
         cwd=ROOT, env=service.env({}), stderr=subprocess.PIPE, text=True)
     try:
-        # The new version's process is stopped as it starts, long before its imports end, and
-        # again as soon as the first step lets it go on: it stands in for one that a busy worker
-        # leaves no CPU, held or not, at the lowest priority.
+        # The new version's process is stopped as soon as the supervisor has it, long before its
+        # model is loaded, and again as soon as the first step lets it go on: it stands in for
+        # one that a busy worker leaves no CPU, held or not, at the lowest priority.
         candidate = wait_until(lambda: [child for child in psutil.Process(worker.pid).children()
                                         if child.pid not in serving], timeout=60, interval=0.01,
                                what="the new version's process")[0]

@@ -1,0 +1,197 @@
+"""Model processes forked from one that imported their frameworks once, before anything served.
+
+A version's process started afresh would first import TensorFlow, Keras and OpenVINO: seconds of
+CPU, and for a new version they are taken beside the serving version's forward passes. So the
+supervisor starts a fork server (`run_keras_server.py model-forks`) that imports them once, and
+forks each version's process from it, left only to load its model. The server only imports: no
+runtime's thread pool exists in it to be copied half-way through a fork (the only threads an
+import starts are OpenBLAS', which stop across a fork and start again when needed).
+
+The server forks twice and the first child exits at once, so each version's process is
+re-parented to the supervisor, its subreaper: the supervisor reaps it and reads its exit status
+like any child of its own, and nothing else waits on it.
+"""
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+
+import settings
+from serving import RUN_KERAS_SERVER
+from serving.rollout.spec import MALLOC_ARENAS
+
+log = logging.getLogger("keras_server.rollout")
+
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+class ForkServer:
+    """The supervisor's end of its fork server: started on first use, again if it has ended."""
+
+    def __init__(self, stopping):
+        self.stopping = stopping
+        self.server = self.control = None
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "cannot become the model processes' subreaper")
+
+    def fork(self, their_end):
+        """The pid of a new model process on the socket `their_end` (a child of this process);
+        None if `stopping` was set while the server was still importing."""
+        for _ in range(2):  # a server that ended is started again, once
+            if self.server is None or self.server.poll() is not None:
+                self.start()
+            try:
+                socket.send_fds(self.control, [b"f"], [their_end.fileno()])
+                reply = self.read_reply()
+            except OSError:
+                reply = b""
+            if reply is None or reply:
+                return int(reply) if reply else None
+            log.warning("the model processes' fork server ended (%s); starting another",
+                        self.server.wait())
+            self.server = None
+        raise RuntimeError("the model processes' fork server does not fork")
+
+    def read_reply(self):
+        """The server's reply (b"" if it ended), or None once `stopping` is set."""
+        reply = b""
+        while not reply.endswith(b"\n"):
+            try:
+                more = self.control.recv(32)
+            except TimeoutError:  # importing, still
+                if self.stopping.is_set():
+                    return None
+                continue
+            if not more:
+                return b""
+            reply += more
+        return reply.strip()
+
+    def start(self):
+        ours, theirs = socket.socketpair()
+        self.server = subprocess.Popen(
+            [sys.executable, RUN_KERAS_SERVER, "model-forks", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
+        theirs.close()
+        ours.settimeout(1)
+        self.control = ours
+
+    def stop(self):
+        """End the server (its forks live on: each is stopped on its own)."""
+        if self.server is not None:
+            self.control.close()
+            try:
+                self.server.wait(10)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+
+
+class ForkedProcess:
+    """A model process forked by the server and re-parented here: what the supervisor uses of a
+    subprocess.Popen, reaped by one thread (`reap`)."""
+
+    def __init__(self, pid):
+        self.pid, self.returncode, self.ended = pid, None, threading.Event()
+
+    def reap(self):
+        """Wait until it has exited (one thread only)."""
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.ended.set()
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout_s=None):
+        if not self.ended.wait(timeout_s):
+            raise subprocess.TimeoutExpired(f"model process {self.pid}", timeout_s)
+        return self.returncode
+
+    def send_signal(self, signum):
+        if not self.ended.is_set():  # once reaped, its pid may be another process'
+            os.kill(self.pid, signum)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+
+def run_fork_server(fd):
+    """The `model-forks` command (started by the supervisor): import what a model process runs,
+    then fork one for each socket the supervisor sends, answering with its pid."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the supervisor, which ends this
+    import_frameworks()
+    control = socket.socket(fileno=fd)
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(control, 1, 1)
+        except ConnectionResetError:
+            fds = []
+        if not fds:  # the supervisor has ended
+            return 0
+        pid = fork_model_process(fds[0], control)
+        os.close(fds[0])
+        control.sendall(b"%d\n" % pid)
+
+
+def fork_model_process(fd, control):
+    """Fork a model process on the socket `fd` as a grandchild, and return its pid once its
+    parent has exited (so that it is the subreaper's child)."""
+    reader, writer = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os.close(reader)
+                os.close(writer)
+                control.close()
+                run_forked_model_process(fd)
+            os.write(writer, b"%d" % pid)
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        pid = int(pipe.read())
+    os.waitpid(middle, 0)
+    return pid
+
+
+def run_forked_model_process(fd):
+    """Run a model process in a fork and end the fork with its status (never returns)."""
+    from serving.rollout.model_process import run_model_process
+
+    status = 1
+    try:
+        status = run_model_process(fd)
+    except BaseException:  # noqa: BLE001 (reported here: nothing above it may run in a fork)
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def import_frameworks():
+    """Import what a model process imports before it loads a model, and no more: nothing here
+    may start a runtime (a device query, a session, a thread pool)."""
+    import keras  # noqa: F401 (with its backend: TensorFlow, or JAX where set)
+
+    import serving.model.batch_size  # noqa: F401
+    import serving.model.loader  # noqa: F401
+    import serving.model.worker  # noqa: F401
+    import serving.rollout.model_process  # noqa: F401
+    if settings.RUNTIME != "keras":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            pass
