@@ -11,7 +11,6 @@ import time
 import settings
 from serving.rollout.forks import ForkedProcess, ForkServer
 from serving.rollout.model_process import Channel
-from serving.rollout.priority import can_leave_idle
 from serving.rollout.spec import spec_text
 
 log = logging.getLogger("keras_server.rollout")
@@ -22,9 +21,6 @@ class ModelProcess:
 
     def __init__(self, pid, channel, spec, rollout, order, events):
         self.process = ForkedProcess(pid)
-        if order["low_priority"] and can_leave_idle(order["niceness"]):
-            # Before it reads its order: it has one thread yet, and those it starts inherit it.
-            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
         self.channel = channel
         self.spec, self.rollout = spec, rollout
         self.batch_size = self.input_shape = None  # known once it is warm
@@ -78,7 +74,7 @@ class Children:
         """A new model process loading `spec`; None if stopping was set meanwhile."""
         ours, theirs = socket.socketpair()
         with theirs:
-            pid = self.forks.fork(theirs)
+            pid = self.forks.fork(theirs, low_priority)
         if pid is None:
             ours.close()
             return None

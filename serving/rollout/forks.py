@@ -23,6 +23,7 @@ import traceback
 
 import settings
 from serving import RUN_KERAS_SERVER
+from serving.rollout.priority import can_leave_idle, idle_every_thread, restore_priority
 from serving.rollout.spec import MALLOC_ARENAS
 
 log = logging.getLogger("keras_server.rollout")
@@ -40,22 +41,22 @@ class ForkServer:
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "cannot become the model processes' subreaper")
 
-    def fork(self, their_end):
-        """The pid of a new model process on the socket `their_end` (a child of this process);
-        None if `stopping` was set while the server was still importing."""
+    def fork(self, their_end, low_priority):
+        """The pid of a new model process on the socket `their_end` (a child of this process),
+        at the lowest CPU priority if asked (where it can return from it); None if `stopping` was
+        set while the server was still importing."""
         for _ in range(2):  # a server that ended is started again, once
             if self.server is None or self.server.poll() is not None:
                 self.start()
             try:
-                socket.send_fds(self.control, [b"f"], [their_end.fileno()])
+                socket.send_fds(self.control, [b"i" if low_priority else b"n"],
+                                [their_end.fileno()])
                 reply = self.read_reply()
             except OSError:
                 reply = b""
             if reply is None or reply:
                 return int(reply) if reply else None
-            log.warning("the model processes' fork server ended (%s); starting another",
-                        self.server.wait())
-            self.server = None
+            self.server.wait()
         raise RuntimeError("the model processes' fork server does not fork")
 
     def read_reply(self):
@@ -74,6 +75,10 @@ class ForkServer:
         return reply.strip()
 
     def start(self):
+        if self.server is not None:
+            log.warning("the model processes' fork server ended (status %s); starting another",
+                        self.server.returncode)
+            self.control.close()
         ours, theirs = socket.socketpair()
         self.server = subprocess.Popen(
             [sys.executable, RUN_KERAS_SERVER, "model-forks", str(theirs.fileno())],
@@ -126,29 +131,40 @@ class ForkedProcess:
 
 def run_fork_server(fd):
     """The `model-forks` command (started by the supervisor): import what a model process runs,
-    then fork one for each socket the supervisor sends, answering with its pid."""
+    then fork one for each socket the supervisor sends, answering with its pid.
+
+    It forks at the lowest CPU priority, as a new version loads (a fork copies the page tables of
+    all it imported), where the model process it forks can return to normal priority."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the supervisor, which ends this
     import_frameworks()
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    idle = can_leave_idle(niceness)
+    if idle:
+        idle_every_thread()
     control = socket.socket(fileno=fd)
     while True:
         try:
-            _, fds, _, _ = socket.recv_fds(control, 1, 1)
+            message, fds, _, _ = socket.recv_fds(control, 1, 1)
         except ConnectionResetError:
             fds = []
         if not fds:  # the supervisor has ended
             return 0
-        pid = fork_model_process(fds[0], control)
+        normal = niceness if idle and message == b"n" else None
+        pid = fork_model_process(fds[0], control, normal)
         os.close(fds[0])
         control.sendall(b"%d\n" % pid)
 
 
-def fork_model_process(fd, control):
-    """Fork a model process on the socket `fd` as a grandchild, and return its pid once its
-    parent has exited (so that it is the subreaper's child)."""
+def fork_model_process(fd, control, normal_niceness=None):
+    """Fork a model process on the socket `fd` as a grandchild (returned to normal priority at
+    `normal_niceness` if given), and return its pid once its parent has exited (so that it is
+    the subreaper's child)."""
     reader, writer = os.pipe()
     middle = os.fork()
     if middle == 0:
         try:
+            if normal_niceness is not None:
+                restore_priority(normal_niceness)
             pid = os.fork()
             if pid == 0:
                 os.close(reader)

@@ -1,5 +1,6 @@
-"""Model processes forked from a server that imported their frameworks once (serving.rollout.forks)."""
+"""Model processes forked from a server that imported their frameworks once (rollout.forks)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -7,13 +8,18 @@ from pathlib import Path
 
 import psutil
 
-from conftest import ROOT, tiny_settings, wait_until, worker_stats
+from conftest import (ROOT, digits_settings, reload, reload_args, wait_until,
+                      worker_stats)
 
 
 def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imported():
     """Each model process it forks has TensorFlow, Keras and OpenVINO's libraries in its memory
     before it has read its order (the first thing a model process does): it never imports them,
-    and so a new version loading beside a serving one takes none of the CPU they cost."""
+    and so a new version loading beside a serving one takes none of the CPU they cost. A new
+    version's process is at the lowest CPU priority from its start, the first one at normal."""
+    from serving.rollout.priority import can_leave_idle
+
+    lowest = os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
     ours, theirs = socket.socketpair()
     server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
                                str(theirs.fileno())], pass_fds=[theirs.fileno()], cwd=ROOT,
@@ -21,17 +27,19 @@ def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imp
     theirs.close()
     replies = ours.makefile("r")
     try:
-        for _ in range(2):
+        for request, policy in ((b"n", os.SCHED_OTHER), (b"i", lowest)):
             mine, its = socket.socketpair()
-            socket.send_fds(ours, [b"f"], [its.fileno()])
+            socket.send_fds(ours, [request], [its.fileno()])
             its.close()
             pid = int(replies.readline())  # once it has imported them, the first time
             libraries = Path(f"/proc/{pid}/maps").read_text()
             parent = psutil.Process(pid).ppid()
+            scheduled = os.sched_getscheduler(pid)
             mine.close()  # no order comes: it ends
 
             assert "libtensorflow_framework" in libraries and "libopenvino" in libraries
             assert parent != server.pid  # forked twice: it is the subreaper's (or init's)
+            assert scheduled == policy
             wait_until(lambda: not psutil.pid_exists(pid)
                        or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                        what="the model process to end")
@@ -41,11 +49,19 @@ def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imp
     assert server.wait(30) == 0
 
 
-def test_a_workers_model_process_is_its_own_child_beside_the_fork_server(
-        service, tiny_model, redis_client, keys):
-    worker = service.worker(**tiny_settings(tiny_model))
+def test_a_model_process_is_the_supervisors_child_and_a_fork_server_that_ended_is_replaced(
+        service, digits, redis_client, keys):
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
     model_pid = int(worker_stats(redis_client, keys)[str(worker.pid)]["model_pid"])
     children = {child.pid: child.cmdline() for child in psutil.Process(worker.pid).children()}
 
     assert model_pid in children  # reaped by the supervisor, not by the server it forked from
     assert [command[2:3] for command in children.values()] == [["model-forks"]] * 2
+
+    server = next(pid for pid in children if pid != model_pid)
+    os.kill(server, signal.SIGKILL)
+    status, log = reload(service, *reload_args(digits["v2"], "2"))
+
+    assert status == 0, log
+    assert worker_stats(redis_client, keys)[str(worker.pid)]["version"] == "2"
+    assert "fork server ended (status -9); starting another" in worker.log_path.read_text()
