@@ -27,8 +27,9 @@ from serving.rollout.priority import can_leave_idle, idle_every_thread, restore_
 from serving.rollout.spec import MALLOC_ARENAS
 
 log = logging.getLogger("keras_server.rollout")
+LIBC = ctypes.CDLL(None, use_errno=True)
 
-PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PR_SET_NAME, PR_SET_CHILD_SUBREAPER = 15, 36  # <linux/prctl.h>
 
 
 class ForkServer:
@@ -37,8 +38,7 @@ class ForkServer:
     def __init__(self, stopping):
         self.stopping = stopping
         self.server = self.control = None
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        if LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "cannot become the model processes' subreaper")
 
     def fork(self, their_end, low_priority):
@@ -185,6 +185,7 @@ def run_forked_model_process(fd):
     """Run a model process in a fork and end the fork with its status (never returns)."""
     from serving.rollout.model_process import run_model_process
 
+    LIBC.prctl(PR_SET_NAME, b"model-process", 0, 0, 0)  # its name in top and ps -o comm
     status = 1
     try:
         status = run_model_process(fd)

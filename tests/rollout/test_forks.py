@@ -35,6 +35,8 @@ def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imp
             libraries = Path(f"/proc/{pid}/maps").read_text()
             parent = psutil.Process(pid).ppid()
             scheduled = os.sched_getscheduler(pid)
+            wait_until(lambda: psutil.Process(pid).name() == "model-process",
+                       what="the name it shows in top")
             mine.close()  # no order comes: it ends
 
             assert "libtensorflow_framework" in libraries and "libopenvino" in libraries
