@@ -152,6 +152,15 @@ def descendants(pid):
     return found
 
 
+def process_name(pid):
+    """A process' name (what top shows); "" once it has ended."""
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
 def is_running(pid):
     """True while `pid` exists and is not a zombie."""
     try:

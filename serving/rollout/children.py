@@ -74,7 +74,11 @@ class Children:
         """A new model process loading `spec`; None if stopping was set meanwhile."""
         ours, theirs = socket.socketpair()
         with theirs:
-            pid = self.forks.fork(theirs, low_priority)
+            try:
+                pid = self.forks.fork(theirs, low_priority)
+            except OSError:
+                ours.close()
+                raise
         if pid is None:
             ours.close()
             return None

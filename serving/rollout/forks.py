@@ -43,21 +43,23 @@ class ForkServer:
 
     def fork(self, their_end, low_priority):
         """The pid of a new model process on the socket `their_end` (a child of this process),
-        at the lowest CPU priority if asked (where it can return from it); None if `stopping` was
-        set while the server was still importing."""
-        for _ in range(2):  # a server that ended is started again, once
-            if self.server is None or self.server.poll() is not None:
-                self.start()
-            try:
-                socket.send_fds(self.control, [b"i" if low_priority else b"n"],
-                                [their_end.fileno()])
-                reply = self.read_reply()
-            except OSError:
-                reply = b""
-            if reply is None or reply:
-                return int(reply) if reply else None
-            self.server.wait()
-        raise RuntimeError("the model processes' fork server does not fork")
+        at the lowest CPU priority if asked (where it can return from it); None once `stopping`
+        is set. A server that has ended is started again; one that ends or fails meanwhile is
+        an OSError (the socket may have been used: it is not sent again)."""
+        if self.server is None or self.server.poll() is not None:
+            if self.stopping.is_set():
+                return None
+            self.start()
+        try:
+            socket.send_fds(self.control, [b"i" if low_priority else b"n"], [their_end.fileno()])
+            reply = self.read_reply()
+        except OSError:
+            reply = b""
+        if reply is None:
+            return None
+        if not reply or int(reply) <= 0:
+            raise OSError("the model processes' fork server ended or could not fork; see its log")
+        return int(reply)
 
     def read_reply(self):
         """The server's reply (b"" if it ended), or None once `stopping` is set."""
@@ -88,9 +90,11 @@ class ForkServer:
         self.control = ours
 
     def stop(self):
-        """End the server (its forks live on: each is stopped on its own)."""
+        """End the server, even in the middle of its imports (its forks live on: each is stopped
+        on its own)."""
         if self.server is not None:
             self.control.close()
+            self.server.terminate()
             try:
                 self.server.wait(10)
             except subprocess.TimeoutExpired:
@@ -106,9 +110,13 @@ class ForkedProcess:
 
     def reap(self):
         """Wait until it has exited (one thread only)."""
-        _, status = os.waitpid(self.pid, 0)
-        self.returncode = os.waitstatus_to_exitcode(status)
-        self.ended.set()
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped already: SIGCHLD is ignored in this process
+            pass
+        finally:
+            self.ended.set()
 
     def poll(self):
         return self.returncode
@@ -120,7 +128,10 @@ class ForkedProcess:
 
     def send_signal(self, signum):
         if not self.ended.is_set():  # once reaped, its pid may be another process'
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # reaped meanwhile
+                pass
 
     def terminate(self):
         self.send_signal(signal.SIGTERM)
@@ -152,14 +163,19 @@ def run_fork_server(fd):
         normal = niceness if idle and message == b"n" else None
         pid = fork_model_process(fds[0], control, normal)
         os.close(fds[0])
-        control.sendall(b"%d\n" % pid)
+        try:
+            control.sendall(b"%d\n" % pid)
+        except OSError:  # the supervisor has ended (the process forked for it ends too)
+            return 0
 
 
 def fork_model_process(fd, control, normal_niceness=None):
     """Fork a model process on the socket `fd` as a grandchild (returned to normal priority at
     `normal_niceness` if given), and return its pid once its parent has exited (so that it is
-    the subreaper's child)."""
+    the subreaper's child); 0 if it could not."""
     reader, writer = os.pipe()
+    sys.stdout.flush()  # or each fork would write what is buffered again
+    sys.stderr.flush()
     middle = os.fork()
     if middle == 0:
         try:
@@ -172,11 +188,13 @@ def fork_model_process(fd, control, normal_niceness=None):
                 control.close()
                 run_forked_model_process(fd)
             os.write(writer, b"%d" % pid)
+        except BaseException:  # noqa: BLE001 (reported here: nothing above it may run in a fork)
+            traceback.print_exc()
         finally:
             os._exit(0)
     os.close(writer)
     with os.fdopen(reader, "rb") as pipe:
-        pid = int(pipe.read())
+        pid = int(pipe.read() or 0)
     os.waitpid(middle, 0)
     return pid
 
@@ -199,13 +217,13 @@ def run_forked_model_process(fd):
 
 
 def import_frameworks():
-    """Import what a model process imports before it loads a model, and no more: nothing here
-    may start a runtime (a device query, a session, a thread pool)."""
+    """Import what a model process needs to load a model, and no more: nothing here may start a
+    runtime (a device query, a session, a thread pool) or create a metric (serving.metrics: its
+    samples would be this process', shown as a worker's for its whole life)."""
     import keras  # noqa: F401 (with its backend: TensorFlow, or JAX where set)
 
     import serving.model.batch_size  # noqa: F401
     import serving.model.loader  # noqa: F401
-    import serving.model.worker  # noqa: F401
     import serving.rollout.model_process  # noqa: F401
     if settings.RUNTIME != "keras":
         try:

@@ -1,5 +1,6 @@
 """The core path: /predict -> Redis list -> batching model worker -> result, with real processes."""
 import json
+import os
 import re
 import signal
 import time
@@ -11,7 +12,8 @@ import requests
 from serving.wire import jobqueue
 from conftest import (LASTING_HEARTBEAT, QUEUE, ROOT, assert_own_answers, children_of,
                       distinct_images, frozen_workers, image_bytes, is_running, post_concurrently,
-                      post_image, tiny_direct, tiny_settings, wait_until, worker_stats)
+                      post_image, process_name, tiny_direct, tiny_settings, wait_until,
+                      worker_stats)
 from serving.images import prepare_image
 
 RESNET_SEED = 1234
@@ -220,8 +222,11 @@ def test_unloadable_model_stops_the_worker_at_start_saying_how_to_fix_it(service
 def test_sigterm_while_the_first_version_loads_stops_its_process_and_exits_0(
         service, tiny_model, redis_client, keys):
     worker = service.worker(wait=False, **tiny_settings(tiny_model))
-    wait_until(lambda: children_of(worker.pid), what="the worker's first model process to start")
-    loading = children_of(worker.pid)
+    model = wait_until(lambda: [pid for pid in children_of(worker.pid)
+                                if process_name(pid) == "model-process"],
+                       interval=0.01, what="the worker's first model process to start")[0]
+    os.kill(model, signal.SIGSTOP)  # held before it serves, for as long as this takes
+    loading = children_of(worker.pid)  # it, and the fork server it comes from
     assert not jobqueue.live_workers(redis_client, keys), "it was to be stopped while loading"
     worker.send_signal(signal.SIGTERM)
 

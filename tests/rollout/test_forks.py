@@ -8,8 +8,8 @@ from pathlib import Path
 
 import psutil
 
-from conftest import (ROOT, digits_settings, reload, reload_args, wait_until,
-                      worker_stats)
+from conftest import (ROOT, children_of, digits_settings, is_running, reload, reload_args,
+                      tiny_settings, wait_until, worker_stats)
 
 
 def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imported():
@@ -67,3 +67,13 @@ def test_a_model_process_is_the_supervisors_child_and_a_fork_server_that_ended_i
     assert status == 0, log
     assert worker_stats(redis_client, keys)[str(worker.pid)]["version"] == "2"
     assert "fork server ended (status -9); starting another" in worker.log_path.read_text()
+
+
+def test_a_killed_supervisors_fork_server_and_model_process_end_too(service, tiny_model):
+    worker = service.worker(**tiny_settings(tiny_model))
+    children = children_of(worker.pid)
+    assert len(children) == 2  # the fork server and the model process
+
+    worker.send_signal(signal.SIGKILL)  # no goodbye: they see their sockets close
+    wait_until(lambda: not any(is_running(pid) for pid in children), timeout=30,
+               what="the fork server and the model process to end")
