@@ -8,8 +8,8 @@ from pathlib import Path
 
 import psutil
 
-from conftest import (ROOT, children_of, digits_settings, is_running, reload, reload_args,
-                      tiny_settings, wait_until, worker_stats)
+from conftest import (ROOT, children_of, digits_settings, is_running, process_name, reload,
+                      reload_args, tiny_settings, wait_until, worker_stats)
 
 
 def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imported():
@@ -35,16 +35,13 @@ def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imp
             libraries = Path(f"/proc/{pid}/maps").read_text()
             parent = psutil.Process(pid).ppid()
             scheduled = os.sched_getscheduler(pid)
-            wait_until(lambda: psutil.Process(pid).name() == "model-process",
-                       what="the name it shows in top")
+            wait_until(lambda: process_name(pid) == "model-process", what="its name in top")
             mine.close()  # no order comes: it ends
 
             assert "libtensorflow_framework" in libraries and "libopenvino" in libraries
             assert parent != server.pid  # forked twice: it is the subreaper's (or init's)
             assert scheduled == policy
-            wait_until(lambda: not psutil.pid_exists(pid)
-                       or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-                       what="the model process to end")
+            wait_until(lambda: not is_running(pid), what="the model process to end")
     finally:
         replies.close()
         ours.close()  # the supervisor's end: the server ends
