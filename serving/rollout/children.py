@@ -9,6 +9,7 @@ import threading
 import time
 
 import settings
+from serving import metrics
 from serving.rollout.forks import ForkedProcess, ForkServer
 from serving.rollout.model_process import Channel
 from serving.rollout.spec import spec_text
@@ -19,20 +20,19 @@ log = logging.getLogger("keras_server.rollout")
 class ModelProcess:
     """A child process that loads one model version and, when told, serves it."""
 
-    def __init__(self, pid, channel, spec, rollout, order, events):
-        self.process = ForkedProcess(pid)
-        self.channel = channel
+    def __init__(self, process, channel, spec, rollout):
+        self.process, self.channel = process, channel  # channel None: no process started
         self.spec, self.rollout = spec, rollout
         self.batch_size = self.input_shape = None  # known once it is warm
-        self.gone = False  # set before its "gone" is queued: a message dropped while handing over
-        self.channel.send(**order)
-        threading.Thread(target=self.relay, args=(events,), daemon=True).start()
+        # Set before its "gone" is queued: a message dropped while handing over.
+        self.gone = channel is None
 
     def relay(self, events):
         """Put each message from the child on the supervisor's queue; "gone" when it closes."""
         while (message := self.channel.receive()) is not None:
             events.put((self, message))
         self.process.reap()  # here, whether it is still serving or long replaced
+        metrics.forget_model_process(self.process.pid)
         self.gone = True
         events.put((self, {"state": "gone"}))
 
@@ -45,7 +45,8 @@ class ModelProcess:
 
     def tell(self, state, **details):
         try:
-            self.channel.send(state=state, **details)
+            if self.channel:
+                self.channel.send(state=state, **details)
         except OSError:  # it has exited: its "gone" is on the way
             pass
 
@@ -61,6 +62,23 @@ class ModelProcess:
             return "the model process closed its connection and has not exited"
 
 
+class NoProcess:
+    """What a child that could not be started has in place of its process: one that has ended."""
+
+    pid, returncode = 0, 1
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout_s=None):
+        return self.returncode
+
+    def send_signal(self, signum):
+        pass
+
+    terminate = kill = lambda self: None
+
+
 class Children:
     """The model processes of one supervisor, and the queue where their messages arrive."""
 
@@ -71,14 +89,21 @@ class Children:
         self.forks = ForkServer(stopping)
 
     def start(self, spec, rollout, low_priority, batch_size, input_shape=None):
-        """A new model process loading `spec`; None if stopping was set meanwhile."""
+        """A new model process loading `spec`; None if stopping was set meanwhile. One that
+        cannot be started (the fork server failed: no memory, no more processes allowed) is a
+        child whose first message refuses the version, so a reload fails and the serving
+        version serves on."""
         ours, theirs = socket.socketpair()
         with theirs:
             try:
                 pid = self.forks.fork(theirs, low_priority)
-            except OSError:
+            except OSError as exc:
                 ours.close()
-                raise
+                log.error("cannot start a process for version %s: %s", spec["version"], exc)
+                child = ModelProcess(NoProcess(), None, spec, rollout)
+                self.events.put((child, {"state": "refused",
+                                         "reason": f"no model process could be started: {exc}"}))
+                return child
         if pid is None:
             ours.close()
             return None
@@ -89,7 +114,10 @@ class Children:
                  "identity": {"id": f"{self.supervisor_id}/{self.started}",
                               "supervisor": self.supervisor_id, "pid": os.getpid(),
                               "spec": spec_text(spec), "rollout": rollout}}
-        return ModelProcess(pid, Channel(ours), spec, rollout, order, self.events)
+        child = ModelProcess(ForkedProcess(pid), Channel(ours), spec, rollout)
+        child.channel.send(**order)
+        threading.Thread(target=child.relay, args=(self.events,), daemon=True).start()
+        return child
 
     def next_message(self, timeout_s):
         """(child, message), or (None, None) if none came within timeout_s."""

@@ -173,10 +173,17 @@ def fork_model_process(fd, control, normal_niceness=None):
     """Fork a model process on the socket `fd` as a grandchild (returned to normal priority at
     `normal_niceness` if given), and return its pid once its parent has exited (so that it is
     the subreaper's child); 0 if it could not."""
-    reader, writer = os.pipe()
     sys.stdout.flush()  # or each fork would write what is buffered again
     sys.stderr.flush()
-    middle = os.fork()
+    pipe = ()
+    try:
+        pipe = reader, writer = os.pipe()
+        middle = os.fork()
+    except OSError as exc:  # no memory, no more processes or files allowed
+        log.error("cannot fork a model process: %s", exc)
+        for end in pipe:
+            os.close(end)
+        return 0
     if middle == 0:
         try:
             if normal_niceness is not None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import psutil
 
-from conftest import (ROOT, children_of, digits_settings, is_running, process_name, reload,
-                      reload_args, tiny_settings, wait_until, worker_stats)
+from conftest import (ROOT, children_of, digits_settings, is_running, post_image, process_name,
+                      reload, reload_args, tiny_settings, wait_until, worker_stats)
 
 
 def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imported():
@@ -64,6 +64,37 @@ def test_a_model_process_is_the_supervisors_child_and_a_fork_server_that_ended_i
     assert status == 0, log
     assert worker_stats(redis_client, keys)[str(worker.pid)]["version"] == "2"
     assert "fork server ended (status -9); starting another" in worker.log_path.read_text()
+
+
+def test_a_fork_that_fails_refuses_the_version_and_the_serving_one_serves_on(
+        service, digits, redis_client, keys):
+    """When no process can be forked for a new version (the fork server out of memory, of
+    processes or, here, of file descriptors), the reload is refused with the reason, and the
+    worker and its fork server stay up, serving version 1; the next reload succeeds."""
+    worker, web = service.worker(**digits_settings(digits["v1"], "1")), service.web()
+    model_pid = int(worker_stats(redis_client, keys)[str(worker.pid)]["model_pid"])
+    server = psutil.Process(next(pid for pid in children_of(worker.pid) if pid != model_pid))
+    limits = server.rlimit(psutil.RLIMIT_NOFILE)
+    taken = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
+    lowest_free = min(set(range(len(taken) + 1)) - taken)
+    # The socket it is sent takes its last descriptor: the fork's pipe finds none left.
+    server.rlimit(psutil.RLIMIT_NOFILE, (lowest_free + 1, limits[1]))
+    try:
+        status, log = reload(service, *reload_args(digits["v2"], "2"))
+    finally:
+        if server.is_running():
+            server.rlimit(psutil.RLIMIT_NOFILE, limits)
+
+    assert status != 0
+    assert "no model process could be started" in log, log
+    assert "Too many open files" in worker.log_path.read_text()
+    assert worker.poll() is None and server.is_running()
+    answer = post_image(web.url, digits["images"][0], "d.png")
+    assert answer.json()["success"] and answer.headers["X-Model-Version"] == "1"
+    assert is_running(model_pid)
+    status, log = reload(service, *reload_args(digits["v2"], "3"))  # the same server forks it
+    assert status == 0, log
+    assert server.is_running() and server.pid in children_of(worker.pid)
 
 
 def test_a_killed_supervisors_fork_server_and_model_process_end_too(service, tiny_model):
