@@ -111,6 +111,13 @@ def serve_model_metrics(port, ready):
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
+def forget_model_process(pid):
+    """Drop the live gauges (its clock offset) of a model process that has ended from the
+    samples serve_model_metrics serves; its counters stay, added to those of the others."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        multiprocess.mark_process_dead(pid)
+
+
 class QuietHandler(WSGIRequestHandler):
     """Logs no line per request (probes and scrapes come every few seconds)."""
 

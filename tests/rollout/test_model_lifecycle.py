@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from serving.wire import records
-from conftest import (ROOT, digits_settings, free_port, metric, post_image, reload, reload_args,
-                      stop, tiny_settings, wait_until, worker_stats)
+from conftest import (ROOT, digits_settings, free_port, is_running, metric, post_image, reload,
+                      reload_args, stop, tiny_settings, wait_until, worker_stats)
 from serving.images import prepare_image
 from serving.rollout.loader_watch import LOADER_WINDOW_S
 
@@ -132,6 +132,27 @@ def test_metrics_add_up_across_gunicorn_processes_and_workers(
     assert metric(worker_text, "keras_batch_size_sum") == len(good)
     assert metric(worker_text, "keras_forward_pass_seconds_count") == batches
     assert metric(worker_text, "keras_jobs_expired_total") == 0
+
+
+def test_the_workers_metrics_forget_a_model_process_that_a_reload_replaced(
+        service, digits, redis_client, keys):
+    """A live gauge (the clock offset, one sample per process) of the model process a reload
+    replaced leaves /metrics once that process has ended: only the serving one's is shown."""
+    port = free_port()
+    worker = service.worker(WORKER_METRICS_PORT=port, **digits_settings(digits["v1"], "1"))
+
+    def offset_pids():
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return set(re.findall(r'^keras_clock_offset_seconds\{pid="(\d+)"\}', text, re.M))
+
+    old = worker_stats(redis_client, keys)[str(worker.pid)]["model_pid"]
+    wait_until(lambda: offset_pids() == {old}, what="the serving process's clock offset")
+    status, log = reload(service, *reload_args(digits["v2"], "2"))
+    assert status == 0, log
+    new = worker_stats(redis_client, keys)[str(worker.pid)]["model_pid"]
+    wait_until(lambda: not is_running(int(old)), what="the replaced model process to end")
+
+    wait_until(lambda: offset_pids() == {new}, what="only the new process's clock offset")
 
 
 def test_a_worker_is_ready_for_kubernetes_only_once_a_model_version_serves(
