@@ -143,8 +143,9 @@ def take_back(store, keys, rollout, deadline=None):
 
 
 def wait_for_rollout(store, keys, rollout, spec, deadline):
-    """None once every live worker serves `spec`; else why not (refused, timed out,
-    superseded)."""
+    """None once every live worker, and at least one, serves `spec`; else why not (refused,
+    timed out, superseded). A version no worker has loaded is never accepted: with none live,
+    this waits for one to start."""
     target = spec_text(spec)
     while True:
         if records.wanted_model(store, keys)[1] != rollout:
@@ -153,11 +154,13 @@ def wait_for_rollout(store, keys, rollout, spec, deadline):
         if refused:
             return "refused by " + "; ".join(f"worker {worker}: {reason}"
                                              for worker, reason in sorted(refused.items()))
-        pending = workers_not_serving(jobqueue.live_workers(store, keys), target)
-        if not pending:
+        beats = jobqueue.live_workers(store, keys)
+        pending = workers_not_serving(beats, target)
+        if beats and not pending:
             return None
         if time.monotonic() > deadline:
-            return f"timed out; not yet served by {', '.join(pending)}"
+            return (f"timed out; not yet served by {', '.join(pending)}" if pending else
+                    f"timed out; no model worker is live on {settings.IMAGE_QUEUE}")
         time.sleep(0.2)
 
 

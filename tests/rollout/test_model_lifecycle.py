@@ -514,6 +514,16 @@ def test_a_refused_reload_after_redis_lost_the_history_returns_to_the_version_se
     assert versions_served(redis_client, keys) == {str(worker.pid): "1"}
 
 
+def test_a_reload_with_no_live_worker_is_not_accepted(service, digits, redis_client, keys):
+    """No worker has loaded the version, so none has checked it: `reload` waits for one, and
+    when none comes it times out and takes the proposal back."""
+    status, log = reload(service, *reload_args(digits["v2"], "2"), "--timeout-s", "2")
+
+    assert status == 1 and "no model worker is live" in log, log
+    assert records.wanted_model(redis_client, keys)[0] is None
+    assert records.accepted_models(redis_client, keys) == []
+
+
 def test_a_worker_started_during_a_reload_does_not_record_the_proposal_as_accepted(
         service, digits, redis_client, keys):
     spec = {"model": str(digits["v2"] / "digits.keras"), "weights": "none",
