@@ -49,7 +49,7 @@ def run_model_forks(args):
     """The `model-forks` command, started by `model`: forks a process for each model version."""
     from serving.rollout.forks import run_fork_server
 
-    return run_fork_server(args.fd)
+    return run_fork_server(args.fd, args.import_idle)
 
 
 def run_everything(args=None):
@@ -78,6 +78,8 @@ def main(argv=None):
     forks = commands.add_parser("model-forks", help="(started by `model`) forks a process for "
                                 "each model version")
     forks.add_argument("fd", type=int, help="the socket to the supervisor")
+    forks.add_argument("--import-idle", action="store_true",
+                       help="import at the lowest CPU priority (a version already serves)")
     reload = commands.add_parser("reload", help="switch every worker to another model version, "
                                  "once checked; exits non-zero, saying why, if any worker refuses")
     reload.add_argument("--model", help="resnet50, mobilenet_v2 or a .keras/.h5 path")

@@ -19,10 +19,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 
 import settings
 from serving import RUN_KERAS_SERVER
+from serving.rollout.loader_watch import LOADER_WINDOW_S
 from serving.rollout.priority import can_leave_idle, idle_every_thread, restore_priority
 from serving.rollout.spec import MALLOC_ARENAS
 
@@ -49,7 +51,7 @@ class ForkServer:
         if self.server is None or self.server.poll() is not None:
             if self.stopping.is_set():
                 return None
-            self.start()
+            self.start(import_idle=low_priority)
         try:
             socket.send_fds(self.control, [b"i" if low_priority else b"n"], [their_end.fileno()])
             reply = self.read_reply()
@@ -63,27 +65,44 @@ class ForkServer:
 
     def read_reply(self):
         """The server's reply (b"" if it ended), or None once `stopping` is set."""
-        reply = b""
+        reply, asked = b"", time.monotonic()
         while not reply.endswith(b"\n"):
             try:
                 more = self.control.recv(32)
             except TimeoutError:  # importing, still
                 if self.stopping.is_set():
                     return None
+                if asked is not None and time.monotonic() - asked > LOADER_WINDOW_S:
+                    self.unstarve()
+                    asked = None
                 continue
             if not more:
                 return b""
             reply += more
         return reply.strip()
 
-    def start(self):
+    def unstarve(self):
+        """Return the server to normal priority (and let it go on if stopped): at the lowest,
+        a busy worker may leave it next to no CPU, and this process waits on its answer."""
+        log.warning("the model processes' fork server has not answered in %.0f s: it goes on at "
+                    "normal priority (requests served meanwhile may slow)", LOADER_WINDOW_S)
+        try:
+            os.kill(self.server.pid, signal.SIGCONT)
+            restore_priority(os.getpriority(os.PRIO_PROCESS, 0), self.server.pid)
+        except (ProcessLookupError, PermissionError) as exc:  # it ended; or not allowed
+            log.warning("cannot return the fork server to normal priority: %s", exc)
+
+    def start(self, import_idle):
+        """Start a server; one started for a new version (beside a serving one) imports at the
+        lowest CPU priority, as that version would load."""
         if self.server is not None:
             log.warning("the model processes' fork server ended (status %s); starting another",
                         self.server.returncode)
             self.control.close()
         ours, theirs = socket.socketpair()
         self.server = subprocess.Popen(
-            [sys.executable, RUN_KERAS_SERVER, "model-forks", str(theirs.fileno())],
+            [sys.executable, RUN_KERAS_SERVER, "model-forks", str(theirs.fileno()),
+             *(["--import-idle"] if import_idle else [])],
             pass_fds=[theirs.fileno()], env={"MALLOC_ARENA_MAX": MALLOC_ARENAS, **os.environ})
         theirs.close()
         ours.settimeout(1)
@@ -140,18 +159,21 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
-def run_fork_server(fd):
-    """The `model-forks` command (started by the supervisor): import what a model process runs,
-    then fork one for each socket the supervisor sends, answering with its pid.
+def run_fork_server(fd, import_idle=False):
+    """The `model-forks` command (started by the supervisor): import what a model process runs
+    (at the lowest CPU priority if `import_idle`), then fork one for each socket the supervisor
+    sends, answering with its pid.
 
     It forks at the lowest CPU priority, as a new version loads (a fork copies the page tables of
     all it imported), where the model process it forks can return to normal priority."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the supervisor, which ends this
-    import_frameworks()
     niceness = os.getpriority(os.PRIO_PROCESS, 0)
     idle = can_leave_idle(niceness)
-    if idle:
+    if idle and import_idle:
         idle_every_thread()
+    import_frameworks()
+    if idle:
+        idle_every_thread()  # (the threads its imports started, too)
     control = socket.socket(fileno=fd)
     while True:
         try:
@@ -163,6 +185,8 @@ def run_fork_server(fd):
         normal = niceness if idle and message == b"n" else None
         pid = fork_model_process(fds[0], control, normal)
         os.close(fds[0])
+        if idle:  # again, if the supervisor returned it to normal meanwhile (unstarve)
+            idle_every_thread()
         try:
             control.sendall(b"%d\n" % pid)
         except OSError:  # the supervisor has ended (the process forked for it ends too)

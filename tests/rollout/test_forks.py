@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -46,6 +47,32 @@ def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imp
         replies.close()
         ours.close()  # the supervisor's end: the server ends
     assert server.wait(30) == 0
+
+
+def test_a_fork_server_started_beside_a_serving_version_imports_at_the_lowest_priority():
+    """One started for a new version (the first server ended while a version serves) takes the
+    lowest CPU priority before it imports TensorFlow, as a new version's process loads."""
+    from serving.rollout.priority import can_leave_idle
+
+    lowest = os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
+    ours, theirs = socket.socketpair()
+    server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
+                               str(theirs.fileno()), "--import-idle"],
+                              pass_fds=[theirs.fileno()], cwd=ROOT,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    theirs.close()
+
+    def lowest_before_tensorflow():
+        assert server.poll() is None, "the server exited"
+        policy = os.sched_getscheduler(server.pid)  # read first: so it held before the import
+        return policy == lowest and "libtensorflow" not in Path(
+            f"/proc/{server.pid}/maps").read_text()
+
+    try:
+        wait_until(lowest_before_tensorflow, what="the lowest priority before the import")
+    finally:
+        ours.close()  # the supervisor's end: the server ends once it has imported
+    assert server.wait(60) == 0
 
 
 def test_a_model_process_is_the_supervisors_child_and_a_fork_server_that_ended_is_replaced(
@@ -95,6 +122,29 @@ def test_a_fork_that_fails_refuses_the_version_and_the_serving_one_serves_on(
     status, log = reload(service, *reload_args(digits["v2"], "3"))  # the same server forks it
     assert status == 0, log
     assert server.is_running() and server.pid in children_of(worker.pid)
+
+
+def test_a_fork_server_left_no_cpu_goes_on_at_normal_priority(service, digits, redis_client,
+                                                              keys):
+    """A fork server that gets no CPU (here stopped: at the lowest priority, a busy worker can
+    leave it next to none) is let go on at normal priority once it has not answered for
+    LOADER_WINDOW_S, so the reload goes through; then it returns to the lowest."""
+    from serving.rollout.loader_watch import LOADER_WINDOW_S
+    from serving.rollout.priority import can_leave_idle
+
+    lowest = os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
+    worker = service.worker(**digits_settings(digits["v1"], "1"))
+    model_pid = int(worker_stats(redis_client, keys)[str(worker.pid)]["model_pid"])
+    server = next(pid for pid in children_of(worker.pid) if pid != model_pid)
+    os.kill(server, signal.SIGSTOP)
+    started = time.monotonic()
+    status, log = reload(service, *reload_args(digits["v2"], "2"), "--timeout-s",
+                         str(LOADER_WINDOW_S + 90))
+
+    assert status == 0, log
+    assert time.monotonic() - started > LOADER_WINDOW_S
+    assert "fork server has not answered in" in worker.log_path.read_text()
+    assert os.sched_getscheduler(server) == lowest
 
 
 def test_a_killed_supervisors_fork_server_and_model_process_end_too(service, tiny_model):
