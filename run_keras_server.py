@@ -94,7 +94,8 @@ def main(argv=None):
     reload.add_argument("--rollback", action="store_true",
                         help="instead: back to the accepted version before the current one")
     reload.add_argument("--timeout-s", type=float, default=600,
-                        help="how long every worker may take to load and warm up (600)")
+                        help="how long every worker may take to load and warm up, and one to "
+                        "come if none is live (600)")
     args = parser.parse_args(argv)
     if args.command == "reload" and not args.rollback and not (args.model and args.version):
         parser.error("reload needs --model and --version, or --rollback")

@@ -1,4 +1,5 @@
 """A supervisor's model processes: each started with its order, and what they say, on one queue."""
+import contextlib
 import logging
 import os
 import queue
@@ -32,9 +33,10 @@ class ModelProcess:
         while (message := self.channel.receive()) is not None:
             events.put((self, message))
         self.process.reap()  # here, whether it is still serving or long replaced
-        metrics.forget_model_process(self.process.pid)
         self.gone = True
         events.put((self, {"state": "gone"}))
+        with contextlib.suppress(OSError):
+            metrics.forget_model_process(self.process.pid)
 
     def note_warm(self, message):
         """Keep what a warm child reports: its successor loads at the same size and shape."""
@@ -76,7 +78,11 @@ class NoProcess:
     def send_signal(self, signum):
         pass
 
-    terminate = kill = lambda self: None
+    def terminate(self):
+        pass
+
+    def kill(self):
+        pass
 
 
 class Children:

@@ -72,25 +72,17 @@ class ForkServer:
             except TimeoutError:  # importing, still
                 if self.stopping.is_set():
                     return None
-                if asked is not None and time.monotonic() - asked > LOADER_WINDOW_S:
-                    self.unstarve()
-                    asked = None
+                if time.monotonic() - asked > LOADER_WINDOW_S:
+                    log.warning("the model processes' fork server has not answered in %.0f s: it "
+                                "goes on at normal priority (requests served meanwhile may slow)",
+                                LOADER_WINDOW_S)
+                    unstarve(self.server.pid)
+                    asked = time.monotonic()  # (it may have returned to the lowest meanwhile)
                 continue
             if not more:
                 return b""
             reply += more
         return reply.strip()
-
-    def unstarve(self):
-        """Return the server to normal priority (and let it go on if stopped): at the lowest,
-        a busy worker may leave it next to no CPU, and this process waits on its answer."""
-        log.warning("the model processes' fork server has not answered in %.0f s: it goes on at "
-                    "normal priority (requests served meanwhile may slow)", LOADER_WINDOW_S)
-        try:
-            os.kill(self.server.pid, signal.SIGCONT)
-            restore_priority(os.getpriority(os.PRIO_PROCESS, 0), self.server.pid)
-        except (ProcessLookupError, PermissionError) as exc:  # it ended; or not allowed
-            log.warning("cannot return the fork server to normal priority: %s", exc)
 
     def start(self, import_idle):
         """Start a server; one started for a new version (beside a serving one) imports at the
@@ -118,6 +110,19 @@ class ForkServer:
                 self.server.wait(10)
             except subprocess.TimeoutExpired:
                 self.server.kill()
+
+
+def unstarve(pid):
+    """Return a process (the fork server) to normal priority, then let it go on if it was
+    stopped: at the lowest, a busy worker may leave it next to no CPU."""
+    try:
+        restore_priority(os.getpriority(os.PRIO_PROCESS, 0), pid)
+    except PermissionError as exc:  # (it could return itself, which is all the kernel asks)
+        log.warning("cannot return the fork server to normal priority: %s", exc)
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:  # it has ended: the fork fails
+        pass
 
 
 class ForkedProcess:
@@ -179,14 +184,18 @@ def run_fork_server(fd, import_idle=False):
         try:
             message, fds, _, _ = socket.recv_fds(control, 1, 1)
         except ConnectionResetError:
-            fds = []
-        if not fds:  # the supervisor has ended
+            message, fds = b"", []
+        if not message:  # the supervisor has ended
             return 0
-        normal = niceness if idle and message == b"n" else None
-        pid = fork_model_process(fds[0], control, normal)
-        os.close(fds[0])
-        if idle:  # again, if the supervisor returned it to normal meanwhile (unstarve)
-            idle_every_thread()
+        if fds:
+            normal = niceness if idle and message == b"n" else None
+            pid = fork_model_process(fds[0], control, normal)
+            os.close(fds[0])
+            if idle:  # again, if the supervisor returned it to normal meanwhile (unstarve)
+                idle_every_thread()
+        else:  # not received: no descriptor left in this process
+            log.error("cannot fork a model process: its socket could not be received")
+            pid = 0
         try:
             control.sendall(b"%d\n" % pid)
         except OSError:  # the supervisor has ended (the process forked for it ends too)
@@ -199,13 +208,13 @@ def fork_model_process(fd, control, normal_niceness=None):
     the subreaper's child); 0 if it could not."""
     sys.stdout.flush()  # or each fork would write what is buffered again
     sys.stderr.flush()
-    pipe = ()
+    ends = ()
     try:
-        pipe = reader, writer = os.pipe()
+        ends = reader, writer = os.pipe()
         middle = os.fork()
     except OSError as exc:  # no memory, no more processes or files allowed
         log.error("cannot fork a model process: %s", exc)
-        for end in pipe:
+        for end in ends:
             os.close(end)
         return 0
     if middle == 0:

@@ -39,8 +39,8 @@ class LoaderWatch:
         """None while the process gets its share (or the window is not over); else what to do
         now, "unhold" or then "normal priority", with the share it got and over how long."""
         now = self.clock()
-        if not self.steps or now - self.since < self.window_s:
-            return None
+        if not self.pid or not self.steps or now - self.since < self.window_s:
+            return None  # (pid 0: no process was started; its refusal is on the way)
         try:
             cpu = sum(psutil.Process(self.pid).cpu_times()[:2])  # user and system
         except psutil.Error:

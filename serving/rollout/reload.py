@@ -137,15 +137,15 @@ def take_back(store, keys, rollout, deadline=None):
         log.info("rollout %d: workers return to version %s", restored, previous["version"])
         if deadline is None:
             return
-        failure = wait_for_rollout(store, keys, restored, previous, deadline)
+        failure = wait_for_rollout(store, keys, restored, previous, deadline, need_one=False)
         if failure:
             log.error("returning to version %s: %s", previous["version"], failure)
 
 
-def wait_for_rollout(store, keys, rollout, spec, deadline):
-    """None once every live worker, and at least one, serves `spec`; else why not (refused,
-    timed out, superseded). A version no worker has loaded is never accepted: with none live,
-    this waits for one to start."""
+def wait_for_rollout(store, keys, rollout, spec, deadline, need_one=True):
+    """None once every live worker, and at least one if `need_one`, serves `spec`; else why not
+    (refused, timed out, superseded). A version no worker has loaded is never accepted: with none
+    live, this waits for one to come."""
     target = spec_text(spec)
     while True:
         if records.wanted_model(store, keys)[1] != rollout:
@@ -156,7 +156,7 @@ def wait_for_rollout(store, keys, rollout, spec, deadline):
                                              for worker, reason in sorted(refused.items()))
         beats = jobqueue.live_workers(store, keys)
         pending = workers_not_serving(beats, target)
-        if beats and not pending:
+        if not pending and (beats or not need_one):
             return None
         if time.monotonic() > deadline:
             return (f"timed out; not yet served by {', '.join(pending)}" if pending else

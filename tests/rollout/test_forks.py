@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import (ROOT, children_of, digits_settings, is_running, post_image, process_name,
                       reload, reload_args, tiny_settings, wait_until, worker_stats)
@@ -54,7 +55,8 @@ def test_a_fork_server_started_beside_a_serving_version_imports_at_the_lowest_pr
     lowest CPU priority before it imports TensorFlow, as a new version's process loads."""
     from serving.rollout.priority import can_leave_idle
 
-    lowest = os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
+    if not can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)):
+        pytest.skip("this process could not return from the lowest priority")
     ours, theirs = socket.socketpair()
     server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
                                str(theirs.fileno()), "--import-idle"],
@@ -65,14 +67,16 @@ def test_a_fork_server_started_beside_a_serving_version_imports_at_the_lowest_pr
     def lowest_before_tensorflow():
         assert server.poll() is None, "the server exited"
         policy = os.sched_getscheduler(server.pid)  # read first: so it held before the import
-        return policy == lowest and "libtensorflow" not in Path(
+        return policy == os.SCHED_IDLE and "libtensorflow" not in Path(
             f"/proc/{server.pid}/maps").read_text()
 
     try:
-        wait_until(lowest_before_tensorflow, what="the lowest priority before the import")
+        wait_until(lowest_before_tensorflow, interval=0.005,
+                   what="the lowest priority before the import")
     finally:
-        ours.close()  # the supervisor's end: the server ends once it has imported
-    assert server.wait(60) == 0
+        ours.close()
+        server.kill()
+        server.wait()
 
 
 def test_a_model_process_is_the_supervisors_child_and_a_fork_server_that_ended_is_replaced(
@@ -93,8 +97,12 @@ def test_a_model_process_is_the_supervisors_child_and_a_fork_server_that_ended_i
     assert "fork server ended (status -9); starting another" in worker.log_path.read_text()
 
 
+@pytest.mark.parametrize("left, failure", [
+    (1, "Too many open files"),  # the socket it is sent takes it: its pipe finds none
+    (0, "its socket could not be received"),
+])
 def test_a_fork_that_fails_refuses_the_version_and_the_serving_one_serves_on(
-        service, digits, redis_client, keys):
+        service, digits, redis_client, keys, left, failure):
     """When no process can be forked for a new version (the fork server out of memory, of
     processes or, here, of file descriptors), the reload is refused with the reason, and the
     worker and its fork server stay up, serving version 1; the next reload succeeds."""
@@ -104,8 +112,7 @@ def test_a_fork_that_fails_refuses_the_version_and_the_serving_one_serves_on(
     limits = server.rlimit(psutil.RLIMIT_NOFILE)
     taken = {int(fd) for fd in os.listdir(f"/proc/{server.pid}/fd")}
     lowest_free = min(set(range(len(taken) + 1)) - taken)
-    # The socket it is sent takes its last descriptor: the fork's pipe finds none left.
-    server.rlimit(psutil.RLIMIT_NOFILE, (lowest_free + 1, limits[1]))
+    server.rlimit(psutil.RLIMIT_NOFILE, (lowest_free + left, limits[1]))
     try:
         status, log = reload(service, *reload_args(digits["v2"], "2"))
     finally:
@@ -114,7 +121,7 @@ def test_a_fork_that_fails_refuses_the_version_and_the_serving_one_serves_on(
 
     assert status != 0
     assert "no model process could be started" in log, log
-    assert "Too many open files" in worker.log_path.read_text()
+    assert failure in worker.log_path.read_text()
     assert worker.poll() is None and server.is_running()
     answer = post_image(web.url, digits["images"][0], "d.png")
     assert answer.json()["success"] and answer.headers["X-Model-Version"] == "1"
@@ -139,7 +146,7 @@ def test_a_fork_server_left_no_cpu_goes_on_at_normal_priority(service, digits, r
     os.kill(server, signal.SIGSTOP)
     started = time.monotonic()
     status, log = reload(service, *reload_args(digits["v2"], "2"), "--timeout-s",
-                         str(LOADER_WINDOW_S + 90))
+                         str(LOADER_WINDOW_S + 240))
 
     assert status == 0, log
     assert time.monotonic() - started > LOADER_WINDOW_S

@@ -516,12 +516,23 @@ def test_a_refused_reload_after_redis_lost_the_history_returns_to_the_version_se
 
 def test_a_reload_with_no_live_worker_is_not_accepted(service, digits, redis_client, keys):
     """No worker has loaded the version, so none has checked it: `reload` waits for one, and
-    when none comes it times out and takes the proposal back."""
+    when none comes it times out and takes the proposal back, to the version accepted before if
+    any (without waiting for workers to return to it: there are none)."""
     status, log = reload(service, *reload_args(digits["v2"], "2"), "--timeout-s", "2")
 
     assert status == 1 and "no model worker is live" in log, log
     assert records.wanted_model(redis_client, keys)[0] is None
     assert records.accepted_models(redis_client, keys) == []
+
+    first = {"model": str(digits["v1"] / "digits.keras"), "weights": "none",
+             "labels": str(digits["v1"] / "labels.txt"), "preprocess": "scale_0_1",
+             "version": "1"}
+    records.accept_first_model(redis_client, keys, first)
+    status, log = reload(service, *reload_args(digits["v2"], "2"), "--timeout-s", "2")
+
+    assert status == 1 and "no model worker is live" in log, log
+    assert "workers return to version 1" in log and "returning to version 1:" not in log, log
+    assert records.wanted_model(redis_client, keys)[0]["version"] == "1"
 
 
 def test_a_worker_started_during_a_reload_does_not_record_the_proposal_as_accepted(

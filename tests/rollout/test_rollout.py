@@ -1,10 +1,13 @@
 """Rollout parts that need no service: CPU priority while loading, and how reload reads the
 heartbeats. (Reloads end to end are in test_model_lifecycle.py.)"""
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 
 import psutil
+import pytest
 
 from conftest import ROOT, Clock, wait_until
 from serving.rollout.loader_watch import LOADER_MIN_SHARE, LOADER_WINDOW_S, LoaderWatch
@@ -34,6 +37,35 @@ def test_a_loading_process_and_the_threads_it_starts_idle_then_all_return_to_nor
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_starved_fork_server_is_returned_to_normal_priority_and_let_go_on():
+    """unstarve (a fork server that has not answered in LOADER_WINDOW_S): from SCHED_IDLE and
+    stopped, to normal scheduling and running."""
+    from serving.rollout.forks import unstarve
+    from serving.rollout.priority import can_leave_idle
+
+    if not can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)):
+        pytest.skip("this process could not return a process from the lowest priority")
+    sleeper = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import os, sys, time
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        print("idle", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sleeper.stdout.readline().strip() == "idle"
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        wait_until(lambda: psutil.Process(sleeper.pid).status() == psutil.STATUS_STOPPED,
+                   what="the process to stop")
+        unstarve(sleeper.pid)
+
+        assert os.sched_getscheduler(sleeper.pid) == os.SCHED_OTHER
+        wait_until(lambda: psutil.Process(sleeper.pid).status() != psutil.STATUS_STOPPED,
+                   what="the process to go on")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_reload_waits_for_every_process_of_every_worker():
