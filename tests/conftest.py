@@ -424,6 +424,13 @@ def reload(service, *args, cwd=ROOT):
     return done.returncode, done.stderr
 
 
+def digits_spec(folder, version):
+    """The model spec of a digits version, as `reload` proposes it."""
+    return {"model": str(Path(folder) / "digits.keras"), "weights": "none",
+            "labels": str(Path(folder) / "labels.txt"), "preprocess": "scale_0_1",
+            "version": version}
+
+
 def reload_args(folder, version, model="digits.keras", labels="labels.txt"):
     return ["--model", str(Path(folder) / model), "--labels", str(Path(folder) / labels),
             "--preprocess", "scale_0_1", "--version", version]

@@ -64,27 +64,6 @@ class ModelProcess:
             return "the model process closed its connection and has not exited"
 
 
-class NoProcess:
-    """What a child that could not be started has in place of its process: one that has ended."""
-
-    pid, returncode = 0, 1
-
-    def poll(self):
-        return self.returncode
-
-    def wait(self, timeout_s=None):
-        return self.returncode
-
-    def send_signal(self, signum):
-        pass
-
-    def terminate(self):
-        pass
-
-    def kill(self):
-        pass
-
-
 class Children:
     """The model processes of one supervisor, and the queue where their messages arrive."""
 
@@ -106,7 +85,7 @@ class Children:
             except OSError as exc:
                 ours.close()
                 log.error("cannot start a process for version %s: %s", spec["version"], exc)
-                child = ModelProcess(NoProcess(), None, spec, rollout)
+                child = ModelProcess(ForkedProcess.never_started(), None, spec, rollout)
                 self.events.put((child, {"state": "refused",
                                          "reason": f"no model process could be started: {exc}"}))
                 return child

@@ -25,7 +25,8 @@ import traceback
 import settings
 from serving import RUN_KERAS_SERVER
 from serving.rollout.loader_watch import LOADER_WINDOW_S
-from serving.rollout.priority import can_leave_idle, idle_every_thread, restore_priority
+from serving.rollout.priority import (can_leave_idle, idle_every_thread, let_go_on,
+                                       restore_priority)
 from serving.rollout.spec import MALLOC_ARENAS
 
 log = logging.getLogger("keras_server.rollout")
@@ -76,7 +77,10 @@ class ForkServer:
                     log.warning("the model processes' fork server has not answered in %.0f s: it "
                                 "goes on at normal priority (requests served meanwhile may slow)",
                                 LOADER_WINDOW_S)
-                    unstarve(self.server.pid)
+                    try:
+                        let_go_on(self.server.pid, normal_priority=True)
+                    except (ProcessLookupError, PermissionError) as exc:  # ended; not allowed
+                        log.warning("cannot return the fork server to normal priority: %s", exc)
                     asked = time.monotonic()  # (it may have returned to the lowest meanwhile)
                 continue
             if not more:
@@ -112,25 +116,20 @@ class ForkServer:
                 self.server.kill()
 
 
-def unstarve(pid):
-    """Return a process (the fork server) to normal priority, then let it go on if it was
-    stopped: at the lowest, a busy worker may leave it next to no CPU."""
-    try:
-        restore_priority(os.getpriority(os.PRIO_PROCESS, 0), pid)
-    except PermissionError as exc:  # (it could return itself, which is all the kernel asks)
-        log.warning("cannot return the fork server to normal priority: %s", exc)
-    try:
-        os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:  # it has ended: the fork fails
-        pass
-
-
 class ForkedProcess:
     """A model process forked by the server and re-parented here: what the supervisor uses of a
     subprocess.Popen, reaped by one thread (`reap`)."""
 
     def __init__(self, pid):
         self.pid, self.returncode, self.ended = pid, None, threading.Event()
+
+    @classmethod
+    def never_started(cls):
+        """In place of a process that could not be forked: one that has ended (status 1)."""
+        process = cls(0)
+        process.returncode = 1
+        process.ended.set()
+        return process
 
     def reap(self):
         """Wait until it has exited (one thread only)."""
@@ -191,7 +190,7 @@ def run_fork_server(fd, import_idle=False):
             normal = niceness if idle and message == b"n" else None
             pid = fork_model_process(fds[0], control, normal)
             os.close(fds[0])
-            if idle:  # again, if the supervisor returned it to normal meanwhile (unstarve)
+            if idle:  # again, if the supervisor returned it to normal meanwhile (read_reply)
                 idle_every_thread()
         else:  # not received: no descriptor left in this process
             log.error("cannot fork a model process: its socket could not be received")

@@ -5,13 +5,11 @@ that used less than LOADER_MIN_SHARE of a core over LOADER_WINDOW_S (a busy work
 to nothing) is held no more; if it still gets too little, it returns to normal priority. Slower
 answers for a while, rather than a reload that takes longer than any reload waits."""
 import logging
-import os
-import signal
 import time
 
 import psutil
 
-from serving.rollout.priority import restore_priority
+from serving.rollout.priority import let_go_on
 
 log = logging.getLogger("keras_server.rollout")
 
@@ -61,12 +59,10 @@ class LoaderWatch:
         if action == "unhold":
             serving.tell("loader", pid=0)  # the serving process holds it no more
         try:
-            os.kill(self.pid, signal.SIGCONT)
-            if action == "normal priority":
-                restore_priority(os.getpriority(os.PRIO_PROCESS, 0), self.pid)
+            let_go_on(self.pid, normal_priority=action == "normal priority")
         except ProcessLookupError:
             return  # it has ended: its "gone" is on the way
-        except PermissionError as exc:  # (it could return itself, which is all the kernel asks)
+        except PermissionError as exc:
             log.warning("cannot return version %s to normal priority: %s", version, exc)
             return
         # Said once done, so that whoever reads it knows the process has been let go on.

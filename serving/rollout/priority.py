@@ -1,6 +1,7 @@
 """CPU priority of a loading model process and every thread it starts."""
 import logging
 import os
+import signal
 import threading
 
 log = logging.getLogger("keras_server.rollout")
@@ -56,6 +57,16 @@ def restore_priority(niceness, pid="self"):
         os.sched_setscheduler(thread_id, os.SCHED_OTHER, os.sched_param(0))
         os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
     for_every_thread(restore, pid)
+
+
+def let_go_on(pid, normal_priority=False):
+    """Let a process held back (stopped, or at the lowest priority) go on: first return it to this
+    process's niceness if `normal_priority`, then SIGCONT. ProcessLookupError once it has ended;
+    PermissionError where returning it is not allowed (it could return itself, which is all the
+    kernel asks)."""
+    if normal_priority:
+        restore_priority(os.getpriority(os.PRIO_PROCESS, 0), pid)
+    os.kill(pid, signal.SIGCONT)
 
 
 def for_every_thread(change, pid="self"):

@@ -14,14 +14,20 @@ from conftest import (ROOT, children_of, digits_settings, is_running, post_image
                       reload, reload_args, tiny_settings, wait_until, worker_stats)
 
 
+def lowest_policy():
+    """SCHED_IDLE, where this process can return from it; else a fork server stays at
+    SCHED_OTHER (see serving.rollout.priority.lower_priority)."""
+    from serving.rollout.priority import can_leave_idle
+
+    return os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
+
+
 def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imported():
     """Each model process it forks has TensorFlow, Keras and OpenVINO's libraries in its memory
     before it has read its order (the first thing a model process does): it never imports them,
     and so a new version loading beside a serving one takes none of the CPU they cost. A new
     version's process is at the lowest CPU priority from its start, the first one at normal."""
-    from serving.rollout.priority import can_leave_idle
-
-    lowest = os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
+    lowest = lowest_policy()
     ours, theirs = socket.socketpair()
     server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
                                str(theirs.fileno())], pass_fds=[theirs.fileno()], cwd=ROOT,
@@ -53,9 +59,7 @@ def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imp
 def test_a_fork_server_started_beside_a_serving_version_imports_at_the_lowest_priority():
     """One started for a new version (the first server ended while a version serves) takes the
     lowest CPU priority before it imports TensorFlow, as a new version's process loads."""
-    from serving.rollout.priority import can_leave_idle
-
-    if not can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)):
+    if lowest_policy() != os.SCHED_IDLE:
         pytest.skip("this process could not return from the lowest priority")
     ours, theirs = socket.socketpair()
     server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
@@ -137,9 +141,8 @@ def test_a_fork_server_left_no_cpu_goes_on_at_normal_priority(service, digits, r
     leave it next to none) is let go on at normal priority once it has not answered for
     LOADER_WINDOW_S, so the reload goes through; then it returns to the lowest."""
     from serving.rollout.loader_watch import LOADER_WINDOW_S
-    from serving.rollout.priority import can_leave_idle
 
-    lowest = os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
+    lowest = lowest_policy()
     worker = service.worker(**digits_settings(digits["v1"], "1"))
     model_pid = int(worker_stats(redis_client, keys)[str(worker.pid)]["model_pid"])
     server = next(pid for pid in children_of(worker.pid) if pid != model_pid)

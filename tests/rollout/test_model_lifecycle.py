@@ -18,8 +18,9 @@ import pytest
 import requests
 
 from serving.wire import records
-from conftest import (ROOT, digits_settings, free_port, is_running, metric, post_image, reload,
-                      reload_args, stop, tiny_settings, wait_until, worker_stats)
+from conftest import (ROOT, digits_settings, digits_spec, free_port, is_running, metric,
+                      post_image, reload, reload_args, stop, tiny_settings, wait_until,
+                      worker_stats)
 from serving.images import prepare_image
 from serving.rollout.loader_watch import LOADER_WINDOW_S
 
@@ -524,10 +525,7 @@ def test_a_reload_with_no_live_worker_is_not_accepted(service, digits, redis_cli
     assert records.wanted_model(redis_client, keys)[0] is None
     assert records.accepted_models(redis_client, keys) == []
 
-    first = {"model": str(digits["v1"] / "digits.keras"), "weights": "none",
-             "labels": str(digits["v1"] / "labels.txt"), "preprocess": "scale_0_1",
-             "version": "1"}
-    records.accept_first_model(redis_client, keys, first)
+    records.accept_first_model(redis_client, keys, digits_spec(digits["v1"], "1"))
     status, log = reload(service, *reload_args(digits["v2"], "2"), "--timeout-s", "2")
 
     assert status == 1 and "no model worker is live" in log, log
@@ -537,9 +535,7 @@ def test_a_reload_with_no_live_worker_is_not_accepted(service, digits, redis_cli
 
 def test_a_worker_started_during_a_reload_does_not_record_the_proposal_as_accepted(
         service, digits, redis_client, keys):
-    spec = {"model": str(digits["v2"] / "digits.keras"), "weights": "none",
-            "labels": str(digits["v2"] / "labels.txt"), "preprocess": "scale_0_1", "version": "2"}
-    records.propose_model(redis_client, keys, spec)  # a reload waiting for the workers
+    records.propose_model(redis_client, keys, digits_spec(digits["v2"], "2"))  # a reload waits
     worker = service.worker(**digits_settings(digits["v1"], "1"))
 
     assert versions_served(redis_client, keys) == {str(worker.pid): "2"}  # it follows the reload

@@ -39,11 +39,10 @@ def test_a_loading_process_and_the_threads_it_starts_idle_then_all_return_to_nor
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_a_starved_fork_server_is_returned_to_normal_priority_and_let_go_on():
-    """unstarve (a fork server that has not answered in LOADER_WINDOW_S): from SCHED_IDLE and
-    stopped, to normal scheduling and running."""
-    from serving.rollout.forks import unstarve
-    from serving.rollout.priority import can_leave_idle
+def test_a_starved_process_is_returned_to_normal_priority_and_let_go_on():
+    """let_go_on at normal priority (a fork server that has not answered in LOADER_WINDOW_S, a
+    loader starved twice): from SCHED_IDLE and stopped, to normal scheduling and running."""
+    from serving.rollout.priority import can_leave_idle, let_go_on
 
     if not can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)):
         pytest.skip("this process could not return a process from the lowest priority")
@@ -58,7 +57,7 @@ def test_a_starved_fork_server_is_returned_to_normal_priority_and_let_go_on():
         os.kill(sleeper.pid, signal.SIGSTOP)
         wait_until(lambda: psutil.Process(sleeper.pid).status() == psutil.STATUS_STOPPED,
                    what="the process to stop")
-        unstarve(sleeper.pid)
+        let_go_on(sleeper.pid, normal_priority=True)
 
         assert os.sched_getscheduler(sleeper.pid) == os.SCHED_OTHER
         wait_until(lambda: psutil.Process(sleeper.pid).status() != psutil.STATUS_STOPPED,
