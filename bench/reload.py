@@ -9,11 +9,12 @@ BATCH_SIZE clients. Then an open loop sends requests at half of that capacity, a
 whatever the answers do (a closed loop sends fewer requests while the service slows down, and so
 hides part of a spike). After a steady phase it runs `run_keras_server.py reload` 10 times one
 after another (versions 2, 3, ...), with a pause after each. For each reload it prints p99 and
-p999 latency of the requests sent from the reload's start until a second after it returned, as
-ratios to the steady phase's, and where in the reload the requests slower than steady p99 were
-sent (by tenths of the reload); then the failed requests, whether each worker's answers switched
-version exactly once, and the peak resident memory of the model processes, steady and while two
-versions are loaded (sampled every second). The record names the CPU it ran on.
+p999 latency of the requests sent from the reload's start until a second after it returned and
+the replaced model process ended, whichever is later, as ratios to the steady phase's, and where
+in that window the requests slower than steady p99 were sent (by tenths); then the failed
+requests, whether each worker's answers switched version exactly once, and the peak resident
+memory of the model processes, steady and while two versions are loaded (sampled every second).
+The record names the CPU it ran on.
 """
 import argparse
 import json
@@ -145,6 +146,19 @@ def slow_by_tenth(records, started, ended, threshold_ms):
     return tenths
 
 
+def model_processes(root_pid):
+    return [process for process, role in service_processes(root_pid) if role == "model"]
+
+
+def settled(root_pid, count, timeout_s=60):
+    """time.perf_counter() once the service runs `count` model processes again (the replaced
+    one has ended), or after timeout_s."""
+    deadline = time.perf_counter() + timeout_s
+    while len(model_processes(root_pid)) > count and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    return time.perf_counter()
+
+
 def reload(version, env, origin):
     """`reload` to ResNet50 version `version`: (start, end, both s since origin, exit status,
     log)."""
@@ -173,12 +187,15 @@ def measure_reloads(args, workdir, image):
             time.sleep(args.steady_seconds)
             steady_to, memory.phase = time.perf_counter() - loop.origin, "reloads"
             env = {**os.environ, "REDIS_URL": redis_url}
-            windows = []
+            windows, processes = [], len(model_processes(pid))
             for number in range(args.reloads):
-                started, ended, status, log = reload(number + 2, env, loop.origin)
+                started, returned, status, log = reload(number + 2, env, loop.origin)
+                ended = max(returned, settled(pid, processes) - loop.origin)
                 windows.append({"version": number + 2, "started": started, "ended": ended,
-                                "status": status, "log": log if status else ""})
+                                "returned": returned, "status": status,
+                                "log": log if status else ""})
                 print(f"reload to version {number + 2}: exit {status} after "
+                      f"{returned - started:.1f} s, the old process gone after "
                       f"{ended - started:.1f} s", flush=True)
                 time.sleep(args.pause_seconds)
             records = loop.finish()
@@ -204,7 +221,8 @@ def measure_reloads(args, workdir, image):
         figures = percentiles([r["latency_ms"] / 1000 for r in inside if r["ok"]]) \
             if inside else {}
         figures.update(version=window["version"], exit_status=window["status"],
-                       seconds=window["ended"] - window["started"], log=window["log"],
+                       seconds=window["returned"] - window["started"],
+                       old_gone_s=window["ended"] - window["started"], log=window["log"],
                        failed=sum(not r["ok"] for r in inside),
                        slow_by_tenth=slow_by_tenth(inside, window["started"], window["ended"] + 1,
                                                    result["steady"]["p99_ms"]))

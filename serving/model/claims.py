@@ -48,11 +48,6 @@ class Claims:
             self.held.update(entry for entry, _ in claimed)
             return claimed
 
-    def wait_out(self):
-        """Return once no claim is in progress: after `stopping` is set, none begins again."""
-        with self.lock:
-            pass
-
     def release(self, entries, failed):
         """Forget a batch that was answered, or that failed: then the next claim recovers what
         the processing list holds and no lane has. Both in one step, or another lane's claim in

@@ -134,7 +134,8 @@ class ModelWorker:
         self.claims = Claims(store, self.keys, self.id, batch_size, self.fill)
         self.loader_pause = LoaderPause()  # the supervisor names a process loading beside it
         self.stopping = threading.Event()  # SIGTERM: claim no more, finish the batches in hand
-        self.drained = threading.Event()  # every lane has finished: stop beating
+        self.finished = threading.Event()  # every lane has finished its last batch
+        self.drained = threading.Event()  # ... and the worker leaves: stop beating
         self.handing_over = False  # stopping for a warm successor (see stop)
         self.beating = None
         self.heartbeat = Heartbeat(store, self.keys, self.id, self.heartbeat_fields)
@@ -168,16 +169,18 @@ class ModelWorker:
             lane.start()
         for lane in lanes:
             lane.join()
+        self.finished.set()
         log.info("worker %s stopped after %d batches", self.id, self.tally.snapshot()["batches"])
 
     def stop(self, successor=False):
         """Claim no more jobs; the lanes finish their batches. For a warm successor, the heartbeat
-        keeps saying warm, and this returns once no claim runs: the successor may claim."""
+        keeps saying warm, and this returns once the lanes have finished: the successor may claim,
+        and its first passes do not share the cores with this worker's last ones."""
         self.handing_over = successor
         self.loader_pause.follow(None)  # the successor must run now
         self.stopping.set()
         if successor:
-            self.claims.wait_out()
+            self.finished.wait()
 
     def leave(self):
         """Stop beating and deregister (anything still claimed goes back on the queue)."""

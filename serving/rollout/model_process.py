@@ -21,6 +21,7 @@ class Channel:
     def __init__(self, sock):
         self.sock = sock
         self.lines = sock.makefile("r", encoding="utf-8")
+        self.closed = threading.Event()  # the other end has closed (read to its end)
 
     def send(self, **message):
         self.sock.sendall((json.dumps(message) + "\n").encode())
@@ -28,7 +29,15 @@ class Channel:
     def receive(self):
         """The next message; None once the other end has closed."""
         line = self.lines.readline()
+        if not line:
+            self.closed.set()
         return json.loads(line) if line else None
+
+
+# A process that has handed over exits this long after its successor's first heartbeat: its exit
+# (returning gigabytes to the kernel) beside the successor's first passes, slower than later ones
+# already (a new process's caches are cold), would slow them further.
+EXIT_AFTER_HAND_OVER_S = 3.0
 
 
 def run_model_process(fd):
@@ -75,6 +84,8 @@ def run_model_process(fd):
     if worker.handing_over:  # stay registered (and the service ready) until the successor beats
         may_leave.wait(settings.REQUEST_TIMEOUT_S)
     worker.leave()
+    if worker.handing_over:  # (unless the supervisor has gone: then at once)
+        channel.closed.wait(EXIT_AFTER_HAND_OVER_S)
     # Nothing is left to clean up, and tearing down the runtimes would take the CPU from the
     # successor for a second or more; what exiting costs (returning the memory) runs at the
     # lowest niceness, still sure to end while the successor keeps every core busy.
@@ -93,8 +104,8 @@ def keep_out_of_collection():
 
 def follow_supervisor(channel, worker, may_leave, hold_loaders):
     """Messages from the supervisor while serving: a new version loads (hold it during forward
-    passes on a CPU; a GPU's passes leave the cores to it), hand over (stop claiming, say so, and
-    finish the batches in hand while the successor starts claiming), then leave. A supervisor
+    passes on a CPU; a GPU's passes leave the cores to it), hand over (stop claiming, finish the
+    batches in hand, and say so: the successor claims from then on), then leave. A supervisor
     that was killed leaves its children: they die too, as abruptly (their claims are re-queued
     by the other workers), rather than serve unwatched."""
     while (message := channel.receive()) is not None:

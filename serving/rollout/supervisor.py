@@ -127,10 +127,10 @@ class Supervisor:
         self.serving.tell("loader", pid=0)
 
     def hand_over(self, new):
-        """The serving child stops claiming; then `new` takes over the queue while the old one
-        finishes the batches it holds (as a worker's two lanes overlap), and once the new one's
-        heartbeat is out the old one deregisters and exits. No request waits for a claim
-        between the two, and some heartbeat says warm throughout."""
+        """The serving child stops claiming and finishes the batches it holds; then `new` takes
+        over the queue, and once the new one's heartbeat is out the old one deregisters (and
+        exits a little later, see model_process). The two never run passes at once, and some
+        heartbeat says warm throughout."""
         old = self.serving
         old.tell("hand-over")
         self.children.wait_for(old, ("stopped claiming", "gone"), settings.REQUEST_TIMEOUT_S + 10)

@@ -346,11 +346,12 @@ class HeldPasses:
         return self.model.predict_batch(pixels)
 
 
-def test_a_worker_handing_over_claims_nothing_more_once_stop_returns_while_its_batch_runs(
+def test_a_worker_handing_over_returns_from_stop_once_its_batch_in_hand_is_answered(
         tiny, store, redis_client):
-    """stop(successor=True) returns as soon as no lane is claiming (the successor may claim from
-    then on), not once the batch in hand is answered; the worker answers that batch and claims
-    nothing more, although its other lane was waiting in a claim."""
+    """stop(successor=True) returns once no lane claims and the batch in hand is answered: the
+    successor claims from then on, and its first passes never share the cores with this worker's
+    last. The worker claims nothing more meanwhile, although its other lane was waiting in a
+    claim."""
     from serving.model.worker import ModelWorker
     from serving.wire import jobqueue
     from serving.wire.keys import Keys
@@ -366,12 +367,15 @@ def test_a_worker_handing_over_claims_nothing_more_once_stop_returns_while_its_b
         assert model.started.wait(10)  # one lane's pass holds `first`; the other lane claims
         stopping = threading.Thread(target=worker.stop, kwargs={"successor": True})
         stopping.start()
-        stopping.join(5)
-        assert not stopping.is_alive()  # returned while the pass still runs
+        stopping.join(3)  # (the other lane's claim, a second at most, has ended)
+        assert stopping.is_alive()  # the pass in hand holds it
         jobqueue.enqueue_jobs(store, keys, [second], 100, 10**9)  # for the successor
+        model.go.set()
+        stopping.join(10)
+        assert not stopping.is_alive()
+        assert redis_client.llen(keys.result(first.id)) == 1  # answered before stop returned
     finally:
         model.go.set()
         lanes.join(10)
     assert not lanes.is_alive()
-    assert "predictions" in jobqueue.wait_for_result(store, keys, first, time.time() + 5)
     assert redis_client.llen(keys.queue) == 1  # `second` waits for the successor
