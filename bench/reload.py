@@ -14,7 +14,9 @@ the replaced model process ended, whichever is later, as ratios to the steady ph
 in that window the requests slower than steady p99 were sent (by tenths); then the failed
 requests, whether each worker's answers switched version exactly once, and the peak resident
 memory of the model processes, steady and while two versions are loaded (sampled every second).
-The record names the CPU it ran on.
+It also prints the steady phase's p99 by 10-s block, and says when one of them had an
+episode (the machine's: no reload runs then) that makes the steady baseline unfair. The record
+names the CPU it ran on.
 """
 import argparse
 import json
@@ -121,6 +123,22 @@ def percentiles(latencies):
             "requests": len(latencies)}
 
 
+# The steady phase is cut in blocks of this many seconds: one whose p99 is more than
+# UNSTEADY_FACTOR x the median block's had an episode (the machine's, as no reload runs then),
+# and the steady p99 it lifts is no fair baseline for the reloads' ratios.
+STEADY_BLOCK_S = 10
+UNSTEADY_FACTOR = 1.5
+
+
+def block_p99s(records, start, end):
+    """p99 latency (ms) of the requests sent in each STEADY_BLOCK_S of [start, end)."""
+    blocks = {}
+    for r in records:
+        if start <= r["t_s"] < end and r["ok"]:
+            blocks.setdefault(int((r["t_s"] - start) // STEADY_BLOCK_S), []).append(r["latency_ms"])
+    return [float(np.percentile(latencies, 99)) for _, latencies in sorted(blocks.items())]
+
+
 def switches_once_per_reload(records):
     """Every model process (worker id SUPERVISOR/N) answered with one version, and each worker's
     processes, in the order they started, served each version once, in the order asked."""
@@ -211,6 +229,7 @@ def measure_reloads(args, workdir, image):
               "capacity_img_per_s": full, "rate_per_s": full / 2,
               "forward_s_at_start": float(heartbeat.get("batch_s") or 0),
               "steady": percentiles(steady),
+              "steady_p99_ms_by_block": block_p99s(measured, steady_from, steady_to),
               "model_resident_mb": {"steady": peaks.get("steady"), "reloads": peaks.get("reloads")},
               "failed": sum(not r["ok"] for r in measured),
               "failures": sorted({r["error"] for r in measured if not r["ok"]})[:10],
@@ -240,6 +259,11 @@ def print_table(result):
           f"{steady['p999_ms']:.0f} ms ({steady['requests']} requests); failed "
           f"{result['failed']}; each worker switched once per reload: "
           f"{result['switches_once_per_reload']}")
+    blocks = result["steady_p99_ms_by_block"]
+    print(f"steady p99 by {STEADY_BLOCK_S} s block: {' '.join(f'{b:.0f}' for b in blocks)} ms")
+    if max(blocks) > UNSTEADY_FACTOR * float(np.median(blocks)):
+        print(f"the steady phase had an episode (a block's p99 over {UNSTEADY_FACTOR} x the "
+              "median block's): the ratios below mean little; run again")
     print("reload  exit  seconds  requests  p99 ms  p999 ms  p99/steady  p999/steady  "
           "slower than steady p99, by tenth of the reload")
     for r in result["reloads"]:
