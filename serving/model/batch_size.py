@@ -25,13 +25,6 @@ def warm_up(classifier, batch_size, time_limit_s):
     return batch_size
 
 
-def warm_again(classifier):
-    """One batch-1 pass, the last step before a warm model process is handed the queue: a model
-    left idle for a fraction of a second (TensorFlow's) runs its next pass slower, and the
-    first requests it serves would wait for that."""
-    classifier.predict_batch(np.zeros((1, *classifier.input_shape), np.uint8))
-
-
 # BATCH_SIZE=auto: sizes 1, 2, 4, ... are added while one round of them takes at most
 # AUTO_ROUND_S; AUTO_ROUNDS interleaved rounds time them all. Start-up pays at most about
 # (AUTO_ROUNDS + 2) x AUTO_ROUND_S (two untimed passes per size first).

@@ -44,7 +44,7 @@ def run_model_process(fd):
     """A model version's process (forked by the supervisor's fork server, see forks): load, check
     and warm up the model it is told, say so, serve it once told to, and hand over to a successor
     when told."""
-    from serving.model.batch_size import warm_again, warm_up
+    from serving.model.batch_size import warm_up
     from serving.model.classifier import device_name
     from serving.model.worker import ModelWorker
 
@@ -65,12 +65,11 @@ def run_model_process(fd):
         channel.send(state="refused", reason=f"{type(exc).__name__}: {exc}")
         return 2
     keep_out_of_collection()
+    if low_priority:
+        restore_priority(order["niceness"])
     device = device_name()
     worker = ModelWorker(connect_redis(), classifier, batch_size,
                          {**order["identity"], "model_pid": os.getpid(), "device": device})
-    warm_again(classifier)
-    if low_priority:
-        restore_priority(order["niceness"])
     channel.send(state="warm", batch_size=batch_size, input_shape=list(classifier.input_shape))
     if (channel.receive() or {}).get("state") != "serve":
         return 0  # the supervisor is gone, or took another version
