@@ -35,8 +35,8 @@ class Channel:
 
 
 # A process that has handed over exits this long after its successor's first heartbeat: its exit
-# (returning gigabytes to the kernel) beside the successor's first passes, slower than later ones
-# already (a new process's caches are cold), would slow them further.
+# (returning gigabytes to the kernel) would otherwise run beside the successor's first passes,
+# already slower than its later ones, and slow them further.
 EXIT_AFTER_HAND_OVER_S = 3.0
 
 
