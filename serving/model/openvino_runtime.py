@@ -5,13 +5,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 
 import numpy as np
 
 from serving.model.catalog import ModelLoadError
 from serving.model.classifier import CHECK_TOP_K, PREPROCESSING
+from serving.model.model_cache import cached, store
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,8 @@ def openvino_model(keras_model, preprocess, key, cache_dir):
     import openvino
 
     xml = os.path.join(cache_dir, f"{key}.xml")
-    if not os.path.isfile(xml):
-        os.makedirs(cache_dir, exist_ok=True)
-        # Workers starting together may convert at once: each writes its own folder and renames
-        # the weights, then the graph (the file the check above looks for) into place.
-        with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
-            keras_model.export(os.path.join(scratch, "model.xml"), format="openvino",
-                               verbose=False)
-            os.replace(os.path.join(scratch, "model.bin"), xml[:-4] + ".bin")
-            os.replace(os.path.join(scratch, "model.xml"), xml)
+    if not cached(xml):
+        store(xml, lambda path: keras_model.export(path, format="openvino", verbose=False))
         log.info("converted the model to OpenVINO: %s", xml)
     return with_openvino_preprocessing(openvino.Core().read_model(xml), preprocess)
 

@@ -11,12 +11,12 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
 from serving.model.meters import alternating
+from serving.model.model_cache import cached, store
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +97,13 @@ def quantized(model, base_key, cache_dir, pixels, digest):
                                      len(pixels)]).encode()).hexdigest()[:24]
     xml = os.path.join(cache_dir, f"{key}-int8.xml")
     core = openvino.Core()
-    if os.path.isfile(xml):
+    if cached(xml):
         log.info("INT8 model from the cache: %s", xml)
         return core.read_model(xml)
     started = time.monotonic()
     model = nncf.quantize(model, nncf.Dataset(pixels, lambda image: image[None]),
                           subset_size=len(pixels))
-    os.makedirs(cache_dir, exist_ok=True)
-    # Workers starting together may quantize at once: each writes its own folder and renames the
-    # weights, then the graph (the file looked for above) into place.
-    with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
-        openvino.save_model(model, os.path.join(scratch, "model.xml"))
-        os.replace(os.path.join(scratch, "model.bin"), xml[:-4] + ".bin")
-        os.replace(os.path.join(scratch, "model.xml"), xml)
+    store(xml, lambda path: openvino.save_model(model, path))
     log.info("quantized to INT8 on %d calibration images in %.1f s: %s", len(pixels),
              time.monotonic() - started, xml)
     return model

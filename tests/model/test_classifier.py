@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from serving.model import classifier
-from serving.model.openvino_runtime import check_agreement
-from serving.model.openvino_runtime import use_openvino
+from serving.model.model_cache import CACHE_KEEP
+from serving.model.openvino_runtime import check_agreement, openvino_model, use_openvino
 from serving.model.classifier import Classifier
 from serving.model.catalog import ModelLoadError
 from serving.model.loader import load_classifier
@@ -78,6 +78,24 @@ def test_the_cache_tells_models_apart(tmp_path):
     assert (one.runtime, two.runtime) == ("openvino", "openvino")
     weights = [path.read_bytes() for path in tmp_path.glob("*.bin")]
     assert len(weights) == 2 and weights[0] != weights[1]
+
+
+def test_the_cache_keeps_the_models_used_last_and_removes_the_others(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    versions = [f"version-{n}" for n in range(CACHE_KEEP + 2)]
+    for version in versions[:CACHE_KEEP]:
+        openvino_model(model, "none", version, str(tmp_path))
+    openvino_model(model, "none", versions[0], str(tmp_path))  # served again: used last
+    for version in versions[CACHE_KEEP:]:
+        openvino_model(model, "none", version, str(tmp_path))
+
+    kept = sorted([versions[0], *versions[3:]])
+    assert sorted(path.stem for path in tmp_path.glob("*.xml")) == kept
+    assert sorted(path.stem for path in tmp_path.glob("*.bin")) == kept
+    assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == []
 
 
 def unconvertible_classifier():
