@@ -8,19 +8,21 @@ ResNet50 (seeded random weights) and measures its capacity with a short closed l
 BATCH_SIZE clients. Then an open loop sends requests at half of that capacity, at fixed times
 whatever the answers do (a closed loop sends fewer requests while the service slows down, and so
 hides part of a spike). After a steady phase it runs `run_keras_server.py reload` 10 times one
-after another (versions 2, 3, ...), with a pause after each. For each reload it prints p99 and
-p999 latency of the requests sent from the reload's start until a second after it returned and
-the replaced model process ended, whichever is later, as ratios to the steady phase's, and where
-in that window the requests slower than steady p99 were sent (by tenths); then the failed
-requests, whether each worker's answers switched version exactly once, and the peak resident
-memory of the model processes, steady and while two versions are loaded (sampled every second).
-It also prints the steady phase's p99 by 10-s block, and says when one of them had an
-episode (the machine's: no reload runs then) that makes the steady baseline unfair. The record
-names the CPU it ran on.
+after another (versions 2, 3, ...), with a pause after each; the service converts each version
+to OpenVINO afresh (a cache folder of its own, removed at the end). For each reload it prints
+p99 and p999 latency of the requests sent from the reload's start until a second after it
+returned and the replaced model process ended, whichever is later, as ratios to the steady
+phase's, and where in that window the requests slower than steady p99 were sent (by tenths);
+then the failed requests, whether each worker's answers switched version exactly once, and the
+peak resident memory of the model processes, steady and while two versions are loaded (sampled
+every second). It also prints the steady phase's p99 by 10-s block, and says when one of them
+had an episode (the machine's: no reload runs then) that makes the steady baseline unfair. The
+record names the CPU it ran on.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -192,7 +194,11 @@ def measure_reloads(args, workdir, image):
     from serving.processes import start_private_redis, stop_processes
 
     redis_process, redis_url = start_private_redis(workdir)  # one `reload` can reach too
-    overrides = {"REDIS_URL": redis_url, **({"RUNTIME": args.runtime} if args.runtime else {})}
+    # Every version converts afresh, as one never served before does: the user's cache may hold
+    # versions 2, 3, ... of an earlier run.
+    cache = tempfile.mkdtemp(prefix="reload-bench-openvino-")
+    overrides = {"REDIS_URL": redis_url, "OPENVINO_CACHE_DIR": cache,
+                 **({"RUNTIME": args.runtime} if args.runtime else {})}
     try:
         with running_service(overrides, workdir) as (url, heartbeat, pid):
             memory = ModelMemory(pid)
@@ -223,6 +229,7 @@ def measure_reloads(args, workdir, image):
             peaks = memory.finish()
     finally:
         stop_processes([redis_process])
+        shutil.rmtree(cache, ignore_errors=True)
     raw = Path(workdir) / "requests.json"
     raw.write_text(json.dumps({"records": records, "steady": [steady_from, steady_to],
                                "reloads": windows}))
