@@ -12,6 +12,8 @@ import pytest
 
 from conftest import (ROOT, children_of, digits_settings, is_running, post_image, process_name,
                       reload, reload_args, tiny_settings, wait_until, worker_stats)
+from serving.rollout.model_process import EXIT_AFTER_HAND_OVER_S, Channel
+from serving.rollout.spec import spec_text
 
 
 def lowest_policy():
@@ -165,3 +167,49 @@ def test_a_killed_supervisors_fork_server_and_model_process_end_too(service, tin
     worker.send_signal(signal.SIGKILL)  # no goodbye: they see their sockets close
     wait_until(lambda: not any(is_running(pid) for pid in children), timeout=30,
                what="the fork server and the model process to end")
+
+
+def test_a_process_that_handed_over_waits_to_exit_unless_its_supervisor_goes(service, tiny_model):
+    """After its hand-over the old version's process waits EXIT_AFTER_HAND_OVER_S before exiting
+    (its exit would run beside the successor's first passes), but not once its supervisor has
+    gone: nothing would ever stop it then. Here the test is its supervisor, on its socket."""
+    env = service.env({**tiny_settings(tiny_model), "RUNTIME": "keras"})
+    ours, theirs = socket.socketpair()
+    server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
+                               str(theirs.fileno())], pass_fds=[theirs.fileno()], cwd=ROOT,
+                              env=env)
+    theirs.close()
+    mine, its = socket.socketpair()
+    try:
+        socket.send_fds(ours, [b"n"], [its.fileno()])
+        its.close()
+        pid = int(ours.makefile("r").readline())
+        mine.settimeout(120)
+        channel = Channel(mine)
+        spec = {"model": tiny_model["MODEL"], "weights": "none", "labels": tiny_model["LABELS"],
+                "preprocess": "scale_0_1", "version": "1"}
+        channel.send(spec=spec, rollout=0, low_priority=False, batch_size=4, input_shape=None,
+                     niceness=os.getpriority(os.PRIO_PROCESS, 0),
+                     identity={"id": "test/1", "supervisor": "test", "pid": os.getpid(),
+                               "spec": spec_text(spec), "rollout": 0})
+        states = [channel.receive()["state"]]  # warm
+        channel.send(state="serve")
+        states.append(channel.receive()["state"])
+        channel.send(state="hand-over")
+        states.append(channel.receive()["state"])
+        channel.send(state="leave")
+        time.sleep(EXIT_AFTER_HAND_OVER_S / 3)
+        waiting = is_running(pid)
+        channel.lines.close()
+        mine.close()  # its supervisor goes: the socket's last reference closed
+        gone = time.monotonic()
+        wait_until(lambda: not is_running(pid), timeout=EXIT_AFTER_HAND_OVER_S / 2,
+                   what="the process to exit at once")
+
+        assert states == ["warm", "serving", "stopped claiming"]
+        assert waiting
+        print(f"exited {time.monotonic() - gone:.2f} s after its supervisor went")
+    finally:
+        mine.close()
+        ours.close()  # the fork server ends too
+        server.wait(30)
