@@ -131,6 +131,8 @@ def percentiles(latencies):
 # and the steady p99 it lifts is no fair baseline for the reloads' ratios.
 STEADY_BLOCK_S = 10
 UNSTEADY_FACTOR = 1.5
+# A steady p99 over this many times the median block's came from a slower part of the phase.
+FLATTERED_FACTOR = 1.1
 
 
 def block_p99s(records, start, end):
@@ -289,7 +291,7 @@ def print_table(result):
     print(f"worst ratio {worst:.2f} (target: at most {TARGET_RATIO})")
     # A steady phase whose p99 comes from a slower part of it flatters every ratio: say by how much.
     typical = float(np.median(blocks))
-    if steady["p99_ms"] > 1.1 * typical:
+    if steady["p99_ms"] > FLATTERED_FACTOR * typical:
         ratios = " ".join(f"{r.get('p99_ms', 0) / typical:.2f}" for r in result["reloads"])
         print(f"the steady phase's p99 is {steady['p99_ms'] / typical:.2f} x its median block's "
               f"({typical:.0f} ms): against that, the reloads' p99 are {ratios} x")

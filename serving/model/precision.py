@@ -96,10 +96,9 @@ def quantized(model, base_key, cache_dir, pixels, digest):
     key = hashlib.sha256(json.dumps([base_key, digest, nncf.__version__, openvino.__version__,
                                      len(pixels)]).encode()).hexdigest()[:24]
     xml = os.path.join(cache_dir, f"{key}-int8.xml")
-    core = openvino.Core()
     if cached(xml):
         log.info("INT8 model from the cache: %s", xml)
-        return core.read_model(xml)
+        return openvino.Core().read_model(xml)
     started = time.monotonic()
     model = nncf.quantize(model, nncf.Dataset(pixels, lambda image: image[None]),
                           subset_size=len(pixels))

@@ -18,6 +18,17 @@ from serving.rollout.spec import spec_text
 log = logging.getLogger("keras_server.rollout")
 
 
+def model_order(process_id, supervisor_id, spec, rollout, low_priority, batch_size,
+                input_shape=None):
+    """A model process's first message (see model_process.run_model_process): what to load, how,
+    and the identity its heartbeats carry."""
+    return {"spec": spec, "rollout": rollout, "low_priority": low_priority,
+            "batch_size": batch_size, "input_shape": input_shape,
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+            "identity": {"id": process_id, "supervisor": supervisor_id, "pid": os.getpid(),
+                         "spec": spec_text(spec), "rollout": rollout}}
+
+
 class ModelProcess:
     """A child process that loads one model version and, when told, serves it."""
 
@@ -93,14 +104,10 @@ class Children:
             ours.close()
             return None
         self.started += 1
-        order = {"spec": spec, "rollout": rollout, "low_priority": low_priority,
-                 "batch_size": batch_size, "input_shape": input_shape,
-                 "niceness": os.getpriority(os.PRIO_PROCESS, 0),
-                 "identity": {"id": f"{self.supervisor_id}/{self.started}",
-                              "supervisor": self.supervisor_id, "pid": os.getpid(),
-                              "spec": spec_text(spec), "rollout": rollout}}
         child = ModelProcess(ForkedProcess(pid), Channel(ours), spec, rollout)
-        child.channel.send(**order)
+        child.channel.send(**model_order(f"{self.supervisor_id}/{self.started}",
+                                         self.supervisor_id, spec, rollout, low_priority,
+                                         batch_size, input_shape))
         threading.Thread(target=child.relay, args=(self.events,), daemon=True).start()
         return child
 

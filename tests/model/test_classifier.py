@@ -80,11 +80,8 @@ def test_the_cache_tells_models_apart(tmp_path):
     assert len(weights) == 2 and weights[0] != weights[1]
 
 
-def test_the_cache_keeps_the_models_used_last_and_removes_the_others(tmp_path):
-    import keras
-
-    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
-                              keras.layers.Dense(3, activation="softmax")])
+def test_the_cache_keeps_the_models_used_last_and_removes_the_others(tmp_path, tiny_model):
+    model = tiny_model["model"]
     versions = [f"version-{n}" for n in range(CACHE_KEEP + 2)]
     for version in versions[:CACHE_KEEP]:
         openvino_model(model, "none", version, str(tmp_path))

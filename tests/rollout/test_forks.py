@@ -12,8 +12,8 @@ import pytest
 
 from conftest import (ROOT, children_of, digits_settings, is_running, post_image, process_name,
                       reload, reload_args, tiny_settings, wait_until, worker_stats)
+from serving.rollout.children import model_order
 from serving.rollout.model_process import EXIT_AFTER_HAND_OVER_S, Channel
-from serving.rollout.spec import spec_text
 
 
 def lowest_policy():
@@ -24,17 +24,24 @@ def lowest_policy():
     return os.SCHED_IDLE if can_leave_idle(os.getpriority(os.PRIO_PROCESS, 0)) else os.SCHED_OTHER
 
 
+def start_fork_server(env):
+    """`run_keras_server.py model-forks` as a supervisor starts it: (process, our end of its
+    socket)."""
+    ours, theirs = socket.socketpair()
+    server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
+                               str(theirs.fileno())], pass_fds=[theirs.fileno()], cwd=ROOT,
+                              env=env)
+    theirs.close()
+    return server, ours
+
+
 def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imported():
     """Each model process it forks has TensorFlow, Keras and OpenVINO's libraries in its memory
     before it has read its order (the first thing a model process does): it never imports them,
     and so a new version loading beside a serving one takes none of the CPU they cost. A new
     version's process is at the lowest CPU priority from its start, the first one at normal."""
     lowest = lowest_policy()
-    ours, theirs = socket.socketpair()
-    server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
-                               str(theirs.fileno())], pass_fds=[theirs.fileno()], cwd=ROOT,
-                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    theirs.close()
+    server, ours = start_fork_server({**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     replies = ours.makefile("r")
     try:
         for request, policy in ((b"n", os.SCHED_OTHER), (b"i", lowest)):
@@ -173,25 +180,18 @@ def test_a_process_that_handed_over_waits_to_exit_unless_its_supervisor_goes(ser
     """After its hand-over the old version's process waits EXIT_AFTER_HAND_OVER_S before exiting
     (its exit would run beside the successor's first passes), but not once its supervisor has
     gone: nothing would ever stop it then. Here the test is its supervisor, on its socket."""
-    env = service.env({**tiny_settings(tiny_model), "RUNTIME": "keras"})
-    ours, theirs = socket.socketpair()
-    server = subprocess.Popen([sys.executable, "run_keras_server.py", "model-forks",
-                               str(theirs.fileno())], pass_fds=[theirs.fileno()], cwd=ROOT,
-                              env=env)
-    theirs.close()
-    mine, its = socket.socketpair()
+    server, ours = start_fork_server(service.env({**tiny_settings(tiny_model),
+                                                  "RUNTIME": "keras"}))
+    replies, (mine, its) = ours.makefile("r"), socket.socketpair()
+    channel = Channel(mine)
     try:
         socket.send_fds(ours, [b"n"], [its.fileno()])
         its.close()
-        pid = int(ours.makefile("r").readline())
+        pid = int(replies.readline())
         mine.settimeout(120)
-        channel = Channel(mine)
         spec = {"model": tiny_model["MODEL"], "weights": "none", "labels": tiny_model["LABELS"],
                 "preprocess": "scale_0_1", "version": "1"}
-        channel.send(spec=spec, rollout=0, low_priority=False, batch_size=4, input_shape=None,
-                     niceness=os.getpriority(os.PRIO_PROCESS, 0),
-                     identity={"id": "test/1", "supervisor": "test", "pid": os.getpid(),
-                               "spec": spec_text(spec), "rollout": 0})
+        channel.send(**model_order("test/1", "test", spec, 0, False, 4))
         states = [channel.receive()["state"]]  # warm
         channel.send(state="serve")
         states.append(channel.receive()["state"])
@@ -210,6 +210,8 @@ def test_a_process_that_handed_over_waits_to_exit_unless_its_supervisor_goes(ser
         assert waiting
         print(f"exited {time.monotonic() - gone:.2f} s after its supervisor went")
     finally:
+        channel.lines.close()
         mine.close()
+        replies.close()
         ours.close()  # the fork server ends too
         server.wait(30)
