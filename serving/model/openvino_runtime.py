@@ -20,6 +20,27 @@ log = logging.getLogger(__name__)
 # Keras' by more than this, and each image's top CHECK_TOP_K labels must agree.
 OPENVINO_ATOL = 1e-4
 
+# OpenVINO's consent file for its usage telemetry, as its `opt_in_out` tool writes it.
+TELEMETRY_CONSENT = os.path.join(os.path.expanduser("~"), "intel", "openvino_telemetry")
+
+
+def decline_telemetry():
+    """Turn OpenVINO's usage telemetry off, as `opt_in_out --opt_out` does, unless the user has
+    chosen already; call it before anything imports openvino.
+
+    Left on, `import openvino` and each conversion send events to Google Analytics from a process
+    forked for each: the forks run on while their loader is held, and the thread that starts them
+    stays in a fork server, which must have none when it forks.
+    """
+    if os.path.exists(TELEMETRY_CONSENT):
+        return
+    try:
+        os.makedirs(os.path.dirname(TELEMETRY_CONSENT), exist_ok=True)
+        with open(TELEMETRY_CONSENT, "w") as consent:
+            consent.write("0")
+    except OSError as exc:
+        log.warning("could not turn OpenVINO's telemetry off in %s: %s", TELEMETRY_CONSENT, exc)
+
 
 def use_openvino(classifier, key, threads, cache_dir, required, lanes=1):
     """Switch the classifier's forward pass to OpenVINO once the converted model matches Keras.

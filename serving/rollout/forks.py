@@ -263,8 +263,10 @@ def import_frameworks():
 
     import serving.model.batch_size  # noqa: F401
     import serving.model.loader  # noqa: F401
+    import serving.model.openvino_runtime
     import serving.rollout.model_process  # noqa: F401
     if settings.RUNTIME != "keras":
+        serving.model.openvino_runtime.decline_telemetry()
         try:
             import openvino  # noqa: F401
         except ImportError:

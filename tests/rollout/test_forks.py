@@ -65,6 +65,38 @@ def test_the_fork_server_forks_model_processes_with_their_frameworks_already_imp
     assert server.wait(30) == 0
 
 
+IMPORT_AND_COUNT = """
+import os, threading
+import settings
+from serving.model.openvino_runtime import TELEMETRY_CONSENT
+from serving.rollout.forks import import_frameworks
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+import_frameworks()
+print(len(forks), threading.active_count(), open(TELEMETRY_CONSENT).read())
+"""
+
+
+def test_a_fork_server_imports_openvino_without_a_thread_or_a_fork_and_telemetry_off(
+        tmp_path, monkeypatch):
+    """OpenVINO sends usage telemetry unless its user declined it, from a process forked for each
+    event by a thread left running: a fork server must hold no thread when it forks, and forks
+    escape a held loader. Where the user has not chosen, the service declines it as OpenVINO's
+    `opt_in_out --opt_out` does; a choice already made stays as it is."""
+    from serving.model import openvino_runtime
+
+    env = {**os.environ, "HOME": str(tmp_path), "RUNTIME": "auto", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    counted = subprocess.run([sys.executable, "-c", IMPORT_AND_COUNT], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+
+    assert counted.stdout.split() == ["0", "1", "0"], counted.stderr[-2000:]
+    chosen = tmp_path / "chosen"
+    chosen.write_text("1")
+    monkeypatch.setattr(openvino_runtime, "TELEMETRY_CONSENT", str(chosen))
+    openvino_runtime.decline_telemetry()
+    assert chosen.read_text() == "1"
+
+
 def test_a_fork_server_started_beside_a_serving_version_imports_at_the_lowest_priority():
     """One started for a new version (the first server ended while a version serves) takes the
     lowest CPU priority before it imports TensorFlow, as a new version's process loads."""
