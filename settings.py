@@ -256,7 +256,8 @@ OPENVINO_CACHE_DIR = env_str("OPENVINO_CACHE_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "keras-server", "openvino"))
 """Folder of converted models, named by a hash of the model and weights files, MODEL_VERSION and
 the Keras and OpenVINO versions (INT8 models also by the calibration images and NNCF's version):
-a restart reuses the conversion. The 8 used last are kept; older ones are removed."""
+a restart reuses the conversion. The 8 used last are kept; older ones are removed, and so is what
+a conversion killed half-way left, after an hour."""
 
 WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0, minimum=0, maximum=65535)
 """Port where a model worker serves its Prometheus metrics (/metrics) and its readiness (/readyz:

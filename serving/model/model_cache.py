@@ -2,11 +2,18 @@
 that may convert at once, and kept to the models used last."""
 import glob
 import os
+import shutil
 import tempfile
+import time
 
 # Converted models a cache folder keeps: the most recently used (each version served or rolled
 # back to marks its own), so that a rollout a day does not fill the disk.
 CACHE_KEEP = 8
+
+# A conversion writes into a scratch folder of its own; one untouched for this long belongs to a
+# process killed while it converted (a reload superseded, a worker stopped), and is removed.
+SCRATCH_PREFIX = "converting-"
+STALE_SCRATCH_S = 3600
 
 
 def cached(xml):
@@ -27,7 +34,7 @@ def store(xml, save):
     os.makedirs(cache_dir, exist_ok=True)
     # Workers starting together may convert at once: each writes its own folder and renames the
     # weights, then the graph (the file `cached` looks for) into place.
-    with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=cache_dir) as scratch:
         save(os.path.join(scratch, "model.xml"))
         os.replace(os.path.join(scratch, "model.bin"), xml[:-4] + ".bin")
         os.replace(os.path.join(scratch, "model.xml"), xml)
@@ -38,6 +45,9 @@ def store(xml, save):
                 os.remove(path)
             except FileNotFoundError:  # removed by another worker meanwhile
                 pass
+    for scratch in glob.glob(os.path.join(cache_dir, SCRATCH_PREFIX + "*")):
+        if time.time() - last_used(scratch) / 1e9 > STALE_SCRATCH_S:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def last_used(path):

@@ -1,14 +1,19 @@
 """The model's runtimes: OpenVINO computes what Keras computes, and a model it cannot convert
 gets the documented behaviour (RUNTIME=openvino refuses, RUNTIME=auto serves with Keras)."""
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from serving.model import classifier
-from serving.model.model_cache import CACHE_KEEP
+from serving.model.model_cache import CACHE_KEEP, SCRATCH_PREFIX, STALE_SCRATCH_S
 from serving.model.openvino_runtime import check_agreement, openvino_model, use_openvino
 from serving.model.classifier import Classifier
 from serving.model.catalog import ModelLoadError
@@ -93,6 +98,37 @@ def test_the_cache_keeps_the_models_used_last_and_removes_the_others(tmp_path, t
     assert sorted(path.stem for path in tmp_path.glob("*.xml")) == kept
     assert sorted(path.stem for path in tmp_path.glob("*.bin")) == kept
     assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == []
+
+
+KILLED_WHILE_CONVERTING = """
+import os, signal, sys
+from serving.model.model_cache import store
+def save(path):
+    with open(path[:-4] + ".bin", "wb") as weights:
+        weights.write(bytes(1 << 20))
+    os.kill(os.getpid(), signal.SIGKILL)
+store(os.path.join(sys.argv[1], "killed.xml"), save)
+"""
+
+
+def test_a_conversion_killed_half_way_leaves_nothing_in_the_cache_after_an_hour(tmp_path,
+                                                                                 tiny_model):
+    """A process killed while it converted (a reload superseded, a worker stopped) leaves its
+    scratch folder: the next model stored removes it once an hour has passed, and leaves alone
+    one that a conversion going on now writes."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_CONVERTING, str(tmp_path)],
+                            cwd=ROOT)
+    [left] = [path for path in tmp_path.iterdir() if path.is_dir()]
+    hour_ago = time.time() - STALE_SCRATCH_S - 60
+    os.utime(left, (hour_ago, hour_ago))
+    converting_now = tmp_path / (SCRATCH_PREFIX + "now")
+    converting_now.mkdir()
+
+    openvino_model(tiny_model["model"], "none", "version-1", str(tmp_path))
+
+    assert killed.returncode == -signal.SIGKILL
+    assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == [converting_now.name]
+    assert not list(tmp_path.glob("killed.*"))
 
 
 def unconvertible_classifier():
