@@ -135,8 +135,13 @@ def test_resnet50_with_precision_auto_reports_its_check(service, redis_client, k
 
 
 def startup(worker):
-    """Seconds from a worker's start to its first line saying it serves."""
-    lines = worker.log_path.read_text().splitlines()
+    """Seconds from a worker's start to its first line saying it serves (logged as it begins to
+    claim, which may come just after the heartbeat that shows it warm)."""
+    def logged():
+        lines = worker.log_path.read_text().splitlines()
+        return lines if any(" serving: model " in line for line in lines) else None
+
+    lines = wait_until(logged, what="the worker's log to say it serves")
     stamps = [line[:23] for line in lines if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", line)]
     served = next(line[:23] for line in lines if " serving: model " in line)
     parse = lambda stamp: time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(
